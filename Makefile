@@ -1,0 +1,168 @@
+# The study end to end. `make all` runs it on the embedded synthetic default (a few minutes on
+# a laptop CPU); every knob below is a variable: `make all SKIN=/data/ISIC_2019 ARCH=resnet50`.
+# Targets are real files, so a rerun (or a rerun after Ctrl-C) only does what is missing.
+# `make help` lists the targets; `make -n all` prints the commands without running them.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+
+# --- data
+DATA      ?= data#                  where the synthetic datasets go
+SOURCE    ?= $(DATA)/source#         labelled source set (ImageNet stand-in), ImageFolder
+SKIN      ?=#                        skin dataset root; empty: the synthetic ISIC 2019 look-alike
+SKIN_DIR  := $(if $(SKIN),$(SKIN),$(DATA)/skin)
+PROTOCOL  ?= paper#                   split rule: paper | random | official
+PER_CLASS ?= 150#                    paper rule: labelled pool kept per class
+LABELS    ?= 20#                     labelled images per class for each fine-tuning/probe seed
+SPLIT     ?= splits/$(notdir $(SKIN_DIR))-$(PROTOCOL).json
+
+# --- model and machine
+ARCH       ?= resnet18
+SIZE       ?= 32#                    training resolution
+CACHE_SIZE ?= 40#                    cached image side (room for crops)
+DEVICE     ?= auto
+NPROC      ?= 1#                     >1: every training step runs under torchrun
+WORKERS    ?= 0#                     loader processes per rank (0 is fastest for tiny images)
+OUT        ?= runs
+RESULTS    ?= results
+
+# --- initialisations: empty = pretrain here; torchvision / barlowtwins = published weights
+SUP_INIT ?=
+BT_INIT  ?=
+
+# --- budgets (the embedded default; `make paper` sets the paper's)
+SUP_EPOCHS     ?= 12
+BT_EPOCHS      ?= 12
+SKINBT_EPOCHS  ?= 6#                  further Barlow Twins from a pretrained init
+SKINRND_EPOCHS ?= 24#                 Barlow Twins on skin only, from random init
+FT_EPOCHS      ?= 24
+SEEDS          ?= 0-2
+BATCH          ?= 64
+BT_BATCH       ?= 64
+FT_BATCH       ?= 32
+PROJECTOR      ?= 512-512
+BT_LR          ?= 0.2
+SKINBT_FLAGS   ?= --preset skin --size $(SIZE) --cache-size $(CACHE_SIZE) --lr 2e-3 \
+                  --lr-biases 2e-3 --batch-size $(BT_BATCH) --projector $(PROJECTOR) \
+                  --lambd 0.0051
+
+ifeq ($(NPROC),1)
+RUN := $(PY)
+else
+RUN := $(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC)
+endif
+SYS   := --arch $(ARCH) --size $(SIZE) --cache-size $(CACHE_SIZE) --device $(DEVICE) \
+         --workers $(WORKERS)
+EVAL  := $(SYS) --data $(SKIN_DIR) --split $(SPLIT) --labels-per-class $(LABELS) \
+         --seeds $(SEEDS) --results $(RESULTS)/results.jsonl
+
+SUP     := $(if $(SUP_INIT),$(SUP_INIT),$(OUT)/supervised/backbone.pt)
+BT      := $(if $(BT_INIT),$(BT_INIT),$(OUT)/barlow/backbone.pt)
+SUP_DEP := $(if $(SUP_INIT),,$(OUT)/supervised/backbone.pt)
+BT_DEP  := $(if $(BT_INIT),,$(OUT)/barlow/backbone.pt)
+SRC_DEP := $(if $(and $(SUP_INIT),$(BT_INIT)),,$(if $(filter $(DATA)/source,$(SOURCE)),$(DATA)/source/.synthetic.json))
+SKIN_DEP := $(if $(SKIN),,$(DATA)/skin/.synthetic.json)
+
+INITS := random supervised barlow supervised+skinBT barlow+skinBT skinBT
+init_path = $(if $(filter random,$(1)),random,$(if $(filter supervised,$(1)),$(SUP),$(if $(filter barlow,$(1)),$(BT),$(OUT)/$(1)/backbone.pt)))
+init_dep  = $(if $(filter random,$(1)),,$(if $(filter supervised,$(1)),$(SUP_DEP),$(if $(filter barlow,$(1)),$(BT_DEP),$(OUT)/$(1)/backbone.pt)))
+TAG   := $(notdir $(SKIN_DIR))-$(PROTOCOL)-$(ARCH)-$(SIZE)px-$(LABELS)pc-s$(SEEDS)
+DONE  := $(foreach i,$(INITS),$(RESULTS)/.done/finetune-$(i)-$(TAG) $(RESULTS)/.done/probe-$(i)-$(TAG))
+
+.PHONY: all help install test test-fast data split pretrain eval report paper bench clean distclean
+.DEFAULT_GOAL := help
+
+help:  ## this list
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 12
+
+# --------------------------------------------------------------------------- setup
+install: $(VENV)/.installed  ## create .venv and install requirements.txt (again when it changes)
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+test: install  ## the whole test suite (CPU, offline, a few minutes)
+	$(PY) -m pytest -q
+
+test-fast: install  ## the tests without the slow end-to-end ones
+	$(PY) -m pytest -q -m "not slow"
+
+# --------------------------------------------------------------------------- the experiment
+all: install report  ## the whole study on the embedded default, ending with the table
+
+data: $(SRC_DEP) $(SKIN_DEP)  ## the synthetic datasets (only when no dataset is given)
+$(DATA)/source/.synthetic.json $(DATA)/skin/.synthetic.json: | make_synthetic.py
+	@echo "==> synthetic $(@D)"
+	$(PY) make_synthetic.py --out $(DATA) --only $(notdir $(@D))
+
+split: $(SPLIT)  ## the split of the skin set, made once and reused by every step
+$(SPLIT): $(SKIN_DEP) | common.py
+	@echo "==> split $(SKIN_DIR) ($(PROTOCOL))"
+	$(PY) common.py split --data $(SKIN_DIR) --protocol $(PROTOCOL) --per-class $(PER_CLASS) --out $@
+
+pretrain: $(SUP_DEP) $(BT_DEP) $(foreach i,supervised+skinBT barlow+skinBT skinBT,$(OUT)/$(i)/backbone.pt)  ## every pretrained init
+
+$(OUT)/supervised/backbone.pt: $(SRC_DEP) | pretrain_supervised.py
+	@echo "==> supervised pretraining on $(SOURCE)"
+	$(RUN) pretrain_supervised.py $(SYS) --data $(SOURCE) --epochs $(SUP_EPOCHS) \
+	  --batch-size $(BATCH) --lr 0.2 --warmup-epochs 1 --out $(@D)
+
+$(OUT)/barlow/backbone.pt: $(SRC_DEP) | pretrain_barlow.py
+	@echo "==> Barlow Twins pretraining on $(SOURCE)"
+	$(RUN) pretrain_barlow.py $(SYS) --data $(SOURCE) --epochs $(BT_EPOCHS) \
+	  --batch-size $(BT_BATCH) --lr $(BT_LR) --warmup-epochs 1 --projector $(PROJECTOR) --out $(@D)
+
+$(OUT)/supervised+skinBT/backbone.pt: $(SUP_DEP) $(SPLIT) | pretrain_barlow.py
+	@echo "==> further Barlow Twins on the skin pool, from supervised"
+	$(RUN) pretrain_barlow.py $(SYS) $(SKINBT_FLAGS) --data $(SKIN_DIR) --split $(SPLIT) \
+	  --init $(SUP) --epochs $(SKINBT_EPOCHS) --out $(@D)
+
+$(OUT)/barlow+skinBT/backbone.pt: $(BT_DEP) $(SPLIT) | pretrain_barlow.py
+	@echo "==> further Barlow Twins on the skin pool, from Barlow Twins"
+	$(RUN) pretrain_barlow.py $(SYS) $(SKINBT_FLAGS) --data $(SKIN_DIR) --split $(SPLIT) \
+	  --init $(BT) --epochs $(SKINBT_EPOCHS) --out $(@D)
+
+$(OUT)/skinBT/backbone.pt: $(SPLIT) | pretrain_barlow.py
+	@echo "==> Barlow Twins on the skin pool only, from random init"
+	$(RUN) pretrain_barlow.py $(SYS) $(SKINBT_FLAGS) --data $(SKIN_DIR) --split $(SPLIT) \
+	  --init random --epochs $(SKINRND_EPOCHS) --out $(@D)
+
+define EVAL_RULES
+$(RESULTS)/.done/finetune-$(1)-$(TAG): $(call init_dep,$(1)) $(SPLIT) | finetune.py
+	@echo "==> fine-tune $(1), seeds $(SEEDS)"
+	$(RUN) finetune.py $(EVAL) --init $(call init_path,$(1)) --init-name $(1) \
+	  --epochs $(FT_EPOCHS) --batch-size $(FT_BATCH) --out $(OUT)/finetune
+	@mkdir -p $$(@D) && touch $$@
+$(RESULTS)/.done/probe-$(1)-$(TAG): $(call init_dep,$(1)) $(SPLIT) | probe.py
+	@echo "==> linear probe $(1), seeds $(SEEDS)"
+	$(PY) probe.py $(EVAL) --init $(call init_path,$(1)) --init-name $(1)
+	@mkdir -p $$(@D) && touch $$@
+endef
+$(foreach i,$(INITS),$(eval $(call EVAL_RULES,$(i))))
+
+eval: $(DONE)  ## fine-tune and probe every init over the seeds
+
+report: $(DONE) | report.py  ## the comparison table: results/summary.md (+ .csv, .png)
+	@echo "==> report"
+	$(PY) report.py --results $(RESULTS)/results.jsonl --out $(RESULTS)
+
+# --------------------------------------------------------------------------- the paper's setting
+paper:  ## the paper's experiment: ResNet-50, 256 px, published weights, 35 seeds (GPU; SKIN=...)
+	@test -n "$(SKIN)" || { echo "make paper needs SKIN=/path/to/ISIC_2019 (see README)"; exit 2; }
+	$(MAKE) all ARCH=resnet50 SIZE=256 CACHE_SIZE=256 PROTOCOL=paper PER_CLASS=500 \
+	  LABELS=500 SEEDS=0-34 FT_EPOCHS=40 FT_BATCH=64 SUP_INIT=torchvision BT_INIT=barlowtwins \
+	  SKINBT_EPOCHS=100 SKINRND_EPOCHS=1000 BT_BATCH=128 PROJECTOR=8192-8192-8192 \
+	  SKINBT_FLAGS="--preset skin --lambd 0.000122 --batch-size 128" WORKERS=8 OUT=runs/paper \
+	  RESULTS=results/paper
+
+# --------------------------------------------------------------------------- benchmarks, cleaning
+bench: install  ## throughput table (augmentation, training steps, cache vs JPEG, probe)
+	$(PY) tests/bench.py
+
+clean:  ## remove runs, results, splits and caches (keeps data/ and .venv)
+	rm -rf $(OUT) $(RESULTS) splits cache
+
+distclean: clean  ## also the synthetic data and .venv
+	rm -rf $(DATA) $(VENV)

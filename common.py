@@ -1,0 +1,1711 @@
+"""Everything the scripts share: data readers, uint8 cache, batched augmentations, ResNet
+backbones and weight loading, Barlow Twins, LARS, schedules, the AMP/DDP training loop,
+metrics and logging. Depends only on torch, torchvision, numpy and pillow.
+
+Read it top to bottom: each `# ---` banner is one topic.
+"""
+import csv
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+import time
+import zipfile
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps
+
+IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
+
+
+# --------------------------------------------------------------------------- errors, files
+class UserError(Exception):
+    """A mistake in the input (file, flag, checkpoint): printed as one line, exit status 2."""
+
+
+def main_guard(fn):
+    """Run fn(); turn a UserError into one line on stderr and exit status 2, no traceback."""
+    try:
+        fn()
+    except UserError as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
+
+
+def atomic_write(path, write_fn, mode='w'):
+    """Write through write_fn(file) to a temporary name, then rename: never half a file."""
+    path = str(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f'{path}.{os.getpid()}.tmp'
+    try:
+        with open(tmp, mode) as f:
+            write_fn(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path, obj):
+    atomic_write(path, lambda f: json.dump(obj, f, indent=1))
+
+
+def read_json(path, what='file'):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise UserError(f'{what} {path} does not exist')
+    except json.JSONDecodeError as e:
+        raise UserError(f'{what} {path} is not valid JSON ({e}); delete it or pass another')
+
+
+def torch_save(obj, path):
+    atomic_write(path, lambda f: torch.save(obj, f), mode='wb')
+
+
+def append_jsonl(path, row):
+    """Append one JSON line in a single write call (O_APPEND keeps concurrent lines whole)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    line = (json.dumps(row) + '\n').encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+def read_csv(path, required):
+    """Rows of a CSV as dicts; one clear error when the file or a required column is missing."""
+    if not os.path.isfile(path):
+        raise UserError(f'{path} does not exist')
+    with open(path, newline='', encoding='utf-8-sig') as f:
+        reader = csv.DictReader(f)
+        cols = reader.fieldnames or []
+        missing = [c for c in required if c not in cols]
+        if missing:
+            raise UserError(f'{path}: missing column(s) {", ".join(missing)} '
+                            f'(found: {", ".join(cols) or "nothing"})')
+        return list(reader)
+
+
+def few(items, n=5):
+    """'a, b, c and 7 more' for error messages."""
+    items = list(items)
+    head = ', '.join(str(i) for i in items[:n])
+    return head + (f' and {len(items) - n} more' if len(items) > n else '')
+
+
+# --------------------------------------------------------------------------- dataset readers
+# A reader turns a path into a dataset: a dict of parallel lists, one entry per image.
+#   {'format': str, 'root': str, 'classes': [names], 'ids': [str], 'paths': [str],
+#    'labels': [int, -1 when unlabelled], 'groups': [str, the lesion/patient; the id if none],
+#    'official': None or ['train'|'val'|'test' per image]}
+# A path of the form 'file.npz:key:index' names one image inside an array file (DermaMNIST).
+# To add a format: write detect(path) -> bool and read(path, opts) -> dataset, then register
+# it in READERS; auto-detection tries the entries in order, the generic folders last.
+
+def make_dataset(fmt, root, classes, ids, paths, labels, groups=None, official=None):
+    dup = [i for i, n in _counts(ids).items() if n > 1]
+    if dup:
+        raise UserError(f'{root}: duplicate image ids {few(dup)}; ids must be unique')
+    return {'format': fmt, 'root': os.path.abspath(root), 'classes': list(classes),
+            'ids': list(ids), 'paths': list(paths), 'labels': [int(l) for l in labels],
+            'groups': list(groups) if groups is not None else list(ids),
+            'official': list(official) if official is not None else None}
+
+
+def _counts(xs):
+    out = {}
+    for x in xs:
+        out[x] = out.get(x, 0) + 1
+    return out
+
+
+def _is_image(name):
+    return name.lower().endswith(IMAGE_EXTS) and not name.startswith('.')
+
+
+def _find_images(root):
+    out = []
+    for d, dirs, files in os.walk(root):
+        dirs[:] = sorted(x for x in dirs if not x.startswith('.'))
+        out += [os.path.join(d, f) for f in sorted(files) if _is_image(f)]
+    return out
+
+
+def _detect_imagefolder(path):
+    if not os.path.isdir(path):
+        return False
+    subs = [e for e in os.scandir(path) if e.is_dir() and not e.name.startswith('.')]
+    loose = [e for e in os.scandir(path) if e.is_file() and _is_image(e.name)]
+    return bool(subs) and not loose and all(
+        any(_is_image(f) for f in os.listdir(s.path)) for s in subs)
+
+
+def _read_imagefolder(path, opts):
+    classes = sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith('.'))
+    ids, paths, labels = [], [], []
+    for k, c in enumerate(classes):
+        for p in _find_images(os.path.join(path, c)):
+            ids.append(os.path.relpath(p, path))
+            paths.append(p)
+            labels.append(k)
+    if not paths:
+        raise UserError(f'{path}: no images in its class folders ({few(classes)}); '
+                        f'expected root/<class>/*.jpg')
+    return make_dataset('imagefolder', path, classes, ids, paths, labels)
+
+
+def _detect_folder(path):
+    return os.path.isdir(path)
+
+
+def _read_folder(path, opts):
+    paths = _find_images(path)
+    if not paths:
+        raise UserError(f'{path}: no images found (looked for {" ".join(IMAGE_EXTS)}, '
+                        f'recursively)')
+    ids = [os.path.relpath(p, path) for p in paths]
+    return make_dataset('folder', path, [], ids, paths, [-1] * len(paths))
+
+
+def _csv_header(path):
+    """Column names of a CSV, [] when it cannot be read (detection must never raise)."""
+    try:
+        with open(path, newline='', encoding='utf-8-sig') as f:
+            return next(csv.reader(f), [])
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return []
+
+
+def _csv_next_to(path, name):
+    """(csv file, dataset root) for --data pointing at the root folder or at the CSV itself."""
+    file = os.path.join(path, name) if os.path.isdir(path) else path
+    return file, os.path.dirname(os.path.abspath(file))
+
+
+def _check_files(paths, listed_in, folder):
+    missing = [os.path.basename(p) for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise UserError(f'{len(missing)} image file(s) listed in {listed_in} are missing from '
+                        f'{folder}: {few(missing)}; is the download complete?')
+
+
+# ISIC 2019: one-hot CSV; UNK (unknown, used only in the test set) is not a class
+ISIC2019_CLASSES = ['MEL', 'NV', 'BCC', 'AK', 'BKL', 'DF', 'VASC', 'SCC']
+_ISIC2019_CSV = 'ISIC_2019_Training_GroundTruth.csv'
+_ISIC2019_DIR = 'ISIC_2019_Training_Input'
+
+
+def _detect_isic2019(path):
+    if os.path.isdir(path):
+        return os.path.isfile(os.path.join(path, _ISIC2019_CSV))
+    head = _csv_header(path) if path.lower().endswith('.csv') else []
+    return 'image' in head and all(c in head for c in ISIC2019_CLASSES)
+
+
+def _read_isic2019(path, opts):
+    """opts: drop_downsampled=True removes the '*_downsampled' copies, as the paper does."""
+    file, root = _csv_next_to(path, _ISIC2019_CSV)
+    rows = read_csv(file, ['image'] + ISIC2019_CLASSES)
+    folder = os.path.join(root, _ISIC2019_DIR)
+    if os.path.isdir(os.path.join(folder, _ISIC2019_DIR)):  # some mirrors unzip one level deeper
+        folder = os.path.join(folder, _ISIC2019_DIR)
+    if not os.path.isdir(folder):
+        raise UserError(f'{root}: no {_ISIC2019_DIR}/ folder next to {os.path.basename(file)}')
+    ids, labels, bad, unk = [], [], [], 0
+    for row, r in enumerate(rows, start=2):  # row 1 is the header
+        name = (r['image'] or '').strip()
+        name = name[:-4] if name.lower().endswith('.jpg') else name
+        try:
+            v = [float((r[c] or '').strip()) for c in ISIC2019_CLASSES]
+            u = float((r.get('UNK') or '0').strip())
+        except ValueError:
+            bad.append(f'{name or f"row {row}"} (not numbers)')
+            continue
+        if u == 1 and sum(v) == 0:  # an unknown diagnosis: no class to learn, leave it out
+            unk += 1
+        elif not name:
+            bad.append(f'row {row} (no image name)')
+        elif sorted(v) == [0] * 7 + [1] and u == 0:
+            ids.append(name)
+            labels.append(v.index(1))
+        else:
+            on = [c for c, x in zip(ISIC2019_CLASSES + ['UNK'], v + [u]) if x]
+            bad.append(f'{name} ({"+".join(on) or "none"})')
+    if bad:
+        raise UserError(f'{file}: {len(bad)} row(s) whose labels {" ".join(ISIC2019_CLASSES)} '
+                        f'do not sum to 1 (exactly one class per image): {few(bad)}')
+    if unk:
+        print0(f'note: {file}: left out {unk} image(s) labelled UNK (unknown diagnosis)')
+    if opts.get('drop_downsampled'):
+        keep = [k for k, i in enumerate(ids) if 'downsampled' not in i]
+        print0(f'note: {file}: dropped {len(ids) - len(keep)} *downsampled* image(s), as the paper')
+        ids, labels = [ids[k] for k in keep], [labels[k] for k in keep]
+    paths = [os.path.join(folder, i + '.jpg') for i in ids]
+    _check_files(paths, file, folder)
+    # lesion_id groups images of one lesion; older copies of the metadata lack the column
+    lesion, meta = {}, os.path.join(root, 'ISIC_2019_Training_Metadata.csv')
+    if os.path.isfile(meta):
+        mrows = read_csv(meta, ['image'])
+        if mrows and 'lesion_id' in mrows[0]:
+            lesion = {(r['image'] or '').strip(): (r['lesion_id'] or '').strip() for r in mrows}
+        else:
+            print0(f'note: {meta} has no lesion_id column: every image is its own group')
+    groups = [lesion.get(i) or i for i in ids]
+    return make_dataset('isic2019', root, ISIC2019_CLASSES, ids, paths, labels, groups)
+
+
+# ISIC 2020: train.csv + jpeg/train/<image_name>.jpg; several images per patient
+def _detect_isic2020(path):
+    if os.path.isdir(path):
+        return (os.path.isfile(os.path.join(path, 'train.csv'))
+                and os.path.isdir(os.path.join(path, 'jpeg', 'train')))
+    head = _csv_header(path) if path.lower().endswith('.csv') else []
+    return all(c in head for c in ('image_name', 'patient_id', 'target'))
+
+
+def _read_isic2020(path, opts):
+    """opts: label='target' (benign, malignant; default) or 'diagnosis' (sorted unique values)."""
+    label = opts.get('label') or 'target'
+    if label not in ('target', 'diagnosis'):
+        raise UserError(f'isic2020 label {label!r}: choose target or diagnosis')
+    file, root = _csv_next_to(path, 'train.csv')
+    rows = read_csv(file, ['image_name', 'patient_id', label])
+    folder = os.path.join(root, 'jpeg', 'train')
+    if not os.path.isdir(folder):
+        raise UserError(f'{root}: no jpeg/train/ folder next to {os.path.basename(file)}')
+    ids = [(r['image_name'] or '').strip() for r in rows]
+    values = [(r[label] or '').strip() for r in rows]
+    if label == 'target':
+        classes = ['benign', 'malignant']
+        values = [{'0': 'benign', '1': 'malignant', '0.0': 'benign', '1.0': 'malignant'}.get(v, v)
+                  for v in values]
+    else:
+        classes = sorted({v for v in values if v})
+    bad = [f'{i} ({v!r})' for i, v in zip(ids, values) if v not in classes]
+    if bad:
+        raise UserError(f'{file}: {len(bad)} row(s) with an unknown {label} (classes: '
+                        f'{" ".join(classes)}): {few(bad)}')
+    paths = [os.path.join(folder, i + '.jpg') for i in ids]
+    _check_files(paths, file, folder)
+    groups = [(r['patient_id'] or '').strip() or i for r, i in zip(rows, ids)]
+    labels = [classes.index(v) for v in values]
+    return make_dataset('isic2020', root, classes, ids, paths, labels, groups)
+
+
+# HAM10000: metadata CSV + images split over one or two folders, named in several ways
+HAM_CLASSES = ['akiec', 'bcc', 'bkl', 'df', 'mel', 'nv', 'vasc']  # DermaMNIST's label order
+_HAM_CSV = 'HAM10000_metadata.csv'
+
+
+def _detect_ham10000(path):
+    if os.path.isdir(path):
+        return os.path.isfile(os.path.join(path, _HAM_CSV))
+    return os.path.basename(path) == _HAM_CSV
+
+
+def _read_ham10000(path, opts):
+    file, root = _csv_next_to(path, _HAM_CSV)
+    rows = read_csv(file, ['lesion_id', 'image_id', 'dx'])
+    # HAM10000_images_part_1/_part_2, part1/part2, HAM10000_images/, lower-case Kaggle copies
+    folders = sorted(e.path for e in os.scandir(root)
+                     if e.is_dir() and e.name.lower().startswith('ham10000_images'))
+    if not folders:
+        raise UserError(f'{root}: no image folder (HAM10000_images_part_1/ and _part_2/, '
+                        f'or HAM10000_images/) next to {_HAM_CSV}')
+    files = {}
+    for d in folders:
+        for p in _find_images(d):
+            files.setdefault(os.path.splitext(os.path.basename(p))[0], p)
+    ids = [(r['image_id'] or '').strip() for r in rows]
+    dx = [(r['dx'] or '').strip().lower() for r in rows]
+    bad = [f'{i} ({d!r})' for i, d in zip(ids, dx) if d not in HAM_CLASSES]
+    if bad:
+        raise UserError(f'{file}: {len(bad)} row(s) with an unknown dx (classes: '
+                        f'{" ".join(HAM_CLASSES)}): {few(bad)}')
+    missing = [i for i in ids if i not in files]
+    if missing:
+        raise UserError(f'{len(missing)} image file(s) listed in {file} are missing from '
+                        f'{", ".join(os.path.basename(d) for d in folders)}: {few(missing)}; '
+                        f'is the download complete?')
+    groups = [(r['lesion_id'] or '').strip() or i for r, i in zip(rows, ids)]
+    labels = [HAM_CLASSES.index(d) for d in dx]
+    return make_dataset('ham10000', root, HAM_CLASSES, ids, [files[i] for i in ids], labels,
+                        groups)
+
+
+# DermaMNIST (MedMNIST): one .npz with the official train/val/test arrays
+DERMA_CLASSES = HAM_CLASSES  # labels 0 akiec ... 6 vasc
+_DERMA_RE = re.compile(r'dermamnist(_(\d+))?\.npz', re.I)
+
+
+def _derma_files(folder):
+    return sorted(e.path for e in os.scandir(folder)
+                  if e.is_file() and _DERMA_RE.fullmatch(e.name))
+
+
+def _derma_size(file):
+    m = _DERMA_RE.fullmatch(os.path.basename(file))
+    return int(m.group(2) or 28) if m else 0  # plain dermamnist.npz holds 28x28 images
+
+
+def _detect_dermamnist(path):
+    if os.path.isdir(path):
+        return bool(_derma_files(path))
+    return bool(_DERMA_RE.fullmatch(os.path.basename(path)))
+
+
+def _npy_shape(zf, key):
+    """Shape of one array in an .npz from its header alone: the 224 px file holds 1.5 GB."""
+    with zf.open(key + '.npy') as f:
+        version = np.lib.format.read_magic(f)
+        read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                else np.lib.format.read_array_header_2_0)
+        return read(f)[0]
+
+
+def _read_dermamnist(path, opts):
+    file = path
+    if os.path.isdir(path):
+        found = _derma_files(path)
+        if not found:
+            raise UserError(f'{path}: no dermamnist.npz or dermamnist_{{64,128,224}}.npz')
+        file = max(found, key=_derma_size)  # the sharpest copy; the cache resizes anyway
+        if len(found) > 1:
+            print0(f'note: {path}: several DermaMNIST files, using {os.path.basename(file)}; '
+                  f'pass --data FILE.npz for another')
+    file = os.path.abspath(file)
+    keys = [f'{p}_{a}' for p in ('train', 'val', 'test') for a in ('images', 'labels')]
+    try:
+        with zipfile.ZipFile(file) as zf:
+            found = {n[:-4] for n in zf.namelist() if n.endswith('.npy')}
+            missing = [k for k in keys if k not in found]
+            if missing:
+                raise UserError(f'{file}: missing array(s) {", ".join(missing)} '
+                                f'(found: {", ".join(sorted(found)) or "nothing"})')
+            shapes = {p: _npy_shape(zf, f'{p}_images') for p in ('train', 'val', 'test')}
+        with np.load(file) as z:  # labels only: small
+            ys = {p: np.asarray(z[f'{p}_labels']) for p in ('train', 'val', 'test')}
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise UserError(f'{file}: not a readable .npz ({e})')
+    ids, paths, labels, official, bad = [], [], [], [], []
+    for p in ('train', 'val', 'test'):
+        y, shape = ys[p], shapes[p]
+        if y.ndim not in (1, 2) or y.size != len(y) or len(shape) not in (3, 4) or \
+                shape[0] != len(y):
+            raise UserError(f'{file}: {p}_images {tuple(shape)} and {p}_labels {y.shape} do '
+                            f'not match; expected (N,H,W,3) and (N,1)')
+        for k, l in enumerate(y.reshape(-1).tolist()):
+            ids.append(f'{p}_{k}')
+            paths.append(f'{file}:{p}_images:{k}')  # load_image reads 'file.npz:key:index'
+            labels.append(l)
+            official.append(p)
+            if l not in range(len(DERMA_CLASSES)):
+                bad.append(f'{p}_{k} ({l})')
+    if bad:
+        raise UserError(f'{file}: {len(bad)} label(s) outside 0-{len(DERMA_CLASSES) - 1} '
+                        f'({" ".join(DERMA_CLASSES)}), an unknown class: {few(bad)}')
+    return make_dataset('dermamnist', file, DERMA_CLASSES, ids, paths, labels, None, official)
+
+
+READERS = {  # format -> (detect, read); 'auto' tries them in this order. The skin formats
+    # come before the generic folders: an ISIC 2019 root would pass for a one-class ImageFolder
+    'isic2019': (_detect_isic2019, _read_isic2019),
+    'isic2020': (_detect_isic2020, _read_isic2020),
+    'ham10000': (_detect_ham10000, _read_ham10000),
+    'dermamnist': (_detect_dermamnist, _read_dermamnist),
+    'imagefolder': (_detect_imagefolder, _read_imagefolder),
+    'folder': (_detect_folder, _read_folder),
+}
+
+
+def read_dataset(path, fmt='auto', **opts):
+    """Read a dataset from disk; fmt 'auto' picks the first reader whose detect() says yes."""
+    if not path or not os.path.exists(path):
+        raise UserError(f'--data {path}: no such file or folder')
+    if fmt == 'auto':
+        fmt = next((name for name, (detect, _) in READERS.items() if detect(path)), None)
+        if fmt is None:
+            raise UserError(f'--data {path}: cannot tell its format; pass --format '
+                            f'({"|".join(READERS)})')
+    elif fmt not in READERS:
+        raise UserError(f'--format {fmt}: unknown; choose from auto|{"|".join(READERS)}')
+    ds = READERS[fmt][1](path, opts)
+    if not ds['ids']:
+        raise UserError(f'--data {path}: no images found')
+    return ds
+
+
+def subset(ds, ids):
+    """The dataset restricted to ids, in the order given."""
+    index = {i: k for k, i in enumerate(ds['ids'])}
+    missing = [i for i in ids if i not in index]
+    if missing:
+        raise UserError(f'{len(missing)} id(s) not in {ds["root"]}: {few(missing)}; '
+                        f'was the split made for another dataset?')
+    ks = [index[i] for i in ids]
+    pick = lambda xs: None if xs is None else [xs[k] for k in ks]
+    return {**ds, 'ids': pick(ds['ids']), 'paths': pick(ds['paths']),
+            'labels': pick(ds['labels']), 'groups': pick(ds['groups']),
+            'official': pick(ds['official'])}
+
+
+def load_image(path, draft=None):
+    """Decode one image to an RGB PIL image: EXIF orientation applied; grayscale, RGBA,
+    palette, CMYK and 16-bit images converted. Raises OSError/ValueError on a bad file.
+    draft=S lets a JPEG decode at reduced scale (never below S on the shorter side)."""
+    if '.npz:' in path:  # 'file.npz:key:index' (DermaMNIST)
+        file, key, k = path.rsplit(':', 2)
+        return Image.fromarray(_npz(file)[key][int(k)]).convert('RGB')
+    with Image.open(path) as im:
+        if draft:  # a no-op for formats other than JPEG
+            im.draft('RGB', (draft, draft))
+        im.load()  # force the full decode here, so a truncated file fails here
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ('I;16', 'I;16B', 'I;16L', 'I'):  # 16/32-bit gray: scale to 8 bits
+            a = np.asarray(im, dtype=np.float64)
+            hi = 65535.0 if im.mode.startswith('I;16') or a.max() > 255 else 255.0
+            im = Image.fromarray(np.clip(a / hi * 255 + 0.5, 0, 255).astype(np.uint8))
+        if im.mode in ('RGBA', 'LA', 'PA') or (im.mode == 'P' and 'transparency' in im.info):
+            im = im.convert('RGBA')
+            bg = Image.new('RGBA', im.size, (255, 255, 255, 255))
+            im = Image.alpha_composite(bg, im)
+        return im.convert('RGB')
+
+
+_NPZ = {}
+
+
+def _npz(file):
+    if file not in _NPZ:
+        with np.load(file) as z:
+            _NPZ[file] = {k: z[k] for k in z.files}
+    return _NPZ[file]
+
+
+# --------------------------------------------------------------------------- splits
+# A split is a JSON file made once and reused by every script:
+#   {'dataset': root, 'format': str, 'protocol': 'paper'|'random'|'official',
+#    'how': {parameters, the rule in words, counts per class per part},
+#    'train': [ids], 'val': [ids], 'test': [ids], 'pretrain': [every non-test id],
+#    'extra': [folders whose images join the pretrain pool only]}
+# Ids within a part follow the dataset's order. A group (lesion, patient) never sits on two
+# sides. Groups are stratified by the label of their first labelled image (one lesion, one
+# diagnosis). Unlabelled images (label -1) of a labelled dataset never enter train/val/test;
+# they join pretrain unless their group is in test.
+SPLIT_RULES = {
+    'paper': 'groups walked in a seeded random order (numpy default_rng(seed).permutation of '
+             'the groups in first-appearance order); a group goes to train while its class '
+             'has fewer than per_class images in train (with one image per group: the '
+             "paper's rule); of the rest, about val_fraction of each class (whole groups, "
+             'same order) goes to val; the remainder is test',
+    'random': 'groups in a seeded random order; about test_fraction of each class (whole '
+              'groups) goes to test, then about val_fraction of the rest to val, the '
+              'remainder to train',
+    'official': "the dataset's own train/val/test assignment; seed and fractions unused",
+}
+
+
+def _group_table(ds, ks):
+    """Groups among image indices ks in first-appearance order: (names, members, labels)."""
+    members = {}
+    for k in ks:
+        members.setdefault(ds['groups'][k], []).append(k)
+    names = list(members)
+    labels = [next((ds['labels'][k] for k in members[g] if ds['labels'][k] >= 0), -1)
+              for g in names]
+    return names, [members[g] for g in names], labels
+
+
+def _take(order, sizes, labels, target):
+    """Walk groups in order; take a group while its class has fewer than target[c] images."""
+    taken, out = {}, []
+    for g in order:
+        c = labels[g]
+        if taken.get(c, 0) < target.get(c, 0):
+            out.append(g)
+            taken[c] = taken.get(c, 0) + sizes[g]
+    return out
+
+
+def _fraction_target(order, sizes, labels, fraction):
+    n = {}
+    for g in order:
+        n[labels[g]] = n.get(labels[g], 0) + sizes[g]
+    return {c: round(fraction * m) for c, m in n.items()}
+
+
+def _class_counts(ds, ks):
+    names = ds['classes'] + ['unlabelled']
+    counts = _counts(names[ds['labels'][k]] for k in ks)  # label -1 -> 'unlabelled'
+    return {c: counts.get(c, 0) for c in names if c in counts or c != 'unlabelled'}
+
+
+def make_split(ds, protocol, seed=0, per_class=500, test_fraction=0.2, val_fraction=0.1,
+               extra=None):
+    """Seeded, stratified, group-aware train/val/test split of ds (see SPLIT_RULES)."""
+    if protocol not in SPLIT_RULES:
+        raise UserError(f'--protocol {protocol}: unknown; choose from {"|".join(SPLIT_RULES)}')
+    for name, f in (('test_fraction', test_fraction), ('val_fraction', val_fraction)):
+        if not 0 <= f < 1:
+            raise UserError(f'{name} {f}: must be in [0, 1)')
+    if int(per_class) < 1:
+        raise UserError(f'per_class {per_class}: must be at least 1')
+    labels, n = ds['labels'], len(ds['ids'])
+    labelled = any(l >= 0 for l in labels)
+    # the parts draw from labelled images; a dataset without labels is split by group only
+    pool = [k for k in range(n) if labels[k] >= 0] if labelled else list(range(n))
+    side = [None] * n
+    if protocol == 'official':
+        if ds['official'] is None:
+            raise UserError(f'{ds["root"]}: {ds["format"]} has no official split; use '
+                            f'--protocol random or paper')
+        odd = sorted({o for o in ds['official'] if o not in ('train', 'val', 'test')})
+        if odd:
+            raise UserError(f'{ds["root"]}: official split values {few(odd)}; '
+                            f'expected train|val|test')
+        for k in pool:
+            side[k] = ds['official'][k]
+    else:
+        if protocol == 'paper' and not labelled:
+            raise UserError(f'{ds["root"]}: --protocol paper needs labels; this dataset has '
+                            f'none (use random)')
+        names, members, glabels = _group_table(ds, pool)
+        sizes = [len(m) for m in members]
+        order = np.random.default_rng(seed).permutation(len(names)).tolist()
+        if protocol == 'paper':
+            first = _take(order, sizes, glabels, {c: int(per_class) for c in set(glabels)})
+            first_side, rest_side, frac = 'train', 'test', val_fraction
+        else:
+            first = _take(order, sizes, glabels,
+                          _fraction_target(order, sizes, glabels, test_fraction))
+            first_side, rest_side, frac = 'test', 'train', val_fraction
+        chosen = set(first)
+        rest = [g for g in order if g not in chosen]
+        val = set(_take(rest, sizes, glabels, _fraction_target(rest, sizes, glabels, frac)))
+        for g in order:
+            s = first_side if g in chosen else 'val' if g in val else rest_side
+            for k in members[g]:
+                side[k] = s
+    parts = {p: [k for k in range(n) if side[k] == p] for p in ('train', 'val', 'test')}
+    test_groups = {ds['groups'][k] for k in parts['test']}
+    # unlabelled images of a labelled dataset: pretrain only, and never next to a test group
+    free = [k for k in range(n) if side[k] is None and ds['groups'][k] not in test_groups
+            and not (protocol == 'official' and ds['official'][k] == 'test')]
+    pretrain = sorted(parts['train'] + parts['val'] + free)
+    extra = [os.path.abspath(p) for p in (extra or [])]
+    for p in extra:
+        if not os.path.isdir(p):
+            raise UserError(f'--extra {p}: no such folder')
+    how = {'rule': SPLIT_RULES[protocol], 'seed': seed, 'per_class': int(per_class),
+           'test_fraction': test_fraction, 'val_fraction': val_fraction,
+           'group_label': 'a group is stratified by the label of its first labelled image',
+           'n_images': n, 'n_groups': len(set(ds['groups'])),
+           'counts': {p: _class_counts(ds, ks) for p, ks in parts.items()},
+           'pretrain_images': len(pretrain), 'unlabelled_in_pretrain': len(free)}
+    ids = ds['ids']
+    split = {'dataset': ds['root'], 'format': ds['format'], 'protocol': protocol, 'how': how,
+             **{p: [ids[k] for k in ks] for p, ks in parts.items()},
+             'pretrain': [ids[k] for k in pretrain], 'extra': extra}
+    _check_split(split, ds, f'{protocol} split of {ds["root"]}')
+    return split
+
+
+def _check_split(split, ds, where):
+    """Parts without duplicates, disjoint, train+val inside pretrain; with ds: every id known
+    and no group on two sides. Raises UserError naming the offenders."""
+    parts = {p: split[p] for p in ('train', 'val', 'test', 'pretrain')}
+    for p, xs in parts.items():
+        dup = [i for i, c in _counts(xs).items() if c > 1]
+        if dup:
+            raise UserError(f'{where}: {len(dup)} id(s) twice in {p}: {few(dup)}')
+    for a, b in (('train', 'val'), ('train', 'test'), ('val', 'test'), ('pretrain', 'test')):
+        both = sorted(set(parts[a]) & set(parts[b]))
+        if both:
+            raise UserError(f'{where}: {len(both)} id(s) in both {a} and {b}: {few(both)}')
+    lost = sorted(set(parts['train'] + parts['val']) - set(parts['pretrain']))
+    if lost:
+        raise UserError(f'{where}: {len(lost)} train/val id(s) missing from pretrain: '
+                        f'{few(lost)}')
+    if ds is None:
+        return
+    index = {i: k for k, i in enumerate(ds['ids'])}
+    unknown = sorted({i for xs in parts.values() for i in xs if i not in index})
+    if unknown:
+        raise UserError(f'{where}: {len(unknown)} id(s) not in {ds["root"]}: {few(unknown)}; '
+                        f'was the split made for another dataset?')
+    sides = {}
+    labelled = set(parts['train'] + parts['val'])
+    for p in ('train', 'val', 'test', 'pretrain'):
+        for i in parts[p]:
+            if p != 'pretrain' or i not in labelled:
+                sides.setdefault(ds['groups'][index[i]], set()).add(p)
+    cross = [f'{g} ({"+".join(sorted(s))})' for g, s in sides.items()
+             if len(s - {'pretrain'}) > 1 or {'pretrain', 'test'} <= s]
+    if cross:
+        raise UserError(f'{where}: {len(cross)} group(s) (lesion/patient) on two sides: '
+                        f'{few(cross)}; a group must stay on one side')
+
+
+def save_split(path, split):
+    _check_split(split, None, f'split {path}')
+    write_json(path, split)
+
+
+def load_split(path, ds=None):
+    """Read a split JSON; with ds, also check its ids exist and no group crosses sides."""
+    split = read_json(path, 'split file')
+    need = ['protocol', 'train', 'val', 'test', 'pretrain']
+    missing = [k for k in need if not isinstance(split, dict) or k not in split]
+    if missing:
+        raise UserError(f'split file {path}: missing {", ".join(missing)}; make it again')
+    split.setdefault('extra', [])
+    _check_split(split, ds, f'split file {path}')
+    return split
+
+
+def split_path(ds, protocol):
+    """splits/<dataset>-<protocol>.json; <dataset> is the root's name (an .npz's stem)."""
+    name = os.path.basename(ds['root'].rstrip('/\\'))
+    name = name[:-4] if name.lower().endswith('.npz') else name
+    return os.path.join('splits', f'{name}-{protocol}.json')
+
+
+def labelled_subset(ds, ids, seed, per_class=None, fraction=None):
+    """Stratified, group-aware labelled subset of ids, deterministic per seed.
+    per_class=K: whole groups while they fit in K images per class (a class whose groups all
+    exceed K gets its first group); fraction=F: about F of each class (whole groups), at
+    least one group per class; neither: every labelled id. Unlabelled ids are left out."""
+    if per_class is not None and fraction is not None:
+        raise UserError('give per_class or fraction, not both')
+    if fraction is not None and not 0 < fraction <= 1:
+        raise UserError(f'fraction {fraction}: must be in (0, 1]')
+    if per_class is not None and int(per_class) < 1:
+        raise UserError(f'per_class {per_class}: must be at least 1')
+    index = {i: k for k, i in enumerate(ds['ids'])}
+    unknown = [i for i in ids if i not in index]
+    if unknown:
+        raise UserError(f'{len(unknown)} id(s) not in {ds["root"]}: {few(unknown)}')
+    ks = [index[i] for i in ids if ds['labels'][index[i]] >= 0]
+    if not ks:
+        raise UserError(f'{ds["root"]}: no labelled images among the {len(ids)} ids given')
+    names, members, glabels = _group_table(ds, ks)
+    sizes = [len(m) for m in members]
+    order = np.random.default_rng(seed).permutation(len(names)).tolist()
+    if per_class is not None:
+        taken, chosen = {}, []
+        for g in order:  # fit whole groups into the budget, never above it
+            c = glabels[g]
+            if taken.get(c, 0) + sizes[g] <= int(per_class):
+                chosen.append(g)
+                taken[c] = taken.get(c, 0) + sizes[g]
+        for c in set(glabels) - set(taken):  # every group too big: take the first one
+            chosen.append(next(g for g in order if glabels[g] == c))
+    elif fraction is not None:
+        target = _fraction_target(order, sizes, glabels, fraction)
+        chosen = _take(order, sizes, glabels, {c: max(1, t) for c, t in target.items()})
+    else:
+        chosen = order
+    keep = {k for g in chosen for k in members[g]}
+    return [ds['ids'][k] for k in ks if k in keep]
+
+
+# --------------------------------------------------------------------------- uint8 cache
+# Each image is decoded once, its shorter side resized to S and centre-cropped to S x S, and
+# stored in one memory-mapped (N, S, S, 3) uint8 .npy beside a JSON index. Training then reads
+# raw bytes: no JPEG decoding per epoch. The index carries a fingerprint of the source files
+# (path, size, mtime) so a changed source rebuilds the cache and an unchanged one is reused.
+
+def fingerprint(paths):
+    h = hashlib.sha1()
+    for p in dict.fromkeys(p.rsplit('.npz:', 1)[0] + '.npz' if '.npz:' in p else p
+                           for p in paths):
+        try:
+            st = os.stat(p)
+            h.update(f'{p}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())
+        except FileNotFoundError:
+            h.update(f'{p}\0missing\n'.encode())
+    h.update('\n'.join(paths).encode())
+    return h.hexdigest()
+
+
+def _decode_resized(path, size):
+    """(S, S, 3) uint8: shorter side to `size` (antialiased), centre crop."""
+    im = load_image(path, draft=size)  # JPEG DCT-domain downscale: 4000x3000 decodes fast
+    return np.asarray(ImageOps.fit(im, (size, size), Image.BICUBIC), dtype=np.uint8)
+
+
+def _cache_worker(job):
+    file, size, start, paths = job
+    arr = np.load(file, mmap_mode='r+')
+    bad = []
+    for k, p in enumerate(paths):
+        try:
+            arr[start + k] = _decode_resized(p, size)
+        except Exception as e:  # noqa: BLE001 -- every decode failure is reported by name
+            bad.append((start + k, f'{type(e).__name__}: {e}'))
+    arr.flush()
+    return len(paths), bad
+
+
+def build_cache(ds, size, cache_dir='cache', workers=2, skip_bad=False, verbose=True):
+    """Decode ds once into cache_dir; reuse when the fingerprint matches. Returns the index
+    dict: {'file', 'size', 'ids', 'labels', 'groups', 'classes', 'fingerprint', 'bad'}."""
+    if size < 8:
+        raise UserError(f'--cache-size {size}: too small, use at least 8 pixels')
+    key = hashlib.sha1(f'{ds["format"]}|{ds["root"]}|{size}'.encode()).hexdigest()[:10]
+    stem = os.path.join(cache_dir, f'{os.path.basename(ds["root"].rstrip("/"))}-{size}-{key}')
+    fp = fingerprint(ds['paths'])
+    if os.path.exists(stem + '.json') and os.path.exists(stem + '.npy'):
+        index = read_json(stem + '.json', 'cache index')
+        if index.get('fingerprint') == fp and (skip_bad or not index['bad']):
+            return index
+    n = len(ds['paths'])
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = f'{stem}.{os.getpid()}.tmp.npy'
+    np.lib.format.open_memmap(tmp, mode='w+', dtype=np.uint8, shape=(n, size, size, 3)).flush()
+    chunk = max(1, min(256, n // (4 * max(1, workers)) or 1))
+    jobs = [(tmp, size, s, ds['paths'][s:s + chunk]) for s in range(0, n, chunk)]
+    bad, done, t0, last = [], 0, time.time(), 0.0
+    try:
+        if workers > 0 and n > chunk:
+            import multiprocessing as mp
+            pool = mp.get_context('fork' if sys.platform == 'linux' else 'spawn').Pool(workers)
+            results = pool.imap_unordered(_cache_worker, jobs)
+        else:
+            pool, results = None, map(_cache_worker, jobs)
+        for k, b in results:
+            done, bad = done + k, bad + b
+            now = time.time()
+            if verbose and (now - last > 2 or done == n):
+                rate = done / max(now - t0, 1e-9)
+                print(f'cache {os.path.basename(stem)}: {done}/{n} images, {rate:.0f} img/s, '
+                      f'eta {fmt_time((n - done) / max(rate, 1e-9))}', flush=True)
+                last = now
+        if pool:
+            pool.close()
+            pool.join()
+        bad.sort()
+        bad_rows = [{'id': ds['ids'][i], 'path': ds['paths'][i], 'error': e} for i, e in bad]
+        if bad and not skip_bad:
+            lines = '\n'.join(f'  {r["path"]}: {r["error"]}' for r in bad_rows)
+            raise UserError(f'{len(bad)} unreadable image(s):\n{lines}\nfix or remove them, '
+                            f'or pass --skip-bad to exclude them (they are then recorded in '
+                            f'the cache index)')
+        keep = sorted(set(range(n)) - {i for i, _ in bad})
+        if bad:  # compact: the cache holds readable images only
+            src = np.load(tmp, mmap_mode='r')
+            tmp2 = f'{stem}.{os.getpid()}.tmp2.npy'
+            dst = np.lib.format.open_memmap(tmp2, 'w+', np.uint8, (len(keep), size, size, 3))
+            for s in range(0, len(keep), 1024):
+                dst[s:s + 1024] = src[keep[s:s + 1024]]
+            dst.flush()
+            del src, dst
+            os.replace(tmp2, tmp)
+        os.replace(tmp, stem + '.npy')
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    index = {'file': stem + '.npy', 'size': size, 'format': ds['format'], 'root': ds['root'],
+             'classes': ds['classes'], 'ids': [ds['ids'][i] for i in keep],
+             'labels': [ds['labels'][i] for i in keep],
+             'groups': [ds['groups'][i] for i in keep], 'fingerprint': fp, 'bad': bad_rows}
+    write_json(stem + '.json', index)
+    if verbose and bad_rows:
+        print(f'cache: excluded {len(bad_rows)} unreadable image(s) (--skip-bad), listed in '
+              f'{stem}.json: {few(r["path"] for r in bad_rows)}')
+    return index
+
+
+def fmt_time(s):
+    s = int(s)
+    return f'{s // 3600}h{s // 60 % 60:02d}m' if s >= 3600 else f'{s // 60}m{s % 60:02d}s'
+
+
+# --------------------------------------------------------------------------- loader
+class CachedImages(torch.utils.data.Dataset):
+    """Rows of a uint8 cache. Indexed with a list of positions (one batch at a time): one
+    sorted fancy read from the memmap instead of B Python calls. Returns (B, S, S, 3) uint8
+    and (B,) int64 labels; the memmap opens lazily so worker processes each get their own."""
+
+    def __init__(self, index, rows):
+        self.file, self.rows = index['file'], np.asarray(rows, dtype=np.int64)
+        self.labels = torch.as_tensor(np.asarray(index['labels'])[self.rows], dtype=torch.long)
+        self.arr = None
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, positions):
+        if self.arr is None:
+            self.arr = np.load(self.file, mmap_mode='r')
+        pos = np.asarray(positions, dtype=np.int64)
+        rows = self.rows[pos]
+        order = np.argsort(rows, kind='stable')  # sorted reads are sequential on disk
+        x = np.empty((len(rows),) + self.arr.shape[1:], dtype=np.uint8)
+        x[order] = self.arr[rows[order]]
+        return torch.from_numpy(x), self.labels[torch.from_numpy(pos)]
+
+
+class EpochBatches(torch.utils.data.Sampler):
+    """Batches of positions for this rank: DistributedSampler's seeded per-epoch order, cut
+    into local batches, optionally skipping the first `skip` batches (mid-epoch resume)."""
+
+    def __init__(self, n, batch_size, rank=0, world=1, shuffle=True, seed=0, drop_last=True):
+        self.base = torch.utils.data.DistributedSampler(
+            range(n), num_replicas=world, rank=rank, shuffle=shuffle, seed=seed,
+            drop_last=drop_last)
+        self.batch_size, self.drop_last, self.skip = batch_size, drop_last, 0
+
+    def set_epoch(self, epoch, skip=0):
+        self.base.set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self):
+        idx = list(self.base)
+        for b in range(self.skip, len(self)):
+            yield idx[b * self.batch_size:(b + 1) * self.batch_size]
+
+    def __len__(self):
+        n = len(self.base)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+
+def make_loader(index, rows, batch_size, rank=0, world=1, shuffle=True, seed=0,
+                drop_last=True, workers=2):
+    """(loader, sampler) over cache rows; batch_size is per rank. Call
+    sampler.set_epoch(epoch, skip) before each epoch."""
+    if drop_last and len(rows) < batch_size * world:
+        raise UserError(f'{len(rows)} images cannot fill one batch of {batch_size * world}; '
+                        f'lower --batch-size')
+    ds = CachedImages(index, rows)
+    sampler = EpochBatches(len(rows), batch_size, rank, world, shuffle, seed, drop_last)
+    loader = torch.utils.data.DataLoader(
+        ds, sampler=sampler, batch_size=None, num_workers=workers,
+        pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None)
+    return loader, sampler
+
+
+def to_device(batch, device):
+    x, y = batch
+    x = x.to(device, non_blocking=True).permute(0, 3, 1, 2)  # (B, 3, S, S), channels_last
+    return x, y.to(device, non_blocking=True)
+
+
+def prepare_cache(rt, args, ds):
+    """build_cache on rank 0 while the other ranks wait, then everyone opens it."""
+    import torch.distributed as dist
+    if rt.is_main:
+        index = build_cache(ds, args.cache_size, args.cache_dir, args.workers, args.skip_bad)
+    if rt.world > 1:
+        dist.barrier()
+    if not rt.is_main:
+        index = build_cache(ds, args.cache_size, args.cache_dir, 0, args.skip_bad, False)
+    return index
+
+
+def rows_of(index, ids):
+    """Cache rows of ids; ids excluded as unreadable (--skip-bad) are dropped with a note."""
+    pos = {i: k for k, i in enumerate(index['ids'])}
+    rows = [pos[i] for i in ids if i in pos]
+    if len(rows) < len(ids):
+        print0(f'note: {len(ids) - len(rows)} image(s) are not in the cache (excluded as '
+               f'unreadable) and are skipped')
+    return rows
+
+# --------------------------------------------------------------------------- command line
+def add_common_args(p, **defaults):
+    """The flags every script spells the same way (DESIGN.md); defaults per script."""
+    d = dict(data=None, format='auto', split=None, arch='resnet50', init='random', out=None,
+             epochs=1, max_steps=0, batch_size=256, lr=0.1, size=224, cache_size=256,
+             device='auto', precision='auto', seed=0, workers=4)
+    d.update(defaults)
+    g = p.add_argument_group('data')
+    g.add_argument('--data', default=d['data'], help='dataset root, folder or file')
+    g.add_argument('--format', default=d['format'],
+                   help='auto|imagefolder|folder|isic2019|isic2020|ham10000|dermamnist')
+    g.add_argument('--split', default=d['split'], help='split JSON made by split.py / common')
+    g.add_argument('--cache-dir', default='cache', help='where decoded uint8 caches live')
+    g.add_argument('--cache-size', type=int, default=d['cache_size'],
+                   help='side of the cached square images; a bit above --size leaves room '
+                        'for crops')
+    g.add_argument('--skip-bad', action='store_true',
+                   help='exclude unreadable images (recorded in the cache index) instead of '
+                        'stopping')
+    g.add_argument('--workers', type=int, default=d['workers'],
+                   help='loader and cache-build processes per rank (0: in the main process)')
+    g = p.add_argument_group('model')
+    g.add_argument('--arch', default=d['arch'], choices=list(ARCHS),
+                   help='backbone; resnet18/34 for small runs')
+    g.add_argument('--init', default=d['init'],
+                   help='random | torchvision | barlowtwins | PATH to a checkpoint')
+    g.add_argument('--offline', action='store_true',
+                   help='never download named weights; say where to place them instead')
+    g = p.add_argument_group('training')
+    g.add_argument('--out', default=d['out'], help='run folder (resumes if it has ckpt.pt)')
+    g.add_argument('--epochs', type=int, default=d['epochs'])
+    g.add_argument('--max-steps', type=int, default=d['max_steps'],
+                   help='stop after this many steps (0: no limit); for smoke runs')
+    g.add_argument('--batch-size', type=int, default=d['batch_size'],
+                   help='global batch, split evenly over ranks')
+    g.add_argument('--lr', type=_lr_type(d.get('lr_auto')), default=d['lr'],
+                   help='peak learning rate per 256 images'
+                        + (', or auto: a short range test picks it' if d.get('lr_auto') else ''))
+    g.add_argument('--size', type=int, default=d['size'], help='training resolution (pixels)')
+    g.add_argument('--seed', type=int, default=d['seed'])
+    g = p.add_argument_group('system')
+    g.add_argument('--device', default=d['device'], choices=['auto', 'cpu', 'cuda'])
+    g.add_argument('--precision', default=d['precision'], choices=['auto', 'bf16', 'fp16', 'fp32'],
+                   help='auto: bf16 autocast on CUDA, fp32 on CPU')
+    g.add_argument('--compile', action='store_true', help='torch.compile the model')
+    g.add_argument('--log-every', type=int, default=10, help='steps between log lines')
+    g.add_argument('--ckpt-every', type=int, default=0,
+                   help='steps between checkpoints (0: only by time and at the end)')
+    g.add_argument('--ckpt-minutes', type=float, default=10.0,
+                   help='minutes between checkpoints')
+    g.add_argument('--nan-at-step', type=int, default=-1, help=argparse_suppress())
+    return p
+
+
+def _lr_type(auto):
+    import argparse
+
+    def lr(text):
+        if auto and text == 'auto':
+            return text
+        try:
+            value = float(text)
+        except ValueError:
+            value = -1.0
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f'{text}: a positive number'
+                                             + (' or auto' if auto else ''))
+        return value
+    return lr
+
+
+def argparse_suppress():
+    import argparse
+    return argparse.SUPPRESS
+
+
+def parse_args(p, presets=None, argv=None):
+    """Parse; with --preset NAME the preset's values become the defaults (explicit flags win).
+    Then check the values every script shares."""
+    args, _ = p.parse_known_args(argv)
+    if presets and getattr(args, 'preset', None):
+        p.set_defaults(**presets[args.preset])
+    args = p.parse_args(argv)
+    checks = [('epochs', args.epochs >= 1), ('max-steps', args.max_steps >= 0),
+              ('batch-size', args.batch_size >= 1), ('size', args.size >= 8),
+              ('cache-size', args.cache_size >= args.size or args.cache_size <= 0),
+              ('workers', args.workers >= 0)]
+    for flag, ok in checks:
+        if not ok:
+            p.error(f'--{flag} {getattr(args, flag.replace("-", "_"))}: out of range'
+                    + (' (must be >= --size)' if flag == 'cache-size' else ''))
+    return args
+
+
+def parse_seeds(text):
+    """'0-4' -> [0, 1, 2, 3, 4]; '1,3,5' -> [1, 3, 5]."""
+    try:
+        out = []
+        for part in str(text).split(','):
+            a, _, b = part.partition('-')
+            out += list(range(int(a), int(b) + 1)) if b else [int(a)]
+        if not out:
+            raise ValueError
+        return out
+    except ValueError:
+        raise UserError(f'--seeds {text}: expected a range like 0-4 or a list like 0,2,7')
+
+
+# --------------------------------------------------------------------------- runtime
+def setup_runtime(args):
+    """Device, distributed (detected from torchrun's environment), precision, seed.
+    Returns a namespace: device, rank, local_rank, world, is_main, dtype (autocast)."""
+    import types
+    import torch.distributed as dist
+    rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
+    local_rank = int(os.environ.get('LOCAL_RANK', 0))
+    cuda = torch.cuda.is_available() if args.device == 'auto' else args.device == 'cuda'
+    if cuda and not torch.cuda.is_available():
+        raise UserError('--device cuda: no CUDA device is visible; use --device cpu')
+    device = torch.device(f'cuda:{local_rank}' if cuda else 'cpu')
+    if cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    if world > 1:
+        dist.init_process_group('nccl' if cuda else 'gloo', device_id=device if cuda else None)
+    prec = args.precision if args.precision != 'auto' else ('bf16' if cuda else 'fp32')
+    if prec in ('bf16', 'fp16') and not cuda:
+        print0(f'note: --precision {prec} on CPU; autocast on CPU is slow, fp32 is the default')
+    dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}[prec]
+    if args.batch_size % world:
+        raise UserError(f'--batch-size {args.batch_size} does not divide by {world} ranks')
+    torch.manual_seed(args.seed)
+    return types.SimpleNamespace(device=device, rank=rank, local_rank=local_rank, world=world,
+                                 is_main=rank == 0, dtype=dtype, precision=prec)
+
+
+def teardown(rt):
+    import torch.distributed as dist
+    if rt.world > 1 and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def print0(*a, **k):
+    if int(os.environ.get('RANK', 0)) == 0:
+        print(*a, **k, flush=True)
+
+
+# --------------------------------------------------------------------------- backbone, weights
+import torch.nn as nn  # noqa: E402
+import torchvision  # noqa: E402
+
+ARCHS = {'resnet50': 2048, 'resnet34': 512, 'resnet18': 512}  # name -> feature width
+NAMED_WEIGHTS = {  # --init name -> (arch, url); the file is looked up in the torch hub cache
+    ('torchvision', 'resnet50'): torchvision.models.ResNet50_Weights.IMAGENET1K_V2.url,
+    ('torchvision', 'resnet34'): torchvision.models.ResNet34_Weights.IMAGENET1K_V1.url,
+    ('torchvision', 'resnet18'): torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url,
+    ('barlowtwins', 'resnet50'): 'https://dl.fbaipublicfiles.com/barlowtwins/'
+                                 'ep1000_bs2048_lrw0.2_lrb0.0048_lambd0.0051/resnet50.pth',
+}
+
+
+def make_backbone(arch):
+    """torchvision ResNet with zero-initialised residual BN, classifier replaced by identity.
+    Returns (model, feature width)."""
+    m = getattr(torchvision.models, arch)(zero_init_residual=True)
+    m.fc = nn.Identity()
+    return m, ARCHS[arch]
+
+
+def _guess_arch(keys):
+    blocks = len({k.split('.')[1] for k in keys if k.startswith('layer3.')})
+    bottleneck = any('.conv3.' in k for k in keys)
+    return {(False, 2): 'resnet18', (False, 6): 'resnet34', (True, 6): 'resnet50',
+            (True, 23): 'resnet101', (True, 36): 'resnet152'}.get((bottleneck, blocks))
+
+
+def clean_state_dict(obj, source='checkpoint'):
+    """A backbone state dict from any of the checkpoint shapes people have: our backbone.pt
+    and ckpt.pt, torchvision files, Facebook's resnet50.pth and full checkpoint.pth, DDP
+    `module.`, compiled `_orig_mod.`, and `backbone.` / `encoder.` prefixed models."""
+    for key in ('model', 'state_dict', 'backbone'):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
+        raise UserError(f'{source}: not a state dict of tensors')
+    sd = {}
+    for k, v in obj.items():
+        for prefix in ('module.', '_orig_mod.'):
+            k = k.replace(prefix, '')
+        sd[k] = v
+    for prefix in ('backbone.', 'encoder.'):
+        if any(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+            break
+    return sd
+
+
+def load_checkpoint(path):
+    """torch.load with weights_only=True: tensors and plain values only, never code."""
+    import pickle
+    if not os.path.isfile(path):
+        raise UserError(f'--init {path}: no such file (random | torchvision | barlowtwins | PATH)')
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ''
+        raise UserError(f'{path}: refused: it holds more than tensors and plain values '
+                        f'(weights_only load failed: {first[:160]})')
+    except Exception as e:  # noqa: BLE001 -- corrupt or foreign files
+        raise UserError(f'{path}: not a readable PyTorch checkpoint ({type(e).__name__}: '
+                        f'{str(e)[:160]})')
+
+
+def hub_file(url, offline=False):
+    """The torch hub cache path for url ($TORCH_HOME/hub/checkpoints/NAME); downloaded when
+    absent unless offline."""
+    path = os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(url))
+    if os.path.isfile(path):
+        return path
+    hint = f'place {os.path.basename(url)} from {url} at {path}'
+    if offline:
+        raise UserError(f'named weights not found: {hint}')
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        print0(f'downloading {url} -> {path}')
+        torch.hub.download_url_to_file(url, path, progress=False)
+    except Exception as e:  # noqa: BLE001 -- offline machines end up here
+        raise UserError(f'could not download named weights ({type(e).__name__}); {hint}')
+    return path
+
+
+def load_backbone(model, arch, init, offline=False):
+    """Load --init into a backbone made by make_backbone; only a classifier head (fc.*) may be
+    missing or extra, anything else is refused naming the keys. Returns a short description."""
+    if init == 'random':
+        return 'random'
+    if init in ('torchvision', 'barlowtwins'):
+        if (init, arch) not in NAMED_WEIGHTS:
+            raise UserError(f'--init {init}: no published {arch} weights; use --arch resnet50')
+        path = hub_file(NAMED_WEIGHTS[init, arch], offline)
+    else:
+        path = init
+    sd = clean_state_dict(load_checkpoint(path), path)
+    own = model.state_dict()
+    head = lambda k: k.startswith('fc.')
+    optional = lambda k: head(k) or k.endswith('num_batches_tracked')  # absent in old files
+    missing = [k for k in own if k not in sd and not optional(k)]
+    extra = [k for k in sd if k not in own and not head(k)]
+    shape = [k for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or extra or shape:
+        guess = _guess_arch(sd)
+        why = (f'it looks like a {guess}, pass --arch {guess}' if guess and guess != arch
+               else f'missing {few(missing, 3) or "none"}; unexpected {few(extra, 3) or "none"}'
+                    f'; wrong shape {few(shape, 3) or "none"}')
+        raise UserError(f'{path} does not fit a {arch} backbone: {why}')
+    model.load_state_dict({k: v for k, v in sd.items() if not head(k)}, strict=False)
+    return path
+
+
+def state_fingerprint(sd):
+    """sha1 over a state dict's names and bytes: tells two backbones apart in results."""
+    h = hashlib.sha1()
+    for k in sorted(sd):
+        h.update(k.encode())
+        h.update(sd[k].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------- Barlow Twins
+def make_projector(width, spec):
+    """'8192-8192-8192' -> Linear(no bias) with BN+ReLU between, as Facebook's."""
+    try:
+        sizes = [width] + [int(s) for s in spec.split('-')]
+        assert all(s > 0 for s in sizes)
+    except (ValueError, AssertionError):
+        raise UserError(f'--projector {spec}: expected widths like 8192-8192-8192')
+    layers = []
+    for a, b in zip(sizes[:-2], sizes[1:-1]):
+        layers += [nn.Linear(a, b, bias=False), nn.BatchNorm1d(b), nn.ReLU(inplace=True)]
+    layers.append(nn.Linear(sizes[-2], sizes[-1], bias=False))
+    return nn.Sequential(*layers)
+
+
+def _all_reduce(t):
+    """Sum over ranks, autograd-aware (its backward sums the gradients too); identity alone."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        import torch.distributed.nn.functional as dnnf
+        return dnnf.all_reduce(t)
+    return t
+
+
+def barlow_loss(z1, z2, lambd=0.0051, eps=1e-5):
+    """Barlow Twins loss on the global batch, in fp32 whatever the autocast dtype.
+    z1, z2: (B, D) local embeddings of the two views. Each view is batch-normalised without
+    affine parameters over the GLOBAL batch (biased variance, as BatchNorm1d), then
+    C = z1n^T z2n / N and loss = sum_i (1 - C_ii)^2 + lambd * sum_{i!=j} C_ij^2.
+    Every cross-rank sum goes through the autograd-aware all-reduce, so with DDP's gradient
+    averaging the gradients equal those of one process on the whole batch (Facebook's
+    version uses a plain all_reduce and gets them scaled by 1/world_size)."""
+    with torch.autocast(z1.device.type, enabled=False):
+        z1, z2 = z1.float(), z2.float()
+        n = _all_reduce(torch.tensor(float(z1.shape[0]), device=z1.device).detach())
+
+        def whiten(z):  # (B, D) -> (B, D) zero mean, unit variance over the global batch
+            mean = _all_reduce(z.sum(0)) / n
+            z = z - mean
+            var = _all_reduce(z.pow(2).sum(0)) / n
+            return z / torch.sqrt(var + eps)
+
+        c = _all_reduce(whiten(z1).T @ whiten(z2)) / n  # (D, D) cross-correlation
+        on_diag = (torch.diagonal(c) - 1).pow(2).sum()
+        off_diag = c.pow(2).sum() - torch.diagonal(c).pow(2).sum()
+        return on_diag + lambd * off_diag
+
+
+class BarlowTwins(nn.Module):
+    def __init__(self, backbone, width, projector='8192-8192-8192', lambd=0.0051):
+        super().__init__()
+        self.backbone, self.lambd = backbone, lambd
+        self.projector = make_projector(width, projector)
+
+    def forward(self, y1, y2):
+        z1 = self.projector(self.backbone(y1))
+        z2 = self.projector(self.backbone(y2))
+        return barlow_loss(z1, z2, self.lambd)
+
+
+# --------------------------------------------------------------------------- optimisers, schedule
+class LARS(torch.optim.Optimizer):
+    """LARS as Facebook's Barlow Twins: SGD with momentum where each weight's update is scaled
+    by eta * ||w|| / ||g + wd * w||; 1-d parameters (biases, BN) get neither weight decay nor
+    the adaptation."""
+
+    def __init__(self, params, lr, weight_decay=0.0, momentum=0.9, eta=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      eta=eta))
+
+    @torch.no_grad()
+    def step(self):
+        for g in self.param_groups:
+            for p in g['params']:
+                if p.grad is None:
+                    continue
+                dp = p.grad
+                if p.ndim != 1:
+                    dp = dp.add(p, alpha=g['weight_decay'])
+                    w_norm, u_norm = torch.norm(p), torch.norm(dp)
+                    one = torch.ones_like(w_norm)
+                    q = torch.where(w_norm > 0, torch.where(
+                        u_norm > 0, g['eta'] * w_norm / u_norm, one), one)
+                    dp = dp.mul(q)
+                state = self.state[p]
+                if 'mu' not in state:
+                    state['mu'] = torch.zeros_like(p)
+                mu = state['mu']
+                mu.mul_(g['momentum']).add_(dp)
+                p.add_(mu, alpha=-g['lr'])
+
+
+def make_optimizer(named_groups, name, lr, lr_biases, weight_decay, batch_size, momentum=0.9):
+    """named_groups: {role: module}. Two groups per role: weights (ndim > 1) and biases/BN
+    (ndim 1, no weight decay). Peak lrs are per 256 images, scaled by global batch / 256.
+    Each group keeps 'peak_lr' and 'role' so the loop can set lr every step."""
+    scale = batch_size / 256
+    groups = []
+    for role, module in named_groups.items():
+        params = [p for p in module.parameters() if p.requires_grad]
+        for kind, ps, plr, wd in (('weights', [p for p in params if p.ndim > 1], lr,
+                                   weight_decay),
+                                  ('biases', [p for p in params if p.ndim == 1], lr_biases, 0.0)):
+            if ps:
+                groups.append(dict(params=ps, peak_lr=plr * scale, lr=0.0, weight_decay=wd,
+                                   role=role, kind=kind))
+    if name == 'lars':
+        return LARS(groups, lr=0.0, momentum=momentum)
+    if name == 'sgd':
+        return torch.optim.SGD(groups, lr=0.0, momentum=momentum, nesterov=True)
+    if name == 'adamw':
+        return torch.optim.AdamW(groups, lr=0.0)
+    raise UserError(f'--optimizer {name}: choose lars, sgd or adamw')
+
+
+def lr_factor(step, total, warmup, kind='cosine', final=0.001):
+    """Multiplier of the peak lr at `step`, a pure function of the step (resume needs only the
+    step). cosine: linear warmup from 0, then cosine to `final`. onecycle (fastai's
+    fit_one_cycle): cosine up from 1/25 over `warmup` steps, then cosine down to 1/1e5."""
+    cos = lambda a, b, t: b + (a - b) * 0.5 * (1 + math.cos(math.pi * min(max(t, 0.0), 1.0)))
+    if kind == 'onecycle':
+        if step < warmup:
+            return cos(1 / 25, 1.0, step / warmup)
+        return cos(1.0, 1e-5, (step - warmup) / max(1, total - warmup))
+    if kind == 'cosine':
+        if step < warmup:
+            return step / warmup
+        return cos(1.0, final, (step - warmup) / max(1, total - warmup))
+    if kind == 'constant':
+        return 1.0
+    raise UserError(f'--schedule {kind}: choose cosine, onecycle or constant')
+
+
+# --------------------------------------------------------------------------- the training loop
+def wrap_model(rt, model, compile=False):
+    """(model to call, raw model to save). SyncBatchNorm + DDP when distributed on CUDA, DDP
+    alone on CPU (gloo), channels_last on CUDA, optional torch.compile. The raw handle keeps
+    checkpoint keys free of `module.` and `_orig_mod.`."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    raw = model.to(rt.device)
+    if rt.device.type == 'cuda':
+        raw = raw.to(memory_format=torch.channels_last)
+    run = raw
+    if rt.world > 1:
+        if rt.device.type == 'cuda':
+            run = nn.SyncBatchNorm.convert_sync_batchnorm(run)
+            raw = run
+        run = DDP(run, device_ids=[rt.local_rank] if rt.device.type == 'cuda' else None)
+    if compile:
+        run = torch.compile(run)
+    return run, raw
+
+
+def step_generator(seed, step, rank):
+    """The augmentation RNG of one step on one rank: a pure function of (seed, step, rank), so
+    a resumed run draws exactly what an uninterrupted one would."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1009 + rank)
+
+
+class _StopFlag:
+    """Turns SIGTERM/SIGINT into a request to checkpoint and exit at the end of the step."""
+
+    def __init__(self):
+        import signal
+        self.signum = 0
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, self._set)
+
+    def _set(self, signum, frame):
+        self.signum = signum
+
+
+def fit(rt, args, model, raw, optimizer, loader, sampler, step_fn, out, total_steps,
+        lr_fn, steps_per_epoch, epoch_fn=None):
+    """The one training loop. step_fn(x_uint8 (B,3,S,S), y, generator) -> scalar loss runs
+    under autocast. lr_fn(step, group) -> lr. Resumes from out/ckpt.pt when present (the same
+    flags continue mid-epoch); checkpoints every --ckpt-every steps / --ckpt-minutes and at
+    the end; SIGTERM/SIGINT checkpoint and exit; a non-finite loss stops with the last good
+    checkpoint intact. epoch_fn(epoch) -> dict runs after each full epoch (validation); its
+    figures go to the log. Returns the final step."""
+    import torch.distributed as dist
+    ckpt_path = os.path.join(out, 'ckpt.pt')
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
+    step = 0
+    if os.path.exists(ckpt_path):
+        state = load_checkpoint(ckpt_path)
+        same = ('arch', 'batch_size', 'size', 'epochs', 'seed')
+        diff = [k for k in same if k in state['args'] and state['args'][k] != getattr(args, k)]
+        if diff:
+            raise UserError(f'{ckpt_path} was made with different ' + ', '.join(
+                f'--{k.replace("_", "-")} {state["args"][k]}' for k in diff) +
+                '; rerun with those flags to resume, or use another --out')
+        raw.load_state_dict(state['model'])
+        optimizer.load_state_dict(state['optimizer'])
+        scaler.load_state_dict(state['scaler'])
+        torch.set_rng_state(state['rng_cpu'])
+        if rt.device.type == 'cuda' and 'rng_cuda' in state:
+            torch.cuda.set_rng_state(state['rng_cuda'], rt.device)
+        step = state['step']
+        print0(f'resumed {ckpt_path} at step {step} (epoch {step // steps_per_epoch}, '
+               f'batch {step % steps_per_epoch})')
+
+    def save(step):
+        if rt.is_main:
+            state = dict(model=raw.state_dict(), optimizer=optimizer.state_dict(),
+                         scaler=scaler.state_dict(), step=step, epoch=step // steps_per_epoch,
+                         pos=step % steps_per_epoch, rng_cpu=torch.get_rng_state(),
+                         args={k: v for k, v in vars(args).items()})
+            if rt.device.type == 'cuda':
+                state['rng_cuda'] = torch.cuda.get_rng_state(rt.device)
+            torch_save(state, ckpt_path)
+
+    stop = _StopFlag()
+    model.train()
+    t_log = t_ckpt = time.time()
+    seen, last_step, global_batch = 0, step, args.batch_size
+    while step < total_steps:
+        epoch, pos = divmod(step, steps_per_epoch)
+        sampler.set_epoch(epoch, skip=pos)
+        for batch in loader:
+            x, y = to_device(batch, rt.device)
+            for g in optimizer.param_groups:
+                g['lr'] = lr_fn(step, g)
+            with torch.autocast(rt.device.type, dtype=rt.dtype,
+                                enabled=rt.dtype != torch.float32):
+                loss = step_fn(x, y, step_generator(args.seed, step, rt.rank))
+            if step == args.nan_at_step:  # testing hook: --nan-at-step
+                loss = loss * float('nan')
+            # one host sync a step: a non-finite loss on any rank, or a stop signal
+            flags = torch.stack([(~torch.isfinite(loss.detach())).float(),
+                                 torch.tensor(float(stop.signum), device=loss.device)])
+            if rt.world > 1:
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            bad, signum = flags.tolist()
+            if bad:
+                raise UserError(
+                    f'loss is {loss.item()} at step {step} (epoch {epoch}); stopped. The last '
+                    f'good checkpoint {ckpt_path} is intact; lower --lr, or try '
+                    f'--precision fp32, then rerun to resume from it')
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            seen += global_batch
+            now = time.time()
+            if step % args.log_every == 0 or step == total_steps:
+                rate = seen / max(now - t_log, 1e-9)
+                rec = dict(step=step, epoch=round(step / steps_per_epoch, 3), loss=loss.item(),
+                           lr=optimizer.param_groups[0]['lr'], img_s=round(rate, 1),
+                           eta_s=round((total_steps - step) * global_batch / max(rate, 1e-9)))
+                if rt.device.type == 'cuda':
+                    rec['mem_gb'] = round(torch.cuda.max_memory_allocated(rt.device) / 2**30, 2)
+                print0(f'step {step}/{total_steps} ep {rec["epoch"]:.2f} loss {rec["loss"]:.4g} '
+                       f'lr {rec["lr"]:.3g} img/s {rate:.0f} eta {fmt_time(rec["eta_s"])}'
+                       + (f' mem {rec["mem_gb"]}G' if 'mem_gb' in rec else ''))
+                if rt.is_main:
+                    append_jsonl(os.path.join(out, 'log.jsonl'), rec)
+                t_log, seen = now, 0
+            if epoch_fn and step % steps_per_epoch == 0:
+                rec = dict(step=step, **epoch_fn(step // steps_per_epoch))
+                if rt.is_main:
+                    append_jsonl(os.path.join(out, 'log.jsonl'), rec)
+            if (args.ckpt_every and step % args.ckpt_every == 0) or signum or \
+                    now - t_ckpt > 60 * args.ckpt_minutes:
+                save(step)
+                t_ckpt = now
+            if signum:
+                print0(f'stopped by signal {int(signum)} at step {step}; {ckpt_path} saved, '
+                       f'run the same command to resume')
+                teardown(rt)
+                sys.exit(128 + int(signum))
+            if step >= total_steps:
+                break
+    if step != last_step or not os.path.exists(ckpt_path):
+        save(step)
+    return step
+
+
+def write_handoff(rt, out, backbone, meta):
+    """backbone.pt (a torchvision ResNet state dict without fc, like Facebook's resnet50.pth)
+    and meta.json (args, versions, git revision, data fingerprint, final figures)."""
+    if not rt.is_main:
+        return
+    sd = {k: v.detach().cpu() for k, v in backbone.state_dict().items()}
+    torch_save(sd, os.path.join(out, 'backbone.pt'))
+    meta = dict(meta, backbone_sha=state_fingerprint(sd), versions=dict(
+        torch=torch.__version__, torchvision=torchvision.__version__, python=sys.version.split()[0]),
+        git=git_revision())
+    write_json(os.path.join(out, 'meta.json'), meta)
+
+
+def git_revision():
+    import subprocess
+    try:
+        return subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True,
+                              text=True, cwd=os.path.dirname(os.path.abspath(__file__)),
+                              timeout=5).stdout.strip() or None
+    except Exception:  # noqa: BLE001 -- not a git checkout
+        return None
+
+
+def phase_lr(step, group, total, warmup, kind, head_steps=0):
+    """lr of a param group at a step. The first head_steps train the head alone (the
+    'backbone' role's weights get lr 0; its 1-d BN/bias parameters stay trainable, as fastai's
+    freeze), each phase with its own schedule; a pure function of the step."""
+    if step < head_steps:
+        if group['role'] == 'backbone' and group['kind'] == 'weights':
+            return 0.0
+        return group['peak_lr'] * lr_factor(step, head_steps, head_steps // 4, kind)
+    return group['peak_lr'] * lr_factor(step - head_steps, total - head_steps, warmup, kind)
+
+
+@torch.no_grad()
+def predict(rt, fn, index, rows, batch_size, views, softmax=False, seed=0, workers=0):
+    """fn over cache rows in order, under autocast (the caller sets eval mode), averaged over
+    views (a list of augmentation params, one pass each; random views draw from a generator
+    seeded by (seed, batch, pass)). softmax=True averages probabilities (test-time
+    augmentation). Returns (outputs float32 on CPU, labels)."""
+    loader, _ = make_loader(index, rows, batch_size, shuffle=False, drop_last=False,
+                            workers=workers)
+    outs, labels = [], []
+    for b, batch in enumerate(loader):
+        x, y = to_device(batch, rt.device)
+        acc = 0
+        for v, view in enumerate(views):
+            g = torch.Generator().manual_seed((seed * 7919 + b) * 101 + v)
+            with torch.autocast(rt.device.type, dtype=rt.dtype,
+                                enabled=rt.dtype != torch.float32):
+                o = fn(augment(x, view, g)).float()
+            acc = acc + (torch.softmax(o, 1) if softmax else o)
+        outs.append((acc / len(views)).cpu())
+        labels.append(y.cpu())
+    return torch.cat(outs), torch.cat(labels)
+
+
+# --------------------------------------------------------------------------- evaluation runs
+def add_eval_args(p):
+    """Flags shared by finetune.py and probe.py."""
+    g = p.add_argument_group('evaluation')
+    g.add_argument('--protocol', default='random', choices=['paper', 'random', 'official'],
+                   help='split rule when no --split file is given (made once, then reused)')
+    g.add_argument('--labels-per-class', type=int, default=None,
+                   help='labelled images per class drawn from the train part, per seed')
+    g.add_argument('--label-fraction', type=float, default=None,
+                   help='fraction of each class of the train part, per seed')
+    g.add_argument('--seeds', default='0', help='repeats, e.g. 0-4; finished seeds are skipped')
+    g.add_argument('--init-name', default=None,
+                   help='name of this initialisation in the results table (default: --init)')
+    g.add_argument('--results', default='results/results.jsonl', help='one row per seed')
+
+
+def get_split(rt, args, ds):
+    """(split, file): --split FILE when given (it must exist); else
+    splits/<dataset>-<protocol>.json, made once on rank 0 and reused by every later script."""
+    import torch.distributed as dist
+    if args.split:
+        return load_split(args.split, ds), args.split
+    path = split_path(ds, args.protocol)
+    if rt.is_main and not os.path.exists(path):
+        save_split(path, make_split(ds, args.protocol, seed=0))
+        print0(f'split: wrote {path}')
+    if rt.world > 1:
+        dist.barrier()
+    return load_split(path, ds), path
+
+
+def labels_rule(args):
+    """How the labelled set of a seed is drawn, as recorded in the result rows."""
+    if args.labels_per_class:
+        return f'per_class={args.labels_per_class}'
+    return f'fraction={args.label_fraction}' if args.label_fraction else 'all'
+
+
+def result_key(row):
+    """What makes two result rows the same run (a rerun replaces, a resume skips)."""
+    return (row['init'], row['backbone_sha'], row['dataset'], row['split'],
+            row['labels_rule'], row['protocol'], row['seed'])
+
+
+def done_keys(path):
+    """Keys of the result rows already in a results file, to skip finished seeds."""
+    keys = set()
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    keys.add(result_key(json.loads(line)))
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    pass  # a torn or foreign line: report.py names it
+    return keys
+
+
+# --------------------------------------------------------------------------- metrics
+def classification_metrics(probs, labels, num_classes):
+    """Test-set metrics from (N, C) class probabilities and (N,) int labels, as plain JSON
+    values (float, int, list, None). probs and labels may be torch tensors or numpy arrays.
+
+    With pred_i = argmax_k probs[i, k] (first index on a tie), T_k = #{labels == k} (true
+    support), P_k = #{pred == k}, TP_k = #{labels == k and pred == k}:
+      accuracy           sum_k TP_k / N
+      per_class_recall   TP_k / T_k; None when T_k == 0 (the class is absent from the labels)
+      balanced_accuracy  mean of the recalls that are not None (classes present in the labels;
+                         sklearn balanced_accuracy_score, which also drops predicted-only ones)
+      macro_f1           mean of F1_k = 2 TP_k / (T_k + P_k) over the classes with T_k + P_k > 0,
+                         i.e. present in the labels or the predictions (sklearn f1_score with
+                         labels=None, average='macro'). A class predicted but never true, or true
+                         but never predicted, counts with F1_k = 0; a class with no true and no
+                         predicted sample is left out (its F1 is 0/0).
+      weighted_f1        sum_k T_k F1_k / N (sklearn average='weighted')
+      auroc              macro one-vs-rest AUROC: mean over the classes k with 0 < T_k < N of
+                         AUC_k = P(s+ > s-) + P(s+ == s-) / 2 with s = probs[:, k], computed
+                         exactly as the Mann-Whitney U statistic on average ranks (ties get the
+                         mean of their ranks): (sum of positives' ranks - T_k (T_k+1)/2)
+                         / (T_k (N - T_k)). None when fewer than 2 classes are in the labels.
+                         For C = 2 and rows summing to 1 this equals the binary AUROC of
+                         probs[:, 1].
+      confusion_matrix   C x C ints, rows = true class, columns = predicted class
+      n                  N
+    """
+    p = probs.detach().cpu().double().numpy() if torch.is_tensor(probs) else np.asarray(
+        probs, dtype=np.float64)
+    y = labels.detach().cpu().numpy() if torch.is_tensor(labels) else np.asarray(labels)
+    C = int(num_classes)
+    if p.ndim != 2 or p.shape[1] != C or y.shape != (p.shape[0],) or p.shape[0] == 0:
+        raise ValueError(f'classification_metrics: need probs (N, {C}) and labels (N,) with '
+                         f'N > 0, got {tuple(p.shape)} and {tuple(y.shape)}')
+    if not np.isfinite(p).all():
+        raise ValueError('classification_metrics: probs contain NaN or inf')
+    y = y.astype(np.int64)
+    if y.min() < 0 or y.max() >= C:
+        raise ValueError(f'classification_metrics: labels outside 0..{C - 1}')
+    n = len(y)
+    pred = p.argmax(1)
+    cm = np.bincount(y * C + pred, minlength=C * C).reshape(C, C)  # (C, C) rows = true
+    tp, true_n, pred_n = np.diag(cm), cm.sum(1), cm.sum(0)
+
+    recall = [float(tp[k] / true_n[k]) if true_n[k] else None for k in range(C)]
+    seen = [r for r in recall if r is not None]
+    f1 = {k: 2 * tp[k] / (true_n[k] + pred_n[k]) for k in range(C) if true_n[k] + pred_n[k]}
+    aucs = [_auroc(p[:, k], y == k) for k in range(C) if 0 < true_n[k] < n]
+    return {
+        'accuracy': float(tp.sum() / n),
+        'balanced_accuracy': float(sum(seen) / len(seen)),
+        'macro_f1': float(sum(f1.values()) / len(f1)),
+        'weighted_f1': float(sum(true_n[k] * f for k, f in f1.items()) / n),
+        'auroc': float(sum(aucs) / len(aucs)) if aucs else None,
+        'per_class_recall': recall,
+        'confusion_matrix': cm.tolist(),
+        'n': int(n),
+    }
+
+
+def _auroc(score, positive):
+    """Exact AUROC of one score vector for a boolean positive mask (both classes present):
+    the Mann-Whitney U on average ranks, so a tie between a positive and a negative counts 1/2."""
+    _, inverse, counts = np.unique(score, return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)  # 1-based rank of the last member of each group of equal scores
+    ranks = (ends - (counts - 1) / 2.0)[inverse]  # average rank of each sample
+    n_pos = int(positive.sum())
+    n_neg = len(score) - n_pos
+    u = ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))
+
+
+try:  # TEMPORARY during development
+    from _augment import *  # noqa
+except ImportError:
+    pass
+
+# --------------------------------------------------------------------------- command line tools
+def _cli(argv=None):
+    """python common.py split --data PATH --protocol paper [--per-class 500] [--out FILE]
+    python common.py cache --data PATH --cache-size 256    (decode once, ahead of training)"""
+    import argparse
+    p = argparse.ArgumentParser(prog='common.py', description=_cli.__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest='cmd', required=True)
+    s = sub.add_parser('split', help='make a split file, once, for every script to reuse')
+    c = sub.add_parser('cache', help='build the uint8 cache of a dataset')
+    for q in (s, c):
+        q.add_argument('--data', required=True)
+        q.add_argument('--format', default='auto')
+        q.add_argument('--drop-downsampled', action='store_true',
+                       help='ISIC 2019: remove the downsampled duplicates, as the paper')
+    s.add_argument('--protocol', default='random', choices=['paper', 'random', 'official'])
+    s.add_argument('--per-class', type=int, default=500,
+                   help='paper: labelled images kept per class')
+    s.add_argument('--test-fraction', type=float, default=0.2, help='random: test share')
+    s.add_argument('--val-fraction', type=float, default=0.1,
+                   help='validation share (paper: of the non-kept images)')
+    s.add_argument('--seed', type=int, default=0)
+    s.add_argument('--extra', action='append', default=[],
+                   help='extra unlabelled folder for the pretraining pool (repeatable)')
+    s.add_argument('--out', default=None, help='default: splits/<dataset>-<protocol>.json')
+    c.add_argument('--cache-size', type=int, default=256)
+    c.add_argument('--cache-dir', default='cache')
+    c.add_argument('--workers', type=int, default=2)
+    c.add_argument('--skip-bad', action='store_true')
+    args = p.parse_args(argv)
+    ds = read_dataset(args.data, args.format, drop_downsampled=args.drop_downsampled)
+    if args.cmd == 'cache':
+        index = build_cache(ds, args.cache_size, args.cache_dir, args.workers, args.skip_bad)
+        print(f'{index["file"]}: {len(index["ids"])} images of {args.cache_size} px')
+        return
+    split = make_split(ds, args.protocol, args.seed, args.per_class, args.test_fraction,
+                       args.val_fraction, args.extra)
+    out = args.out or split_path(ds, args.protocol)
+    save_split(out, split)
+    counts = split['how']['counts']
+    print(f'{out}: ' + ', '.join(f'{k} {len(split[k])}' for k in ('train', 'val', 'test',
+                                                                   'pretrain')))
+    for part in ('train', 'val', 'test'):
+        print(f'  {part}: ' + ' '.join(f'{c} {n}' for c, n in counts[part].items()))
+
+
+if __name__ == '__main__':
+    main_guard(_cli)

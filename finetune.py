@@ -1,0 +1,191 @@
+"""Fine-tune a backbone on a small labelled skin-lesion set, over repeated seeds, and append
+one result row per seed (every metric on the test part) to results/results.jsonl.
+
+The paper's protocol by default: encoder + Linear(width, classes), cross-entropy, AdamW,
+weight decay 0, batch 64; the head alone for --head-epochs (BN trainable), then everything
+for --epochs with a one-cycle schedule; the finetune_skin views; test-time augmentation as
+the mean softmax over --tta passes.
+
+One GPU, or the CPU, five seeds of 50 labels per class:
+    python finetune.py --data ISIC_2019 --split splits/ISIC_2019-paper.json \\
+        --init runs/barlow/backbone.pt --init-name barlow --labels-per-class 50 --seeds 0-4
+Several GPUs (the batch is global; each seed uses them all):
+    torchrun --standalone --nproc_per_node=4 finetune.py ...
+Tiny CPU smoke run:
+    python finetune.py --data data/skin --arch resnet18 --size 32 --cache-size 40 \\
+        --batch-size 16 --epochs 1 --labels-per-class 4 --seeds 0-1 --out /tmp/ft
+In the experiment chain: `make all` (see the Makefile). Seeds already in the results file
+are skipped, so an interrupted command continues where it stopped.
+"""
+import argparse
+import math
+import os
+import shutil
+import time
+
+import torch
+import torch.nn as nn
+
+import common as C
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    C.add_common_args(p, epochs=40, batch_size=64, lr=4e-3, lr_auto=True, size=256,
+                      cache_size=256, out='runs/finetune')
+    C.add_eval_args(p)
+    g = p.add_argument_group('fine-tuning')
+    g.add_argument('--head-epochs', type=float, default=1,
+                   help='epochs training the head alone first (BN stays trainable)')
+    g.add_argument('--weight-decay', type=float, default=0.0)
+    g.add_argument('--optimizer', default='adamw', choices=['adamw', 'sgd', 'lars'])
+    g.add_argument('--tta', type=int, default=3,
+                   help='test-time passes (1: the eval view alone); the mean softmax is used')
+    g.add_argument('--class-weights', action='store_true',
+                   help='weight the loss by inverse class frequency of the labelled set')
+    g.add_argument('--aug', default='finetune_skin', help='training augmentation preset')
+    args = C.parse_args(p, None, argv)
+    if args.tta < 1:
+        p.error(f'--tta {args.tta}: at least 1')
+    return args
+
+
+class Classifier(nn.Module):
+    def __init__(self, backbone, width, classes):
+        super().__init__()
+        self.backbone, self.head = backbone, nn.Linear(width, classes)
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
+def lr_range_test(rt, model, raw, loader, sampler, step_fn, optimizer, steps=100):
+    """fastai's lr_find: the lr grows exponentially from 1e-7 to 10 over up to `steps`
+    batches, stopping when the smoothed loss passes 4x its minimum; returns the lr at the
+    minimum of the smoothed loss / 10. Weights and optimizer state are restored after."""
+    saved = {k: v.clone() for k, v in raw.state_dict().items()}
+    opt_state = optimizer.state_dict()
+    lrs, losses, avg, step, epoch = [], [], 0.0, 0, 0
+    while step < steps:
+        sampler.set_epoch(10_000 + epoch)
+        for batch in loader:
+            lr = 1e-7 * (10 / 1e-7) ** (step / (steps - 1))
+            for g in optimizer.param_groups:
+                g['lr'] = lr
+            x, y = C.to_device(batch, rt.device)
+            with torch.autocast(rt.device.type, dtype=rt.dtype,
+                                enabled=rt.dtype != torch.float32):
+                loss = step_fn(x, y, C.step_generator(0, step, rt.rank))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            avg = 0.98 * avg + 0.02 * loss.item()
+            smooth = avg / (1 - 0.98 ** (step + 1))  # bias-corrected moving average
+            if not math.isfinite(smooth) or (losses and smooth > 4 * min(losses)):
+                step = steps
+                break
+            lrs.append(lr)
+            losses.append(smooth)
+            step += 1
+            if step >= steps:
+                break
+        epoch += 1
+    raw.load_state_dict(saved)
+    optimizer.load_state_dict(opt_state)
+    return lrs[losses.index(min(losses))] / 10
+
+
+def run_seed(rt, args, seed, ds, split, split_file, index, backbone_sd, width, source):
+    """Train one seed from the given init; return its result row."""
+    t0 = time.time()
+    torch.manual_seed(seed)
+    labelled = C.labelled_subset(ds, split['train'], seed, args.labels_per_class,
+                                 args.label_fraction)
+    rows = C.rows_of(index, labelled)
+    test_rows = C.rows_of(index, split['test'])
+    classes = len(ds['classes'])
+    batch = min(args.batch_size, len(rows) - len(rows) % rt.world)
+    loader, sampler = C.make_loader(index, rows, batch // rt.world, rt.rank, rt.world,
+                                    seed=seed, workers=args.workers)
+    spe = len(sampler)
+
+    backbone, _ = C.make_backbone(args.arch)
+    backbone.load_state_dict(backbone_sd)
+    out = os.path.join(args.out, f'{args.init_name}-seed{seed}')
+    model, raw = C.wrap_model(rt, Classifier(backbone, width, classes), args.compile)
+    view = C.preset_params(args.aug, size=args.size)[0]
+    eval_view = C.preset_params('eval', size=args.size)[0]
+    weight = None
+    if args.class_weights:
+        counts = torch.bincount(torch.tensor([index['labels'][r] for r in rows]),
+                                minlength=classes)
+        weight = (counts.sum() / (classes * counts.clamp(min=1))).float().to(rt.device)
+    criterion = nn.CrossEntropyLoss(weight=weight)
+
+    def step_fn(x, y, gen):
+        return criterion(model(C.augment(x, view, gen)), y)
+
+    def optimizer_at(lr):
+        return C.make_optimizer({'backbone': raw.backbone, 'head': raw.head}, args.optimizer,
+                                lr, lr, args.weight_decay, batch)
+
+    lr = args.lr
+    if lr == 'auto':
+        lr = lr_range_test(rt, model, raw, loader, sampler, step_fn, optimizer_at(1.0))
+        lr = lr * 256 / batch  # as every lr flag: per 256 images
+        C.print0(f'seed {seed}: lr range test chose {lr:.3g} per 256 images')
+    optimizer = optimizer_at(lr)
+    head = int(args.head_epochs * spe)
+    total = head + args.epochs * spe
+    lr_fn = lambda step, g: C.phase_lr(step, g, total, int(0.25 * (total - head)), 'onecycle',
+                                       head)
+    stop = min(total, args.max_steps) if args.max_steps else total
+    step = C.fit(rt, args, model, raw, optimizer, loader, sampler, step_fn, out, stop, lr_fn,
+                 spe)
+
+    raw.eval()
+    views = [eval_view] + [view] * (args.tta - 1)
+    probs, labels = C.predict(rt, raw, index, test_rows, max(1, args.batch_size), views,
+                              softmax=True, seed=seed, workers=0)
+    metrics = C.classification_metrics(probs, labels, classes)
+    if rt.is_main:
+        shutil.rmtree(out, ignore_errors=True)  # the result row is the artifact; drop ckpt.pt
+    return dict(init=args.init_name, init_source=source, backbone_sha=C.state_fingerprint(
+        backbone_sd), arch=args.arch, dataset=os.path.basename(ds['root'].rstrip('/')),
+        split=split['protocol'], split_file=split_file, labels=len(labelled),
+        labels_rule=C.labels_rule(args), protocol='finetune', seed=seed, metrics=metrics,
+        epochs=args.epochs, steps=step, lr=lr, tta=args.tta, size=args.size,
+        wall_s=round(time.time() - t0, 1))
+
+
+def main():
+    args = get_args()
+    args.init_name = args.init_name or args.init
+    rt = C.setup_runtime(args)
+    ds = C.read_dataset(args.data, args.format)
+    split, split_file = C.get_split(rt, args, ds)
+    index = C.prepare_cache(rt, args, ds)
+    backbone, width = C.make_backbone(args.arch)
+    source = C.load_backbone(backbone, args.arch, args.init, args.offline)
+    backbone_sd = {k: v.clone() for k, v in backbone.state_dict().items()}
+    done = C.done_keys(args.results)
+    for seed in C.parse_seeds(args.seeds):
+        key = (args.init_name, C.state_fingerprint(backbone_sd),
+               os.path.basename(ds['root'].rstrip('/')), split['protocol'], C.labels_rule(args),
+               'finetune', seed)
+        if key in done:
+            C.print0(f'seed {seed}: already in {args.results}, skipped')
+            continue
+        row = run_seed(rt, args, seed, ds, split, split_file, index, backbone_sd, width, source)
+        m = row['metrics']
+        C.print0(f'{args.init_name} seed {seed}: accuracy {m["accuracy"]:.4f} balanced '
+                 f'{m["balanced_accuracy"]:.4f} macro-F1 {m["macro_f1"]:.4f} '
+                 f'({row["labels"]} labels, {row["wall_s"]}s)')
+        if rt.is_main:
+            C.append_jsonl(args.results, row)
+    C.teardown(rt)
+
+
+if __name__ == '__main__':
+    C.main_guard(main)

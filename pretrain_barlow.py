@@ -1,0 +1,146 @@
+"""Barlow Twins self-supervised pretraining of a ResNet, from scratch or continued from any
+initialisation ("further SSL" on unlabelled skin images).
+
+One GPU, or the CPU:
+    python pretrain_barlow.py --data /path/to/imagenet/train --out runs/barlow
+One node, 8 GPUs (the batch is global, split over ranks):
+    torchrun --standalone --nproc_per_node=8 pretrain_barlow.py --data ... --out runs/barlow
+Two nodes: the same on each node with
+    torchrun --nnodes=2 --node_rank=R --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 ...
+Further pretraining on the skin pool of a split, the paper's BT_ variant:
+    python pretrain_barlow.py --preset skin --data ISIC_2019 --split splits/x-paper.json \\
+        --init barlowtwins --train-blocks last --out runs/barlow+skinBT
+Tiny CPU smoke run:
+    python pretrain_barlow.py --data data/source --arch resnet18 --size 32 --cache-size 40 \\
+        --batch-size 32 --projector 64-64 --max-steps 5 --out /tmp/bt
+In the experiment chain: `make all` (see the Makefile).
+
+Defaults are Facebook's ImageNet recipe; a killed run resumes when started again with the
+same command; the hand-off is <out>/backbone.pt (torchvision format, no fc).
+"""
+import argparse
+import os
+import time
+
+import torch
+
+import common as C
+
+PRESETS = {  # the paper's further-pretraining settings (PAPER.md); explicit flags win
+    'skin': dict(batch_size=128, lambd=1 / 8192, weight_decay=1.5e-6, optimizer='adamw',
+                 schedule='onecycle', lr=1e-3, lr_biases=1e-3, epochs=100, warmup_epochs=25,
+                 head_warmup_epochs=1, aug='barlow_skin', size=256, cache_size=256),
+}
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    C.add_common_args(p, epochs=1000, batch_size=2048, lr=0.2, size=224, cache_size=256,
+                      out='runs/barlow')
+    g = p.add_argument_group('Barlow Twins')
+    g.add_argument('--preset', choices=list(PRESETS),
+                   help='skin: the paper\'s further-pretraining recipe (batch 128, Adam '
+                        'one-cycle, lambda 1/8192, 1 projector-only epoch, its views)')
+    g.add_argument('--projector', default='8192-8192-8192',
+                   help='projector widths; 2048-2048 or narrower for small runs')
+    g.add_argument('--lambd', type=float, default=0.0051,
+                   help='weight of the off-diagonal term (1/projector width is the paper\'s)')
+    g.add_argument('--lr-biases', type=float, default=0.0048,
+                   help='peak lr of biases and BN parameters, per 256 images')
+    g.add_argument('--weight-decay', type=float, default=1e-6)
+    g.add_argument('--optimizer', default='lars', choices=['lars', 'sgd', 'adamw'],
+                   help='lars for big batches; adamw (lr ~1e-3) for small-batch users')
+    g.add_argument('--schedule', default='cosine', choices=['cosine', 'onecycle', 'constant'])
+    g.add_argument('--warmup-epochs', type=float, default=10)
+    g.add_argument('--head-warmup-epochs', type=float, default=0,
+                   help='train the projector alone this long first (backbone BN stays trainable)')
+    g.add_argument('--train-blocks', default='all', choices=['all', 'layer4', 'last'],
+                   help='unfreeze the whole backbone, its last stage, or only the last '
+                        'residual block (the paper\'s BT_ variant)')
+    g.add_argument('--aug', default='barlow_imagenet',
+                   help='augmentation preset: barlow_imagenet | barlow_skin')
+    g.add_argument('--extra-data', action='append', default=[],
+                   help='an extra folder of unlabelled images for the pool (repeatable); '
+                        'refused if it holds images the --split marks as test')
+    return C.parse_args(p, PRESETS, argv)
+
+
+def freeze(backbone, train_blocks):
+    """requires_grad=False outside the trained part; BN layers stay trainable everywhere, as
+    fastai's freeze (the paper's setting)."""
+    if train_blocks == 'all':
+        return
+    keep = backbone.layer4 if train_blocks == 'layer4' else backbone.layer4[-1]
+    trained = {id(p) for p in keep.parameters()}
+    for m in backbone.modules():
+        if not isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            for p in m.parameters(recurse=False):
+                p.requires_grad_(id(p) in trained)
+
+
+def main():
+    args = get_args()
+    rt = C.setup_runtime(args)
+    t0 = time.time()
+
+    # --- data: the unlabelled pool (labels ignored), never the split's test images
+    ds = C.read_dataset(args.data, args.format)
+    ids = ds['ids']
+    test = set()
+    if args.split:
+        split = C.load_split(args.split, ds)
+        ids, test = split['pretrain'], set(split['test'])
+    for folder in args.extra_data:  # extra unlabelled images join the pool (one cache)
+        extra = C.read_dataset(folder, 'folder')
+        stem = lambda i: os.path.splitext(os.path.basename(i))[0]
+        leak = [i for i in extra['ids'] if i in test or stem(i) in test]
+        if leak:
+            raise C.UserError(f'--extra-data {folder}: {len(leak)} image(s) are test images of '
+                              f'{args.split}: {C.few(leak)}; remove them from the folder')
+        extra_ids = [f'{folder}:{i}' for i in extra['ids']]
+        ds = C.make_dataset('mixed', f'{ds["root"]}+{extra["root"]}', [], ds['ids'] + extra_ids,
+                            ds['paths'] + extra['paths'], [-1] * (len(ds['ids']) + len(extra_ids)))
+        ids = ids + extra_ids
+    index = C.prepare_cache(rt, args, ds)
+    rows = C.rows_of(index, ids)
+    local_batch = args.batch_size // rt.world
+    loader, sampler = C.make_loader(index, rows, local_batch, rt.rank, rt.world, seed=args.seed,
+                                    workers=args.workers)
+    steps_per_epoch = len(sampler)
+    C.print0(f'pool: {len(rows)} images, {steps_per_epoch} steps/epoch of {args.batch_size}')
+
+    # --- model
+    backbone, width = C.make_backbone(args.arch)
+    source = C.load_backbone(backbone, args.arch, args.init, args.offline)
+    freeze(backbone, args.train_blocks)
+    model, raw = C.wrap_model(rt, C.BarlowTwins(backbone, width, args.projector, args.lambd),
+                              args.compile)
+    views = C.preset_params(args.aug, size=args.size)
+
+    # --- optimiser and schedule
+    optimizer = C.make_optimizer({'backbone': raw.backbone, 'projector': raw.projector},
+                                 args.optimizer, args.lr, args.lr_biases, args.weight_decay,
+                                 args.batch_size)
+    total = args.epochs * steps_per_epoch
+    warmup = int(args.warmup_epochs * steps_per_epoch)
+    head = int(args.head_warmup_epochs * steps_per_epoch)
+    lr_fn = lambda step, g: C.phase_lr(step, g, total, warmup, args.schedule, head)
+
+    def step_fn(x, y, gen):  # (B, 3, S, S) uint8 -> two augmented views -> loss
+        return model(*C.augment_views(x, views, gen))
+
+    # --- train (resumes from <out>/ckpt.pt), then the hand-off
+    stop = min(total, args.max_steps) if args.max_steps else total
+    step = C.fit(rt, args, model, raw, optimizer, loader, sampler, step_fn, args.out, stop,
+                 lr_fn, steps_per_epoch)
+    C.write_handoff(rt, args.out, raw.backbone, dict(
+        script='pretrain_barlow', args=vars(args), init=source, steps=step,
+        pool_images=len(rows), data_fingerprint=index['fingerprint'],
+        wall_s=round(time.time() - t0, 1)))
+    C.print0(f'done: {args.out}/backbone.pt after {step} steps')
+    C.teardown(rt)
+
+
+if __name__ == '__main__':
+    C.main_guard(main)
