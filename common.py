@@ -16,7 +16,10 @@ import zipfile
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile, ImageOps
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from PIL import Image, ImageOps
 
 IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 
@@ -847,9 +850,10 @@ class CachedImages(torch.utils.data.Dataset):
         pos = np.asarray(positions, dtype=np.int64)
         rows = self.rows[pos]
         order = np.argsort(rows, kind='stable')  # sorted reads are sequential on disk
-        x = np.empty((len(rows),) + self.arr.shape[1:], dtype=np.uint8)
-        x[order] = self.arr[rows[order]]
-        return torch.from_numpy(x), self.labels[torch.from_numpy(pos)]
+        x = torch.from_numpy(self.arr[rows[order]])
+        if (np.diff(order) != 1).any():  # back to the sampler's order (shuffled batches)
+            x = x[torch.from_numpy(np.argsort(order))]
+        return x, self.labels[torch.from_numpy(pos)]
 
 
 class EpochBatches(torch.utils.data.Sampler):
@@ -918,6 +922,343 @@ def rows_of(index, ids):
         print0(f'note: {len(ids) - len(rows)} image(s) are not in the cache (excluded as '
                f'unreadable) and are skipped')
     return rows
+
+# --------------------------------------------------------------------------- batched augmentations
+# A view is a dict of plain values (what a flag can set): probabilities end in `_p`, ranges
+# are (lo, hi). draw_params draws every random number of a view per sample on the CPU from a
+# torch.Generator (so a seed reproduces a batch bitwise, and the masks are known on the host
+# without a device sync); apply_params then transforms the whole batch on its own device with
+# tensor ops: crop + flip + rotation as one affine resampling, colour ops as per-sample blends,
+# blur as two depthwise convolutions. Operations follow torchvision.transforms.v2 formulas.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_VIEW = dict(
+    size=224,                   # output side S in pixels
+    scale=(1.0, 1.0),           # RandomResizedCrop area fraction; (1, 1) with ratio (1, 1) is
+    ratio=(1.0, 1.0),           # the whole (centre square of the) image, i.e. no random crop
+    interpolation='bilinear',   # or 'bicubic' (Facebook's ImageNet views)
+    antialias=True,             # low-pass first when every crop of the batch is larger than S
+    flip_p=0.0,                 # horizontal flip
+    rotate_p=0.0, degrees=0.0,  # angle uniform in [-degrees, degrees]; zeros outside the frame
+    jitter_p=0.0, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0,  # ColorJitter
+    gray_p=0.0,
+    blur_p=0.0, sigma=(0.1, 2.0),  # kernel side: odd, about 10% of S
+    solarize_p=0.0,             # invert pixels >= 0.5 (128 in uint8)
+    mean=None, std=None,        # per-channel normalisation, last
+)
+_RANGES = ('scale', 'ratio', 'sigma')
+_PROBS = ('flip_p', 'rotate_p', 'jitter_p', 'gray_p', 'blur_p', 'solarize_p')
+
+
+def _views(shared, *per_view):
+    return [dict(_VIEW, **shared, **v) for v in per_view]
+
+
+_RRC = dict(scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))
+_SKIN = dict(size=256, scale=(0.7, 1.0), ratio=(3 / 4, 4 / 3))
+AUG_PRESETS = {
+    # Facebook barlowtwins main.py: two asymmetric views (blur and solarize differ)
+    'barlow_imagenet': _views(
+        dict(_RRC, size=224, interpolation='bicubic', flip_p=0.5, jitter_p=0.8, brightness=0.4,
+             contrast=0.4, saturation=0.2, hue=0.1, gray_p=0.2, mean=IMAGENET_MEAN,
+             std=IMAGENET_STD),
+        dict(blur_p=1.0, solarize_p=0.0), dict(blur_p=0.1, solarize_p=0.2)),
+    # the paper's further-SSL views on skin: milder crops and colours, rotation, no normalising
+    'barlow_skin': _views(
+        dict(_SKIN, flip_p=0.5, rotate_p=0.5, degrees=45.0, jitter_p=0.8, brightness=0.24,
+             contrast=0.24, saturation=0.12, hue=0.06, gray_p=0.2),
+        dict(blur_p=1.0, solarize_p=0.0), dict(blur_p=0.1, solarize_p=0.2)),
+    # the paper's fine-tuning (and test-time augmentation) view
+    'finetune_skin': _views(dict(_SKIN, flip_p=0.25, rotate_p=0.25, degrees=45.0), {}),
+    # torchvision's ImageNet classification recipe (crop + flip), for pretrain_supervised.py
+    'supervised': _views(dict(_RRC, size=224, flip_p=0.5, mean=IMAGENET_MEAN,
+                              std=IMAGENET_STD), {}),
+    # the whole image resized to S, nothing random
+    'eval': _views(dict(size=256), {}),
+}
+
+
+def preset_params(name, size=None, **overrides):
+    """The per-view param dicts of preset `name` (2 views for barlow_*, else 1), copied, with
+    `size` and any other key set in every view. None values are skipped so unset flags pass
+    through; for a one-view change edit the returned dict."""
+    if name not in AUG_PRESETS:
+        raise UserError(f'unknown augmentation preset {name!r}; choose from '
+                        f'{", ".join(AUG_PRESETS)}')
+    bad = sorted(set(overrides) - set(_VIEW))
+    if bad:
+        raise UserError(f'unknown augmentation setting(s) {", ".join(bad)}; choose from '
+                        f'{", ".join(_VIEW)}')
+    overrides = {k: tuple(v) if isinstance(v, list) else v
+                 for k, v in dict(overrides, size=size).items() if v is not None}
+    views = [dict(v, **overrides) for v in AUG_PRESETS[name]]
+    for v in views:
+        _check_view(v)
+    return views
+
+
+def _check_view(v):
+    def need(ok, key, what):
+        if not ok:
+            raise UserError(f'augmentation setting {key}={v[key]!r}: must be {what}')
+    need(isinstance(v['size'], int) and v['size'] >= 8, 'size', 'an integer >= 8')
+    for k in _PROBS:
+        need(0 <= v[k] <= 1, k, 'a probability in [0, 1]')
+    for k in _RANGES:
+        need(len(v[k]) == 2 and 0 < v[k][0] <= v[k][1], k, 'two numbers 0 < lo <= hi')
+    for k in ('brightness', 'contrast', 'saturation', 'degrees'):
+        need(v[k] >= 0, k, '>= 0')
+    need(0 <= v['hue'] <= 0.5, 'hue', 'in [0, 0.5]')
+    need(v['interpolation'] in ('bilinear', 'bicubic'), 'interpolation', 'bilinear or bicubic')
+    for k in ('mean', 'std'):
+        need((v['mean'] is None) == (v['std'] is None), k, 'given together with mean/std')
+        need(v[k] is None or len(v[k]) == 3, k, 'three numbers (R, G, B)')
+    need(v['std'] is None or min(v['std']) > 0, 'std', 'positive')
+
+
+# --------------------------------------------------------------------------- drawing
+def _uniform(g, lo, hi, *shape):
+    return torch.empty(shape, dtype=torch.float64).uniform_(lo, hi, generator=g)
+
+
+def _crops(g, n, height, width, scale, ratio):
+    """torchvision RandomResizedCrop.get_params for n images at once: 10 tries of (area,
+    log-ratio) per image, the first that fits wins, else the whole image clamped to the ratio
+    range, centred. (n, 4) int64 rows of (top, left, h, w)."""
+    area = _uniform(g, scale[0], scale[1], n, 10) * (height * width)
+    aspect = _uniform(g, math.log(ratio[0]), math.log(ratio[1]), n, 10).exp()
+    w = (area * aspect).sqrt().round()  # round half to even, as Python's round
+    h = (area / aspect).sqrt().round()
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.to(torch.uint8).argmax(1, keepdim=True)  # index of the first True
+    w, h = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]
+    if width / height < ratio[0]:
+        fw, fh = width, round(width / ratio[0])
+    elif width / height > ratio[1]:
+        fw, fh = round(height * ratio[1]), height
+    else:
+        fw, fh = width, height
+    ok = fits.any(1)
+    w, h = torch.where(ok, w, fw), torch.where(ok, h, fh)
+    pos = torch.rand(n, 2, generator=g, dtype=torch.float64)
+    top = torch.where(ok, (pos[:, 0] * (height - h + 1)).floor(), (height - fh) // 2)
+    left = torch.where(ok, (pos[:, 1] * (width - w + 1)).floor(), (width - fw) // 2)
+    return torch.stack([top, left, h, w], 1).long()
+
+
+def draw_params(view, n, height, width, generator):
+    """Every random number of one view for n images of height x width, drawn on the CPU from
+    `generator` in a fixed order. A dict of CPU tensors: per op a (n,) bool mask (applied or
+    not) and its per-sample values, plus `order` (4,), the colour-jitter order of this batch
+    (0 brightness, 1 contrast, 2 saturation, 3 hue). Inspect or edit it, then apply_params."""
+    g, v = generator, view
+    d = {'crop': _crops(g, n, height, width, v['scale'], v['ratio'])}
+    d['flip'] = torch.rand(n, generator=g) < v['flip_p']
+    d['rotate'] = torch.rand(n, generator=g) < v['rotate_p']
+    d['angle'] = _uniform(g, -v['degrees'], v['degrees'], n).float()  # degrees
+    d['jitter'] = torch.rand(n, generator=g) < v['jitter_p']
+    for k in ('brightness', 'contrast', 'saturation'):  # factor 1 = unchanged
+        d[k] = _uniform(g, max(0.0, 1 - v[k]), 1 + v[k], n).float()
+    d['hue'] = _uniform(g, -v['hue'], v['hue'], n).float()  # fraction of the colour circle
+    d['order'] = torch.randperm(4, generator=g)  # per batch (torchvision: per image)
+    d['gray'] = torch.rand(n, generator=g) < v['gray_p']
+    d['blur'] = torch.rand(n, generator=g) < v['blur_p']
+    d['sigma'] = _uniform(g, v['sigma'][0], v['sigma'][1], n).float()  # pixels
+    d['solarize'] = torch.rand(n, generator=g) < v['solarize_p']
+    return d
+
+
+# --------------------------------------------------------------------------- applying
+_PER_SAMPLE = ('brightness', 'contrast', 'saturation', 'hue', 'sigma')
+
+
+def _affine(d, height, width):
+    """(n, 2, 3) float64 thetas in grid_sample's normalised coordinates (align_corners=False):
+    `full` maps output pixels to source pixels through rotate, then flip, then crop (the
+    inverse of crop -> flip -> rotate); `rot` is the rotation alone, for the zero fill."""
+    top, left, h, w = d['crop'].double().unbind(1)
+    rad = torch.where(d['rotate'], d['angle'].double(), 0.0) * (math.pi / 180)
+    cos, sin, zero = rad.cos(), rad.sin(), torch.zeros_like(rad)
+    # the crop is a scale (w/W, h/H) and a shift to its centre; flip negates x before it
+    sx = w / width * torch.where(d['flip'], -1.0, 1.0)
+    sy = h / height
+    full = torch.stack([sx * cos, -sx * sin, (2 * left + w) / width - 1,
+                        sy * sin, sy * cos, (2 * top + h) / height - 1], 1)
+    rot = torch.stack([cos, -sin, zero, sin, cos, zero], 1)
+    return full.view(-1, 2, 3), rot.view(-1, 2, 3)
+
+
+def _params_to_device(d, height, width, device):
+    """The per-sample values the device needs, in one host-to-device copy that does not wait
+    for the GPU (pinned, non_blocking): thetas (n, 2, 3), values (n, 1, 1, 1), float32."""
+    n = d['flip'].shape[0]
+    full, rot = _affine(d, height, width)
+    cols = torch.stack([d[k].double() for k in _PER_SAMPLE], 1)
+    buf = torch.cat([full.view(n, 6), rot.view(n, 6), cols], 1).float()
+    if device.type == 'cuda':
+        buf = buf.pin_memory()
+    buf = buf.to(device, non_blocking=True)
+    p = {'full': buf[:, :6].reshape(n, 2, 3), 'rot': buf[:, 6:12].reshape(n, 2, 3)}
+    for i, k in enumerate(_PER_SAMPLE):
+        p[k] = buf[:, 12 + i].view(n, 1, 1, 1)
+    return p
+
+
+def _where(y, mask, p, fn):
+    """y with fn(y[i], p[i]) at the samples i whose CPU mask (B,) is set, in place; the others
+    stay bitwise. Gathering only those samples skips the work of the rest (blur on 10% of a
+    view), and the index comes from the host, so nothing waits for the device."""
+    if mask.all():
+        return fn(y, p)
+    idx = mask.nonzero()[:, 0].to(y.device, non_blocking=True)
+    # y[idx], not index_select: the latter is ~30x slower on CPU for (B, 3, S, S) rows
+    return y.index_copy_(0, idx, fn(y[idx], {k: v[idx] for k, v in p.items()}))
+
+
+def _grid(theta, size):
+    """F.affine_grid(theta, (B, 1, S, S), align_corners=False) as broadcast multiply-adds:
+    (B, S, S, 2). Not a bmm, which TF32 (if a script allows it) would round by ~0.1 px."""
+    u = (torch.arange(size, device=theta.device, dtype=theta.dtype) * 2 + 1) / size - 1
+    tx, ty, t0 = (theta[:, :, i].reshape(-1, 1, 1, 2) for i in range(3))  # x, y, 1 columns
+    return (u.view(1, 1, size, 1) * tx + t0) + u.view(1, size, 1, 1) * ty
+
+
+def _resample(x, view, d, p):
+    """Crop + flip + rotation as one affine resampling: (B, 3, H, W) -> new (B, 3, S, S)."""
+    H, W = x.shape[2:]
+    S = view['size']
+    h, w = d['crop'][:, 2], d['crop'][:, 3]  # crop sides in source pixels
+    rotated = bool((d['rotate'] & (d['angle'] != 0)).any())  # CPU tensors: no device sync
+    if S == H == W and not rotated and not d['flip'].any() and (h == H).all() and (w == W).all():
+        return x.clone(memory_format=torch.contiguous_format)  # whole image at its own size
+    shrink = min(int(h.min()), int(w.min())) / S  # the least downscaled crop of the batch
+    if view['antialias'] and round(H / shrink) < H:
+        # every crop is downscaled: low-pass the batch once so the smallest crop is about S
+        # px (normalised coordinates, hence the thetas, do not change with resolution)
+        x = F.interpolate(x, size=(round(H / shrink), round(W / shrink)), mode='bilinear',
+                          antialias=True, align_corners=False)
+    # border padding: the crop is inside the image, so only edge taps of upscaled crops reach
+    # past it, and torchvision's resize clamps those to the edge too
+    y = F.grid_sample(x, _grid(p['full'], S), mode=view['interpolation'],
+                      padding_mode='border', align_corners=False)
+    if view['interpolation'] == 'bicubic':
+        y = y.clamp_(0, 1)  # bicubic overshoots at edges; colour ops expect [0, 1]
+    y = y.contiguous()
+    if rotated:
+        y = _where(y, d['rotate'], p, lambda y, q: _zero_fill(y, q['rot']))
+    return y
+
+
+def _zero_fill(y, rot):
+    """Zero outside the rotated frame, as torchvision's rotate: y times, per axis, the weight
+    of the bilinear taps inside the S x S frame, min(q + 1, S - q) at pixel q = (S v + S - 1)
+    / 2 of the rotated normalised coordinate v, i.e. clamp((S + 1) / 2 - S |v| / 2, 0, 1)."""
+    S = y.shape[-1]
+    inside = _grid(rot, S).abs_().mul_(-S / 2).add_((S + 1) / 2).clamp_(0, 1)  # (B, S, S, 2)
+    return y.mul_(inside.prod(-1).unsqueeze(1))
+
+
+def _gray(y):
+    # ITU-R 601-2 luma with torchvision's exact weights and op order: (B, 1, S, S)
+    r, g, b = y.unbind(1)
+    return r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114).unsqueeze(1)
+
+
+def _hue(y, shift):
+    """torchvision adjust_hue per sample, shift (B, 1, 1, 1) in turns: RGB -> HSV as Pillow
+    and torchvision, then HSV -> RGB without branches: c = V - V S clamp(2 - |k - 2|, 0, 1),
+    k = (6 H + n_c) mod 6 with n = 5, 3, 1 for R, G, B. Returns a new (B, 3, S, S)."""
+    r, g, b = y.unbind(1)  # (B, S, S) each
+    maxc = torch.maximum(torch.maximum(r, g), b)  # pairwise: aminmax(dim=1) is slow on CPU
+    d = torch.minimum(torch.minimum(r, g), b).neg_().add_(maxc)  # max - min = V S
+    dd = torch.where(d > 0, d, 1.0)  # grey pixels: any hue, d = 0 zeroes it below
+    is_r, is_g = maxc == r, maxc == g
+    h6 = torch.where(is_r, g - b, torch.where(is_g, (b - r).add_(dd, alpha=2),
+                                              (r - g).add_(dd, alpha=4)))
+    h6 = h6.div_(dd).unsqueeze(1).add_(shift, alpha=6)  # 6 (H + shift): (B, 1, S, S)
+    n = torch.arange(5, 0, -2, device=y.device, dtype=y.dtype).view(1, 3, 1, 1)
+    k = (h6 + n).remainder_(6)
+    k.sub_(2).abs_().neg_().add_(2).clamp_(0, 1)  # = clamp(min(k, 4 - k), 0, 1)
+    return k.mul_(d.unsqueeze(1)).neg_().add_(maxc.unsqueeze(1))
+
+
+def _jitter(y, view, order, p):
+    """ColorJitter with per-sample factors, ops in `order`, in place on y (hue: new tensor);
+    each blend clamps to [0, 1] as torchvision's _blend. y.lerp_(a, 1 - f) = f y + (1 - f) a."""
+    for op in order.tolist():
+        if op == 0 and view['brightness'] > 0:  # blend with black
+            y.mul_(p['brightness']).clamp_(0, 1)
+        elif op == 1 and view['contrast'] > 0:  # blend with the mean grey of each image
+            y.lerp_(_gray(y).mean((1, 2, 3), keepdim=True), 1 - p['contrast']).clamp_(0, 1)
+        elif op == 2 and view['saturation'] > 0:  # blend with the grey image
+            y.lerp_(_gray(y), 1 - p['saturation']).clamp_(0, 1)
+        elif op == 3 and view['hue'] > 0:
+            y = _hue(y, p['hue'])
+    return y
+
+
+def _blur_kernel_size(size):
+    return max(3, 2 * (size // 20) + 1)  # odd, about 10% of the side: 23 at 224 px
+
+
+def _blur(y, sigma):
+    """Gaussian blur with a per-sample sigma (B, 1, 1, 1), reflect padding as torchvision:
+    pad once, then a row and a column depthwise convolution over (1, B*3, S, S), one kernel
+    per sample and channel. Returns a new (B, 3, S, S)."""
+    B, C, H, W = y.shape
+    k = _blur_kernel_size(H)
+    half = (k - 1) / (2 * math.sqrt(2))  # torchvision's taps: softmax(-(t / sigma)^2)
+    t = torch.linspace(-half, half, k, device=y.device, dtype=y.dtype)
+    kern = torch.softmax(-(t / sigma.view(B, 1)) ** 2, 1).repeat_interleave(C, 0)  # (B*C, k)
+    z = F.pad(y.reshape(1, B * C, H, W), (k // 2,) * 4, mode='reflect')
+    z = F.conv2d(z, kern.view(B * C, 1, 1, k), groups=B * C)  # rows: (1, B*C, H + k - 1, W)
+    return F.conv2d(z, kern.view(B * C, 1, k, 1), groups=B * C).view(B, C, H, W)
+
+
+@torch.no_grad()
+def apply_params(x, view, d):
+    """One view with drawn params `d` on a float batch x (B, 3, H, W) in [0, 1] on any device
+    -> new float32 (B, 3, S, S), channels_last."""
+    H, W = x.shape[2:]
+    with torch.autocast(x.device.type, enabled=False):  # fp32 even inside a training step
+        p = _params_to_device(d, H, W, x.device)
+        y = _resample(x, view, d, p)  # new, contiguous: the ops below work in place
+        if d['jitter'].any():
+            y = _where(y, d['jitter'], p, lambda y, q: _jitter(y, view, d['order'], q))
+        if d['gray'].any():
+            y = _where(y, d['gray'], p, lambda y, q: y.copy_(_gray(y).expand_as(y)))
+        if d['blur'].any():
+            y = _where(y, d['blur'], p, lambda y, q: _blur(y, q['sigma']))
+        if d['solarize'].any():
+            y = _where(y, d['solarize'], p, lambda y, q: torch.where(y >= 0.5, 1 - y, y))
+        if view['mean'] is not None:  # Python scalars: no tensor to copy to the device
+            for c in range(3):
+                y[:, c].sub_(view['mean'][c]).div_(view['std'][c])
+        return y.contiguous(memory_format=torch.channels_last)
+
+
+def _as_float(x):
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f'augment wants a (B, 3, H, W) batch, got shape {tuple(x.shape)}')
+    return x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+
+
+def augment(x, view, generator):
+    """One augmented view of a uint8 (0..255) or float ([0, 1]) batch (B, 3, H, W) on any
+    device -> float32 (B, 3, S, S), channels_last. `view` is one dict of preset_params;
+    generator None draws from torch's global CPU RNG (fine for the eval view: nothing random)."""
+    return apply_params(_as_float(x), view, draw_params(view, x.shape[0], x.shape[2],
+                                                        x.shape[3], generator))
+
+
+def augment_views(x, views, generator):
+    """One augmented batch per view (a list of view dicts, or a preset name at its default
+    size), converting x to float once: y1, y2 = augment_views(x, views, gen)."""
+    views = preset_params(views) if isinstance(views, str) else views
+    x = _as_float(x)
+    return [apply_params(x, v, draw_params(v, x.shape[0], x.shape[2], x.shape[3], generator))
+            for v in views]
+
 
 # --------------------------------------------------------------------------- command line
 def add_common_args(p, **defaults):
@@ -1070,9 +1411,6 @@ def print0(*a, **k):
 
 
 # --------------------------------------------------------------------------- backbone, weights
-import torch.nn as nn  # noqa: E402
-import torchvision  # noqa: E402
-
 ARCHS = {'resnet50': 2048, 'resnet34': 512, 'resnet18': 512}  # name -> feature width
 NAMED_WEIGHTS = {  # --init name -> (arch, url); the file is looked up in the torch hub cache
     ('torchvision', 'resnet50'): torchvision.models.ResNet50_Weights.IMAGENET1K_V2.url,
@@ -1128,9 +1466,13 @@ def load_checkpoint(path):
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ''
+        # PyTorch's message opens with generic advice (including to retry with
+        # weights_only=False); the reason is the first line after it
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        boiler = ('Weights only load failed', 'Please file an issue', 'Check the documentation')
+        why = next((ln for ln in lines if not ln.startswith(boiler)), '')
         raise UserError(f'{path}: refused: it holds more than tensors and plain values '
-                        f'(weights_only load failed: {first[:160]})')
+                        f'(weights_only load failed: {why[:160]})')
     except Exception as e:  # noqa: BLE001 -- corrupt or foreign files
         raise UserError(f'{path}: not a readable PyTorch checkpoint ({type(e).__name__}: '
                         f'{str(e)[:160]})')
@@ -1655,11 +1997,6 @@ def _auroc(score, positive):
     u = ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0
     return float(u / (n_pos * n_neg))
 
-
-try:  # TEMPORARY during development
-    from _augment import *  # noqa
-except ImportError:
-    pass
 
 # --------------------------------------------------------------------------- command line tools
 def _cli(argv=None):

@@ -94,7 +94,8 @@ def main():
     for folder in args.extra_data:  # extra unlabelled images join the pool (one cache)
         extra = C.read_dataset(folder, 'folder')
         stem = lambda i: os.path.splitext(os.path.basename(i))[0]
-        leak = [i for i in extra['ids'] if i in test or stem(i) in test]
+        test_stems = {stem(t) for t in test}  # test ids may carry folders and extensions
+        leak = [i for i in extra['ids'] if i in test or stem(i) in test_stems]
         if leak:
             raise C.UserError(f'--extra-data {folder}: {len(leak)} image(s) are test images of '
                               f'{args.split}: {C.few(leak)}; remove them from the folder')

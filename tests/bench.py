@@ -1,0 +1,300 @@
+"""Throughput benchmarks (not tests: timings vary by machine). `make bench` runs them all and
+prints one table; every row names what was measured so the figures can be quoted.
+
+    python tests/bench.py                  # everything, sized for a laptop CPU (a few minutes)
+    python tests/bench.py --only aug,bt    # a subset: aug, step, cache, bt, probe
+    python tests/bench.py --device cuda --batch 256 --size 224 --arch resnet50   # on a GPU
+
+What is measured:
+  aug    pairs/s of the batched two-view barlow_imagenet augmentation (256 px uint8 -> 224 px)
+         against torchvision's PIL per-sample pipeline, in as many processes as threads here
+  step   images/s of a training step (forward, backward, SGD) per model and resolution, and the
+         share of the step that the batched augmentation of that batch costs
+  cache  one epoch read from the uint8 cache against decoding the JPEGs
+  bt     bare backbone forward+backward images/s against the full Barlow Twins step
+         (augmentation, projector, loss, LARS) pairs/s at the same batch; target >= 0.85 x /2
+  probe  probe.py's cached-feature logistic regression against a 100-epoch linear probe
+         through the frozen network with augmentation (Facebook's evaluate.py protocol)
+"""
+import argparse
+import multiprocessing as mp
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common as C  # noqa: E402
+
+ROWS = []
+
+
+def row(what, value, unit, note=''):
+    ROWS.append((what, value, unit, note))
+    print(f'  {what}: {value:,.1f} {unit} {note}', flush=True)
+
+
+def timed(fn, reps, warmup=1, device='cpu'):
+    """Median seconds of fn() over reps runs after warmup runs (synchronising on CUDA)."""
+    sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(reps):
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts))
+
+
+def images(n, side, seed=0):
+    """(n, side, side, 3) uint8 with structure (smooth blobs), not noise or zeros."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(n, 3, 8, 8, generator=g)
+    return (F.interpolate(low, size=side, mode='bicubic').clamp(0, 1) * 255).byte() \
+        .permute(0, 2, 3, 1).contiguous()
+
+
+# --------------------------------------------------------------------------- aug
+def _pil_pairs(args):
+    import torchvision.transforms.v2 as T
+    from PIL import Image
+    arr, n = args
+    torch.set_num_threads(1)
+    base = [T.RandomResizedCrop(224, interpolation=T.InterpolationMode.BICUBIC),
+            T.RandomHorizontalFlip()]
+    jitter = [T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), T.RandomGrayscale(0.2)]
+    tail = [T.ToImage(), T.ToDtype(torch.float32, scale=True),
+            T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]
+    t1 = T.Compose(base + jitter + [T.GaussianBlur(23, (0.1, 2.0))] + tail)
+    t2 = T.Compose(base + jitter + [T.RandomApply([T.GaussianBlur(23, (0.1, 2.0))], p=0.1),
+                                    T.RandomSolarize(128, p=0.2)] + tail)
+    for i in range(n):
+        im = Image.fromarray(arr[i % len(arr)])
+        t1(im), t2(im)
+    return n
+
+
+def bench_aug(args, dev):
+    print('aug: barlow_imagenet, two views, 256 px uint8 -> 224 px')
+    x = images(args.aug_batch, 256).to(dev).permute(0, 3, 1, 2)
+    views = C.preset_params('barlow_imagenet', size=224)
+    g = torch.Generator().manual_seed(0)
+    s = timed(lambda: C.augment_views(x, views, g), args.reps, device=dev.type)
+    batched = args.aug_batch / s
+    row(f'batched augmentation ({dev.type}, batch {args.aug_batch})', batched, 'pairs/s')
+    procs = torch.get_num_threads()
+    arr = images(32, 256).numpy()
+    n = max(8, args.aug_batch // procs)
+    with mp.get_context('fork').Pool(procs) as pool:
+        pool.map(_pil_pairs, [(arr, 2)] * procs)  # warm up the workers
+        t = time.perf_counter()
+        done = sum(pool.map(_pil_pairs, [(arr, n)] * procs))
+        pil = done / (time.perf_counter() - t)
+    row(f'torchvision PIL per-sample ({procs} processes)', pil, 'pairs/s',
+        f'(batched is {batched / pil:.1f}x)')
+
+
+# --------------------------------------------------------------------------- step
+def bench_step(args, dev):
+    print('step: training step (forward + backward + SGD), and the augmentation share')
+    for arch, size, batch in args.step_configs:
+        model, _ = C.make_backbone(arch)
+        model = nn.Sequential(model, nn.Linear(C.ARCHS[arch], 10)).to(dev)
+        if dev.type == 'cuda':
+            model = model.to(memory_format=torch.channels_last)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        raw = images(batch, size + size // 8).to(dev).permute(0, 3, 1, 2)
+        view = C.preset_params('barlow_imagenet', size=size)[0]
+        g = torch.Generator().manual_seed(0)
+        y = torch.randint(0, 10, (batch,), device=dev)
+        xin = C.augment(raw, view, g)
+
+        def step():
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == 'cuda'):
+                loss = F.cross_entropy(model(xin), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        s_step = timed(step, args.reps, device=dev.type)
+        s_aug = timed(lambda: C.augment(raw, view, g), args.reps, device=dev.type)
+        row(f'{arch} {size}px batch {batch}: train step', batch / s_step, 'img/s',
+            f'(augmenting one view: {100 * s_aug / s_step:.1f}% of a step)')
+
+
+# --------------------------------------------------------------------------- cache
+def bench_cache(args, dev):
+    from PIL import Image
+    print(f'cache: one epoch of {args.cache_images} JPEGs (600x450) -> 256 px')
+    with tempfile.TemporaryDirectory() as tmp:
+        arr = images(64, 450).numpy()
+        os.makedirs(f'{tmp}/img')
+        for i in range(args.cache_images):
+            Image.fromarray(np.ascontiguousarray(arr[i % 64][:, :])).resize((600, 450)).save(
+                f'{tmp}/img/{i:05d}.jpg', quality=90)
+        ds = C.read_dataset(f'{tmp}/img', 'folder')
+        t = time.perf_counter()
+        for p in ds['paths']:  # what a per-epoch PIL pipeline pays: decode + resize
+            np.asarray(C.load_image(p).resize((256, 256), Image.BILINEAR))
+        decode = time.perf_counter() - t
+        index = C.build_cache(ds, 256, f'{tmp}/cache', workers=0, verbose=False)
+        loader, sampler = C.make_loader(index, range(len(index['ids'])), 64, workers=0)
+
+        def epoch():
+            sampler.set_epoch(0)
+            for x, _ in loader:
+                assert x.shape[0] == 64
+        read = timed(epoch, 3)
+    row('decode JPEGs (1 process)', args.cache_images / decode, 'img/s')
+    row('read from the uint8 cache (1 process)', args.cache_images / read, 'img/s',
+        f'({decode / read:.0f}x faster)')
+
+
+# --------------------------------------------------------------------------- bt
+def bench_bt(args, dev):
+    print(f'bt: {args.arch} {args.size}px batch {args.batch}, projector {args.projector}')
+    backbone, width = C.make_backbone(args.arch)
+    bt = C.BarlowTwins(backbone, width, args.projector).to(dev)
+    if dev.type == 'cuda':
+        bt = bt.to(memory_format=torch.channels_last)
+    opt = C.make_optimizer({'backbone': bt.backbone, 'projector': bt.projector}, 'lars', 0.2,
+                           0.0048, 1e-6, args.batch)
+    amp = dict(device_type=dev.type, dtype=torch.bfloat16, enabled=dev.type == 'cuda')
+    x = C.augment(images(args.batch, args.size).to(dev).permute(0, 3, 1, 2),
+                  C.preset_params('eval', size=args.size)[0], None)
+    plain = torch.optim.SGD(bt.backbone.parameters(), lr=0.0)
+
+    def backbone_step():
+        with torch.autocast(**amp):
+            loss = bt.backbone(x).float().square().mean()
+        plain.zero_grad(set_to_none=True)
+        loss.backward()
+    raw = images(args.batch, args.size + args.size // 8).to(dev).permute(0, 3, 1, 2)
+    views = C.preset_params('barlow_imagenet', size=args.size)
+    g = torch.Generator().manual_seed(0)
+
+    def bt_step():
+        with torch.autocast(**amp):
+            loss = bt(*C.augment_views(raw, views, g))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    img_s = args.batch / timed(backbone_step, args.reps, device=dev.type)
+    pair_s = args.batch / timed(bt_step, args.reps, device=dev.type)
+    row('bare backbone forward+backward', img_s, 'img/s')
+    row('full Barlow Twins step', pair_s, 'pairs/s',
+        f'(ratio to backbone/2: {pair_s / (img_s / 2):.2f}; target >= 0.85)')
+
+
+# --------------------------------------------------------------------------- probe
+def bench_probe(args, dev):
+    """Same backbone, same labelled set, same test set: cached-feature L-BFGS (probe.py's
+    functions) against 100 epochs of SGD on a linear head through the frozen network with
+    the finetune_skin augmentation, as Facebook's evaluate.py does (its lr and schedule)."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import probe
+    if not os.path.exists(args.probe_backbone) or not os.path.isdir(args.probe_data):
+        print(f'probe: skipped, needs {args.probe_backbone} and {args.probe_data} '
+              f'(run `make all` first)')
+        return
+    print(f'probe: {args.probe_backbone} on {args.probe_data}, {args.arch_probe} '
+          f'{args.size_probe}px')
+    ds = C.read_dataset(args.probe_data)
+    split = C.make_split(ds, 'random', seed=0)
+    index = C.build_cache(ds, args.size_probe + args.size_probe // 4, args.cache_dir,
+                          workers=0, verbose=False)
+    backbone, width = C.make_backbone(args.arch_probe)
+    C.load_backbone(backbone, args.arch_probe, args.probe_backbone, offline=True)
+    backbone = backbone.to(dev).eval().requires_grad_(False)
+    rt = argparse.Namespace(device=dev, dtype=torch.float32)
+    classes = len(ds['classes'])
+    labelled = C.labelled_subset(ds, split['train'], 0, per_class=args.probe_labels)
+    train_rows, test_rows = C.rows_of(index, labelled), C.rows_of(index, split['test'])
+    eval_view = C.preset_params('eval', size=args.size_probe)[0]
+
+    t = time.perf_counter()  # --- probe.py: features once, then logistic regression
+    xtr, ytr = C.predict(rt, backbone, index, train_rows, 256, [eval_view])
+    val_rows = C.rows_of(index, split['val'])
+    xva, yva = C.predict(rt, backbone, index, val_rows, 256, [eval_view])
+    xte, yte = C.predict(rt, backbone, index, test_rows, 256, [eval_view])
+    feats = {'train': {'ids': labelled, 'x': xtr, 'y': ytr}, 'val': {'x': xva, 'y': yva},
+             'test': {'x': xte, 'y': yte}}
+    pargs = argparse.Namespace(l2=','.join(map(str, probe.L2_GRID)), max_iter=200, knn_k=20,
+                               init_name='bench', arch=args.arch_probe, size=args.size_probe)
+    r = probe.run_seed(pargs, 0, ds, split, '-', feats, classes, '-', '-', '-')
+    fast_s, fast_acc = time.perf_counter() - t, r['metrics']['accuracy']
+
+    t = time.perf_counter()  # --- 100 epochs through the frozen network with augmentation
+    head = nn.Linear(width, classes).to(dev)
+    head.weight.data.normal_(0, 0.01)
+    head.bias.data.zero_()
+    epochs, batch = args.probe_epochs, 32
+    opt = torch.optim.SGD(head.parameters(), lr=0.3 * batch / 256, momentum=0.9,
+                          weight_decay=1e-6)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
+    loader, sampler = C.make_loader(index, train_rows, batch, drop_last=False, workers=0)
+    view = C.preset_params('finetune_skin', size=args.size_probe)[0]
+    g = torch.Generator().manual_seed(0)
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        for b in loader:
+            x, y = C.to_device(b, dev)
+            with torch.no_grad():
+                f = backbone(C.augment(x, view, g))
+            loss = F.cross_entropy(head(f), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        sched.step()
+    logits, labels = C.predict(rt, lambda x: head(backbone(x)), index, test_rows, 256,
+                               [eval_view])
+    slow_s = time.perf_counter() - t
+    slow_acc = (logits.argmax(1) == labels).float().mean().item()
+    row(f'{epochs}-epoch probe through the network (acc {slow_acc:.3f})', slow_s, 's')
+    row(f'probe.py on cached features (acc {fast_acc:.3f})', fast_s, 's',
+        f'({slow_s / fast_s:.0f}x faster, accuracy {100 * (fast_acc - slow_acc):+.1f} points)')
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p.add_argument('--only', default='aug,step,cache,bt,probe')
+    p.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'])
+    p.add_argument('--reps', type=int, default=3)
+    p.add_argument('--aug-batch', type=int, default=64)
+    p.add_argument('--arch', default='resnet18', help='bt: backbone')
+    p.add_argument('--size', type=int, default=64, help='bt: resolution')
+    p.add_argument('--batch', type=int, default=64, help='bt: batch')
+    p.add_argument('--projector', default='2048-2048', help='bt: projector')
+    p.add_argument('--cache-images', type=int, default=400)
+    p.add_argument('--cache-dir', default='cache')
+    p.add_argument('--probe-backbone', default='runs/barlow/backbone.pt')
+    p.add_argument('--probe-data', default='data/skin')
+    p.add_argument('--arch-probe', default='resnet18')
+    p.add_argument('--size-probe', type=int, default=32)
+    p.add_argument('--probe-labels', type=int, default=20)
+    p.add_argument('--probe-epochs', type=int, default=100)
+    args = p.parse_args()
+    dev = torch.device('cuda' if args.device == 'cuda' or (
+        args.device == 'auto' and torch.cuda.is_available()) else 'cpu')
+    if dev.type == 'cuda':
+        torch.backends.cudnn.benchmark = True
+        args.step_configs = [('resnet50', 224, 128)]
+    else:
+        args.step_configs = [('resnet18', 32, 64), ('resnet18', 64, 64), ('resnet50', 224, 8)]
+    print(f'device {dev}, torch {torch.__version__}, {torch.get_num_threads()} threads')
+    for name in args.only.split(','):
+        globals()[f'bench_{name}'](args, dev)
+    print('\n| measurement | value | unit | note |\n|---|---|---|---|')
+    for what, value, unit, note in ROWS:
+        print(f'| {what} | {value:,.1f} | {unit} | {note.strip("()")} |')
+
+
+if __name__ == '__main__':
+    main()

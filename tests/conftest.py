@@ -1,0 +1,93 @@
+"""Shared fixtures: a tiny labelled ImageFolder written with PIL, an offline $TORCH_HOME, and
+helpers that run the real scripts as subprocesses (one thread, no network, tmp cwd)."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# the settings every script run in the tests shares: tiny, CPU, offline, in-process loading
+TINY = ['--arch', 'resnet18', '--size', '32', '--cache-size', '40', '--workers', '0',
+        '--device', 'cpu', '--offline']
+
+
+def script_env(torch_home, **extra):
+    """One thread (2 shared cores; CPU runs are then also bitwise reproducible), torch hub
+    cache in a temporary folder (nothing is ever downloaded), no torchrun variables."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT')}
+    env.update(OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', TORCH_HOME=str(torch_home),
+               PYTHONDONTWRITEBYTECODE='1', PYTHONUNBUFFERED='1')
+    env.update(extra)
+    return env
+
+
+def script_cmd(script, *args):
+    path = script if os.path.isabs(script) else os.path.join(ROOT, script)
+    return [sys.executable, path] + [str(a) for a in args]
+
+
+@pytest.fixture(scope='session')
+def torch_home(tmp_path_factory):
+    return tmp_path_factory.mktemp('torch_home')
+
+
+@pytest.fixture(scope='session')
+def run_script(torch_home):
+    """run_script('pretrain_barlow.py', *args, cwd=DIR, timeout=S) -> CompletedProcess (text).
+    The script runs with sys.executable, cwd DIR, OMP_NUM_THREADS=1 and TORCH_HOME=tmp."""
+    def run(script, *args, cwd, timeout=180, env=None):
+        return subprocess.run(script_cmd(script, *args), cwd=str(cwd), capture_output=True,
+                              text=True, timeout=timeout, env=env or script_env(torch_home))
+    return run
+
+
+@pytest.fixture(scope='session')
+def start_script(torch_home):
+    """start_script(script, *args, cwd=DIR, stdout=FILE) -> Popen (for kill/signal tests)."""
+    def start(script, *args, cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL):
+        return subprocess.Popen(script_cmd(script, *args), cwd=str(cwd), stdout=stdout,
+                                stderr=stderr, env=script_env(torch_home))
+    return start
+
+
+@pytest.fixture(scope='session')
+def run_scripts(torch_home):
+    """run_scripts([(script, [args]), ...], cwd=DIR) -> [CompletedProcess]: the runs go
+    concurrently (the two cores are otherwise idle through each run's imports)."""
+    def run(jobs, cwd, timeout=300):
+        procs = [subprocess.Popen(script_cmd(s, *a), cwd=str(cwd), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, env=script_env(torch_home))
+                 for s, a in jobs]
+        out = []
+        for (s, a), p in zip(jobs, procs):
+            stdout, stderr = p.communicate(timeout=timeout)
+            out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+        return out
+    return run
+
+
+def write_imagefolder(root, classes=3, per_class=30, side=40, seed=0):
+    """root/c<k>/img<k>_<i>.png: noise tinted per class (so a classifier has something to
+    learn), distinct file names across classes."""
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        os.makedirs(os.path.join(root, f'c{c}'), exist_ok=True)
+        tint = np.zeros(3)
+        tint[c % 3] = 90
+        for i in range(per_class):
+            a = rng.integers(0, 140, (side, side, 3)) + tint
+            Image.fromarray(a.clip(0, 255).astype(np.uint8)).save(
+                os.path.join(root, f'c{c}', f'img{c}_{i:02d}.png'))
+    return str(root)
+
+
+@pytest.fixture(scope='session')
+def imagefolder(tmp_path_factory):
+    """A 3-class ImageFolder, 30 PNG images of 40x40 per class (90 images)."""
+    return write_imagefolder(tmp_path_factory.mktemp('data') / 'tiny')

@@ -1,0 +1,259 @@
+"""Every script end to end, as subprocesses with tiny settings on the fixture ImageFolder:
+supervised pretraining -> Barlow Twins on the split's pool (last block only) -> fine-tuning and
+linear probe over two seeds; reruns (same seed, same row; finished seeds skipped) and the
+refusals (test images in --extra-data, a checkpoint of another architecture, bad flags)."""
+import hashlib
+import json
+import os
+import shutil
+import signal
+import sys
+
+import pytest
+import torch
+
+import common
+from conftest import TINY
+
+
+def sha(path):
+    return hashlib.sha256(open(path, 'rb').read()).hexdigest()
+
+
+def rows(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope='module')
+def work(tmp_path_factory, imagefolder):
+    """The split, made once with `common.py split` (in-process: the same _cli function)."""
+    d = tmp_path_factory.mktemp('scripts')
+    common._cli(['split', '--data', imagefolder, '--protocol', 'random',
+                 '--out', str(d / 'split.json')])
+    return d
+
+
+@pytest.fixture(scope='module')
+def sup(work, imagefolder, run_script):
+    r = run_script('pretrain_supervised.py', '--data', imagefolder, *TINY, '--batch-size', '8',
+                   '--max-steps', '4', '--val-fraction', '0.1', '--cache-dir', work / 'cache',
+                   '--out', work / 'sup', cwd=work)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+@pytest.fixture(scope='module')
+def bt(work, imagefolder, sup, run_script):
+    """Barlow Twins on the split's pretrain pool from the supervised backbone, BT_ variant."""
+    r = run_script('pretrain_barlow.py', '--data', imagefolder, '--split', work / 'split.json',
+                   *TINY, '--init', work / 'sup' / 'backbone.pt', '--train-blocks', 'last',
+                   '--projector', '32-32', '--batch-size', '8', '--max-steps', '3',
+                   '--optimizer', 'adamw', '--lr', '0.1', '--lr-biases', '0.1',
+                   '--warmup-epochs', '0', '--cache-dir', work / 'cache', '--out', work / 'bt',
+                   cwd=work)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def eval_args(script, work, imagefolder, results, cache='cache', *extra):
+    args = ['--data', imagefolder, '--split', work / 'split.json', *TINY,
+            '--init', work / 'bt' / 'backbone.pt', '--init-name', 'bt',
+            '--labels-per-class', '8', '--seeds', '0-1', '--results', results,
+            '--cache-dir', work / cache]
+    if script == 'finetune.py':
+        args += ['--epochs', '1', '--head-epochs', '1', '--batch-size', '8', '--lr', '1e-3',
+                 '--tta', '2', '--out', work / 'ft']
+    else:
+        args += ['--batch-size', '16', '--max-iter', '20', '--knn-k', '5']
+    return (script, [*args, *extra])
+
+
+@pytest.fixture(scope='module')
+def evals(work, imagefolder, bt, run_scripts):
+    """First finetune.py and probe.py runs (seeds 0-1, results A) next to the run with a
+    resnet18 checkpoint given to --arch resnet50; then reruns into results B, which already
+    holds seed 0's row from A, with a fresh cache folder: seed 0 must be skipped and seed 1
+    must reproduce A's row."""
+    before = (sha(work / 'bt' / 'backbone.pt'), os.stat(work / 'bt' / 'backbone.pt').st_mtime_ns)
+    first = run_scripts([
+        eval_args('finetune.py', work, imagefolder, work / 'ft-A.jsonl'),
+        eval_args('probe.py', work, imagefolder, work / 'probe-A.jsonl'),
+        ('finetune.py', ['--data', imagefolder, '--split', work / 'split.json', *TINY,
+                         '--arch', 'resnet50', '--init', work / 'sup' / 'backbone.pt',
+                         '--seeds', '0', '--results', work / 'x.jsonl', '--lr', '1e-3',
+                         '--cache-dir', work / 'cache', '--out', work / 'ft50']),
+    ], cwd=work)
+    for r in first[:2]:
+        assert r.returncode == 0, r.stderr[-3000:]
+    for kind in ('ft', 'probe'):
+        with open(work / f'{kind}-A.jsonl') as f, open(work / f'{kind}-B.jsonl', 'w') as g:
+            g.write(f.readline())
+    second = run_scripts([
+        eval_args('finetune.py', work, imagefolder, work / 'ft-B.jsonl', 'cache2'),
+        eval_args('probe.py', work, imagefolder, work / 'probe-B.jsonl', 'cache2'),
+    ], cwd=work)
+    for r in second:
+        assert r.returncode == 0, r.stderr[-3000:]
+    after = (sha(work / 'bt' / 'backbone.pt'), os.stat(work / 'bt' / 'backbone.pt').st_mtime_ns)
+    return dict(ft=first[0], probe=first[1], arch=first[2], ft2=second[0], probe2=second[1],
+                backbone_before=before, backbone_after=after)
+
+
+# --------------------------------------------------------------------------- pretraining
+def test_pretrain_supervised(work, sup):
+    assert 'val top-1' in sup.stdout
+    sd = torch.load(work / 'sup' / 'backbone.pt', weights_only=True)
+    assert not [k for k in sd if k.startswith('fc.')]
+    m, _ = common.make_backbone('resnet18')
+    m.load_state_dict(sd)  # strict: exactly a resnet18 backbone
+    meta = json.loads((work / 'sup' / 'meta.json').read_text())
+    assert 0 <= meta['val']['top1'] <= meta['val']['top5'] <= 1
+    assert meta['classes'] == ['c0', 'c1', 'c2']
+
+
+def is_conv(k):
+    return k.endswith('.weight') and ('conv' in k or 'downsample.0' in k)
+
+
+def test_pretrain_barlow_on_split_pool_trains_only_the_last_block(work, bt):
+    split = json.loads((work / 'split.json').read_text())
+    assert f'pool: {len(split["pretrain"])} images' in bt.stdout  # the split's pool, no test
+    init = torch.load(work / 'sup' / 'backbone.pt', weights_only=True)
+    out = torch.load(work / 'bt' / 'backbone.pt', weights_only=True)
+    assert init.keys() == out.keys()
+    convs = [k for k in init if is_conv(k)]
+    last = [k for k in convs if k.startswith('layer4.1.')]
+    assert len(last) == 2 and len(convs) == 20
+    frozen_changed = [k for k in convs if k not in last and not torch.equal(init[k], out[k])]
+    assert not frozen_changed
+    assert all(not torch.equal(init[k], out[k]) for k in last)
+    # BN stays trainable everywhere (fastai's freeze, the paper's BT_ setting)
+    assert not torch.equal(init['layer1.0.bn1.weight'], out['layer1.0.bn1.weight'])
+    meta = json.loads((work / 'bt' / 'meta.json').read_text())
+    assert meta['init'] == str(work / 'sup' / 'backbone.pt')
+
+
+def run_main(module, argv, monkeypatch, capsys, cwd):
+    """Run a script's main() in-process as `python SCRIPT.py argv` would, through main_guard;
+    returns (exit status, stdout, stderr)."""
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, 'argv', [module + '.py'] + [str(a) for a in argv])
+    mod = __import__(module)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(SystemExit) as e:
+            common.main_guard(mod.main)
+            raise SystemExit(0)  # main returned: it did not refuse
+    finally:  # a run that got as far as common.fit installed its stop handlers
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
+
+
+@pytest.mark.parametrize('layout', ['same', 'flat'])
+def test_pretrain_barlow_refuses_extra_data_with_test_images(work, imagefolder, layout,
+                                                             monkeypatch, capsys, tmp_path):
+    split = json.loads((work / 'split.json').read_text())
+    leaked = split['test'][:3]
+    extra = tmp_path / 'extra'
+    for i in leaked:
+        dst = extra / (i if layout == 'same' else os.path.basename(i))
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(os.path.join(imagefolder, i), dst)
+    shutil.copy(os.path.join(imagefolder, split['train'][0]), extra / 'unrelated.png')
+    code, out, err = run_main('pretrain_barlow', [
+        '--data', imagefolder, '--split', work / 'split.json', *TINY, '--projector', '32-32',
+        '--batch-size', '8', '--max-steps', '1', '--extra-data', extra,
+        '--cache-dir', tmp_path / 'cache', '--out', tmp_path / 'run'], monkeypatch, capsys,
+        tmp_path)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert all(os.path.splitext(os.path.basename(i))[0] in lines[0] for i in leaked), err
+    assert 'unrelated' not in lines[0]
+    assert not (tmp_path / 'run').exists() and not (tmp_path / 'cache').exists()
+
+
+# --------------------------------------------------------------------------- evaluation
+METRICS = {'accuracy', 'balanced_accuracy', 'macro_f1', 'weighted_f1', 'auroc',
+           'per_class_recall', 'confusion_matrix', 'n'}
+
+
+def check_rows(path, protocol, work):
+    got = rows(path)
+    split = json.loads((work / 'split.json').read_text())
+    assert [r['seed'] for r in got] == [0, 1]
+    for r in got:
+        assert r['protocol'] == protocol and r['init'] == 'bt' and r['labels'] == 24
+        assert set(r['metrics']) >= METRICS
+        assert r['metrics']['n'] == len(split['test'])
+        assert 0 <= r['metrics']['accuracy'] <= 1
+    return got
+
+
+def same_result(a, b, keys):
+    assert a['seed'] == b['seed']
+    for k in keys:
+        assert a[k] == b[k], k
+
+
+@pytest.mark.slow
+def test_finetune_two_seeds_rerun_and_skip(work, evals):
+    a = check_rows(work / 'ft-A.jsonl', 'finetune', work)
+    assert not (work / 'ft' / 'bt-seed0').exists()  # per-seed checkpoints are cleaned up
+    b = rows(work / 'ft-B.jsonl')
+    assert 'seed 0: already in' in evals['ft2'].stdout
+    assert [r['seed'] for r in b] == [0, 1]
+    # CPU: the same seed gives the same row (fresh cache, fresh process)
+    same_result(b[1], a[1], ['metrics', 'labels', 'steps', 'lr', 'backbone_sha'])
+
+
+@pytest.mark.slow
+def test_probe_two_seeds_rerun_skip_and_frozen_file(work, evals):
+    a = check_rows(work / 'probe-A.jsonl', 'probe', work)
+    b = rows(work / 'probe-B.jsonl')
+    assert 'seed 0: already in' in evals['probe2'].stdout
+    assert [r['seed'] for r in b] == [0, 1]
+    same_result(b[1], a[1], ['metrics', 'knn_accuracy', 'l2', 'labels', 'backbone_sha'])
+    assert evals['backbone_after'] == evals['backbone_before']  # bytes and mtime
+
+
+@pytest.mark.slow
+def test_finetune_refuses_checkpoint_of_another_arch(evals, work):
+    r = evals['arch']
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert 'Traceback' not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and '--arch resnet18' in lines[0], r.stderr
+    assert not os.path.exists(work / 'x.jsonl')
+
+
+# --------------------------------------------------------------------------- bad flags
+SCRIPTS = ['pretrain_barlow', 'pretrain_supervised', 'finetune', 'probe']
+
+
+@pytest.mark.parametrize('flag', ['--epochs', '--batch-size'])
+@pytest.mark.parametrize('script', SCRIPTS)
+def test_bad_flag_values(script, flag, capsys):
+    mod = __import__(script)
+    with pytest.raises(SystemExit) as e:
+        mod.get_args(['--data', 'x', flag, '0'])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert 'Traceback' not in err
+    errors = [l for l in err.splitlines() if 'error' in l]
+    assert len(errors) == 1 and f'{flag} 0' in errors[0], err
+
+
+@pytest.mark.parametrize('script', SCRIPTS)
+def test_missing_data_folder(script, tmp_path, monkeypatch, capsys):
+    missing = tmp_path / 'no-such-data'
+    code, out, err = run_main(script, ['--data', missing, *TINY, '--out', tmp_path / 'run',
+                                       '--cache-dir', tmp_path / 'cache'],
+                              monkeypatch, capsys, tmp_path)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and str(missing) in lines[0] and '--data' in lines[0], err
+    assert not (tmp_path / 'run').exists() and not (tmp_path / 'cache').exists()

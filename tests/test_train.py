@@ -1,0 +1,205 @@
+"""The training loop (common.fit) through the real pretrain_barlow.py, as subprocesses with tiny
+settings: checkpoint contents, the hand-off files, CPU determinism, resume after SIGKILL and
+SIGTERM (bitwise equal to an uninterrupted run), and the non-finite-loss stop."""
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+import torchvision
+
+from conftest import TINY
+
+STEPS = 12  # 90 images / batch 8 = 11 steps per epoch: the runs cross an epoch boundary
+
+
+def barlow_args(data, out, cache, *extra):
+    return ['--data', data, *TINY, '--projector', '32-32', '--batch-size', '8',
+            '--max-steps', str(STEPS), '--ckpt-every', '3', '--log-every', '1', '--seed', '0',
+            '--cache-dir', cache, '--out', out, *extra]
+
+
+def read_log(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.endswith('\n')]
+
+
+def last_step(out):
+    return max([r['step'] for r in read_log(os.path.join(out, 'log.jsonl'))], default=0)
+
+
+def backbone(out):
+    return torch.load(os.path.join(out, 'backbone.pt'), weights_only=True)
+
+
+def assert_same_tensors(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+def wait_for(proc, cond, what, timeout=120):
+    t0 = time.time()
+    while not cond():
+        if proc.poll() is not None:
+            pytest.fail(f'the run ended (status {proc.returncode}) before {what}')
+        if time.time() - t0 > timeout:
+            proc.kill()
+            pytest.fail(f'timed out waiting for {what}')
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope='module')
+def base(tmp_path_factory, imagefolder, start_script):
+    """Two identical uninterrupted runs (run concurrently to save time): 'a' and 'twin'."""
+    d = tmp_path_factory.mktemp('train')
+    procs = {}
+    for name in ('a', 'twin'):
+        with open(d / f'{name}.txt', 'w') as log:
+            procs[name] = start_script('pretrain_barlow.py', *barlow_args(
+                imagefolder, d / name, d / f'cache-{name}'), cwd=d, stdout=log,
+                stderr=subprocess.STDOUT)
+    for name, p in procs.items():
+        assert p.wait(timeout=300) == 0, (d / f'{name}.txt').read_text()[-3000:]
+    return d
+
+
+# --------------------------------------------------------------------------- artifacts
+def plain(x):
+    """Only JSON-like values: what weights_only loading and meta.json can hold."""
+    if isinstance(x, dict):
+        return all(isinstance(k, str) and plain(v) for k, v in x.items())
+    if isinstance(x, (list, tuple)):
+        return all(plain(v) for v in x)
+    return x is None or isinstance(x, (bool, int, float, str))
+
+
+def test_checkpoint_contents(base):
+    ckpt = torch.load(base / 'a' / 'ckpt.pt', weights_only=True)
+    assert {'model', 'optimizer', 'scaler', 'step', 'args'} <= set(ckpt)
+    assert ckpt['step'] == STEPS
+    assert plain(ckpt['args']) and ckpt['args']['arch'] == 'resnet18'
+    assert ckpt['args']['batch_size'] == 8 and ckpt['args']['projector'] == '32-32'
+    assert all(torch.is_tensor(v) for v in ckpt['model'].values())
+    assert not [k for k in ckpt['model'] if k.startswith(('module.', '_orig_mod.'))]
+    assert ckpt['optimizer']['state'], 'LARS momentum buffers are saved'
+    # the final checkpoint holds the same backbone as the hand-off file
+    bb = {k[len('backbone.'):]: v for k, v in ckpt['model'].items() if k.startswith('backbone.')}
+    assert_same_tensors(bb, backbone(base / 'a'))
+
+
+def test_backbone_is_a_torchvision_state_dict(base):
+    sd = backbone(base / 'a')
+    m = torchvision.models.resnet18()
+    res = m.load_state_dict(sd, strict=False)
+    assert sorted(res.missing_keys) == ['fc.bias', 'fc.weight']
+    assert res.unexpected_keys == []
+    for k, v in m.state_dict().items():
+        if not k.startswith('fc.'):
+            assert torch.equal(v, sd[k]), k
+
+
+def test_meta_and_log(base):
+    meta = json.loads((base / 'a' / 'meta.json').read_text())
+    assert meta['args']['arch'] == 'resnet18' and meta['args']['max_steps'] == STEPS
+    assert meta['versions']['torch'] == torch.__version__
+    assert meta['versions']['torchvision'] == torchvision.__version__
+    # backbone_sha: sha1 over the sorted names and raw bytes of the tensors, 12 hex digits
+    sd = backbone(base / 'a')
+    h = hashlib.sha1()
+    for k in sorted(sd):
+        h.update(k.encode())
+        h.update(sd[k].contiguous().numpy().tobytes())
+    assert meta['backbone_sha'] == h.hexdigest()[:12]
+    log = read_log(base / 'a' / 'log.jsonl')
+    assert [r['step'] for r in log] == list(range(1, STEPS + 1))
+    assert all(torch.isfinite(torch.tensor(r['loss'])) for r in log)
+    assert {'step', 'epoch', 'loss', 'lr', 'img_s', 'eta_s'} <= set(log[-1])
+
+
+def test_cpu_runs_are_bitwise_reproducible(base):
+    assert_same_tensors(backbone(base / 'a'), backbone(base / 'twin'))
+    a = json.loads((base / 'a' / 'meta.json').read_text())
+    b = json.loads((base / 'twin' / 'meta.json').read_text())
+    assert a['backbone_sha'] == b['backbone_sha']
+
+
+# --------------------------------------------------------------------------- interruptions
+@pytest.mark.slow
+def test_sigkill_then_resume_equals_uninterrupted(base, imagefolder, start_script,
+                                                  run_script):
+    out = base / 'killed'
+    args = barlow_args(imagefolder, out, base / 'cache-a')
+    p = start_script('pretrain_barlow.py', *args, cwd=base)
+    # a checkpoint write is atomic (temp file + rename): whenever ckpt.pt exists it is whole
+    wait_for(p, lambda: (out / 'ckpt.pt').exists() and last_step(out) >= 4,
+             'a checkpoint and step 4')
+    p.send_signal(signal.SIGKILL)
+    p.wait(timeout=60)
+    assert p.returncode == -signal.SIGKILL
+    assert not (out / 'backbone.pt').exists(), 'killed after the end: nothing was tested'
+    mid = torch.load(out / 'ckpt.pt', weights_only=True)
+    saved = mid['step']
+    assert 3 <= saved < STEPS and saved % 3 == 0
+    r = run_script('pretrain_barlow.py', *args, cwd=base)  # the same command
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f'at step {saved}' in r.stdout and 'resumed' in r.stdout
+    final = backbone(base / 'a')
+    assert_same_tensors(backbone(out), final)
+    # the comparison means something: the weights moved between the checkpoint and the end
+    assert any(not torch.equal(mid['model']['backbone.' + k], v) for k, v in final.items()
+               if k.endswith('weight'))
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_exits_and_resumes(base, imagefolder, start_script, run_script):
+    out = base / 'term'
+    args = barlow_args(imagefolder, out, base / 'cache-a')
+    with open(base / 'term.txt', 'w') as log:
+        p = start_script('pretrain_barlow.py', *args, cwd=base, stdout=log,
+                         stderr=subprocess.STDOUT)
+        wait_for(p, lambda: last_step(out) >= 2, 'step 2')  # inside fit: the handler is set
+        p.send_signal(signal.SIGTERM)
+        p.wait(timeout=60)
+    text = (base / 'term.txt').read_text()
+    # common.fit: checkpoint at the end of the current step, then exit 128 + signal number
+    assert p.returncode == 128 + signal.SIGTERM, text[-3000:]
+    assert 'Traceback' not in text
+    assert 'stopped by signal 15' in text
+    ckpt = torch.load(out / 'ckpt.pt', weights_only=True)
+    stopped = ckpt['step']
+    assert 2 <= stopped < STEPS
+    assert stopped == last_step(out)  # saved where it stopped: no step lost, none extra
+    assert f'at step {stopped}' in text
+    assert not (out / 'backbone.pt').exists()
+    bb = {k[len('backbone.'):]: v for k, v in ckpt['model'].items() if k.startswith('backbone.')}
+    final = backbone(base / 'a')
+    assert any(not torch.equal(bb[k], final[k]) for k in final if k.endswith('weight'))
+    r = run_script('pretrain_barlow.py', *args, cwd=base)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert 'resumed' in r.stdout and f'at step {stopped}' in r.stdout
+    assert_same_tensors(backbone(out), final)
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_with_last_good_checkpoint(base, imagefolder, run_script):
+    out = base / 'nan'
+    args = barlow_args(imagefolder, out, base / 'cache-a')
+    args[args.index('--ckpt-every') + 1] = '2'
+    args[args.index('--max-steps') + 1] = '8'
+    r = run_script('pretrain_barlow.py', *args, '--nan-at-step', '5', cwd=base)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert 'Traceback' not in r.stderr
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and 'loss' in err[0] and 'step 5' in err[0], r.stderr
+    ckpt = torch.load(out / 'ckpt.pt', weights_only=True)
+    assert ckpt['step'] == 4  # the last good one; step 5 was never applied
+    assert all(torch.isfinite(v).all() for v in ckpt['model'].values() if v.is_floating_point())
+    assert not (out / 'backbone.pt').exists()
+    assert last_step(out) == 5  # steps 0-4 ran (logged as 1-5); step 5 (the 6th) did not
