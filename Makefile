@@ -24,8 +24,11 @@ CACHE_SIZE ?= 40#                    cached image side (room for crops)
 DEVICE     ?= auto
 NPROC      ?= 1#                     >1: every training step runs under torchrun
 WORKERS    ?= 0#                     loader processes per rank (0 is fastest for tiny images)
+MAX_STEPS  ?= 0#                     >0: cap every training run (smoke runs)
+SYN_FLAGS  ?=#                       extra make_synthetic.py flags (e.g. smaller sets)
 OUT        ?= runs
 RESULTS    ?= results
+CACHE_DIR  ?= cache#                  decoded uint8 images and probe features
 
 # --- initialisations: empty = pretrain here; torchvision / barlowtwins = published weights
 SUP_INIT ?=
@@ -43,9 +46,8 @@ BT_BATCH       ?= 64
 FT_BATCH       ?= 32
 PROJECTOR      ?= 512-512
 BT_LR          ?= 0.2
-SKINBT_FLAGS   ?= --preset skin --size $(SIZE) --cache-size $(CACHE_SIZE) --lr 2e-3 \
-                  --lr-biases 2e-3 --batch-size $(BT_BATCH) --projector $(PROJECTOR) \
-                  --lambd 0.0051
+SKINBT_FLAGS   ?= --preset skin --lr 2e-3 --lr-biases 2e-3 --batch-size $(BT_BATCH) \
+                  --projector $(PROJECTOR) --lambd 0.0051
 
 ifeq ($(NPROC),1)
 RUN := $(PY)
@@ -53,7 +55,7 @@ else
 RUN := $(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC)
 endif
 SYS   := --arch $(ARCH) --size $(SIZE) --cache-size $(CACHE_SIZE) --device $(DEVICE) \
-         --workers $(WORKERS)
+         --workers $(WORKERS) --max-steps $(MAX_STEPS) --cache-dir $(CACHE_DIR)
 EVAL  := $(SYS) --data $(SKIN_DIR) --split $(SPLIT) --labels-per-class $(LABELS) \
          --seeds $(SEEDS) --results $(RESULTS)/results.jsonl
 
@@ -95,12 +97,13 @@ all: install report  ## the whole study on the embedded default, ending with the
 data: $(SRC_DEP) $(SKIN_DEP)  ## the synthetic datasets (only when no dataset is given)
 $(DATA)/source/.synthetic.json $(DATA)/skin/.synthetic.json: | make_synthetic.py
 	@echo "==> synthetic $(@D)"
-	$(PY) make_synthetic.py --out $(DATA) --only $(notdir $(@D))
+	$(PY) make_synthetic.py --out $(DATA) --only $(notdir $(@D)) $(SYN_FLAGS)
 
 split: $(SPLIT)  ## the split of the skin set, made once and reused by every step
 $(SPLIT): $(SKIN_DEP) | common.py
 	@echo "==> split $(SKIN_DIR) ($(PROTOCOL))"
-	$(PY) common.py split --data $(SKIN_DIR) --protocol $(PROTOCOL) --per-class $(PER_CLASS) --out $@
+	$(PY) common.py split --data $(SKIN_DIR) --protocol $(PROTOCOL) --per-class $(PER_CLASS) \
+	  --out $@
 
 pretrain: $(SUP_DEP) $(BT_DEP) $(foreach i,supervised+skinBT barlow+skinBT skinBT,$(OUT)/$(i)/backbone.pt)  ## every pretrained init
 
@@ -162,7 +165,7 @@ bench: install  ## throughput table (augmentation, training steps, cache vs JPEG
 	$(PY) tests/bench.py
 
 clean:  ## remove runs, results, splits and caches (keeps data/ and .venv)
-	rm -rf $(OUT) $(RESULTS) splits cache
+	rm -rf $(OUT) $(RESULTS) splits $(CACHE_DIR)
 
 distclean: clean  ## also the synthetic data and .venv
 	rm -rf $(DATA) $(VENV)

@@ -144,8 +144,9 @@ def finish(img, rng, R, size, blur_p):
     xx, yy = pixel_grid(R)
     ang = rng.uniform(0, 2 * np.pi)
     grad = 1 + rng.uniform(0, 0.25) * ((xx * math.cos(ang) + yy * math.sin(ang)) / R - 0.5)
-    img = img * (grad * rng.uniform(0.75, 1.2))[..., None] * rng.normal(1, 0.08, 3)
-    img = img + (rng.uniform(.3, .9, 3) - img) * rng.uniform(0, 0.1)  # colour cast of the light
+    temp, tint = rng.normal(0, 0.07), abs(rng.normal(0, 0.04))  # white balance: warm/cool, magenta
+    wb = np.array([1 + temp, 1 - tint, 1 - temp], np.float32)
+    img = img * (grad * rng.uniform(0.75, 1.2))[..., None] * wb
     if rng.random() < blur_p:
         img = blur(img, rng.uniform(0.5, 1.3) * R / 128)
     img = img + rng.normal(0, rng.uniform(0.004, 0.02), img.shape)
@@ -153,7 +154,7 @@ def finish(img, rng, R, size, blur_p):
     return im.resize((size, size), Image.BOX if R == 2 * size else Image.LANCZOS)
 
 
-# --------------------------------------------------------------------------- source (ImageNet stand-in)
+# ------------------------------------------------------------------- source (ImageNet stand-in)
 def rand_colour(rng):
     return np.array(colorsys.hsv_to_rgb(rng.random(), rng.random() ** 0.7, rng.uniform(0.1, 1)),
                     np.float32)
@@ -288,8 +289,9 @@ def _blobs(rng, R, u, v, r, th, s, cx, cy):
     for _ in range(rng.integers(1, 4)):  # amoebas
         ox, oy = rng.uniform(-0.5, 0.5, 2)
         a = np.arctan2(v - oy, u - ox)
-        rho = rng.uniform(0.3, 0.6) * (1 + sum(rng.uniform(0, 0.25 / k) * np.cos(k * a + rng.uniform(
-            0, 6.3)) for k in range(1, 6)))
+        wobble = sum(rng.uniform(0, .25 / k) * np.cos(k * a + rng.uniform(0, 6.3))
+                     for k in range(1, 6))
+        rho = rng.uniform(0.3, 0.6) * (1 + wobble)
         m = np.maximum(m, smoothstep(1.05, 0.95, np.hypot(u - ox, v - oy) / rho))
     return m
 
@@ -300,7 +302,7 @@ SOURCE_PATTERNS = {'blobs': _blobs, 'branches': _branches, 'cells': _cells,
                    'stars': _stars, 'stripes': _stripes}
 
 
-# --------------------------------------------------------------------------- skin (ISIC 2019 look-alike)
+# ------------------------------------------------------------------ skin (ISIC 2019 look-alike)
 # Pigment colours are factors on the skin tone (a lesion on darker skin is darker); others absolute.
 PIGMENT = {'tan': (.86, .74, .64), 'light': (.72, .55, .43), 'brown': (.52, .36, .26),
            'dark': (.30, .20, .14)}
@@ -430,7 +432,8 @@ class Lesion:
         """An irregular region of radius ~size * lesion radius around a point inside."""
         px, py = self.points(1, t)
         r = np.hypot(self.xx - px, self.yy - py) / (size * self.rad)
-        return smoothstep(1.0, 0.7, r + 0.6 * (noise(self.rng, self.R, self.rng.integers(4, 9)) - .5))
+        wobble = noise(self.rng, self.R, self.rng.integers(4, 9)) - .5
+        return smoothstep(1.0, 0.7, r + 0.6 * wobble)
 
     def col(self, name):
         c = np.array(PIGMENT[name]) * self.skin if name in PIGMENT else np.array(COLOUR[name])
@@ -451,7 +454,8 @@ class Lesion:
     def body(self):
         rng, g = self.rng, SHAPE[self.cls]
         k = rng.integers(g[4][0], g[4][1] + 1)
-        names = [rng.choice(BASE_NAMES, p=BASE[self.cls])] + list(rng.choice(EXTRA[self.cls], k - 1))
+        names = [rng.choice(BASE_NAMES, p=BASE[self.cls])]
+        names += list(rng.choice(EXTRA[self.cls], k - 1))
         if self.cls == 'MEL':  # at least one of black, dark brown, blue-grey
             names[1] = rng.choice(['black', 'dark', 'bluegrey'])
         cols = np.stack([self.col(n) for n in names])
@@ -549,7 +553,8 @@ class Lesion:
                 x1, y1 = self.c + q * math.cos(ai), self.c + q * math.sin(ai)
                 d.line([(x0, y0), (x1, y1)], fill=1.0, width=max(1, round(w)))
                 disc(d, x1, y1, w * .8)
-        self.paint(self.col(rng.choice(['dark', 'black'])), mask(self.R, draw) * rng.uniform(.7, .95))
+        self.paint(self.col(rng.choice(['dark', 'black'])),
+                   mask(self.R, draw) * rng.uniform(.7, .95))
 
     def fissures(self):
         rng = self.rng
@@ -738,9 +743,9 @@ def photograph(les, rng, size):
 
 
 def class_counts(n):
-    """ISIC 2019's class proportions for n images, every class at least 2% (DF, VASC, SCC would
-    otherwise get too few to learn from), NV absorbing the rounding."""
-    floor = max(1, round(0.02 * n))
+    """ISIC 2019's class proportions for n images, every class at least 3% (DF and VASC would
+    otherwise get too few to learn and test on), NV absorbing the rounding."""
+    floor = max(1, round(0.03 * n))
     total = sum(ISIC_COUNTS.values())
     counts = {k: max(floor, round(n * v / total)) for k, v in ISIC_COUNTS.items()}
     counts['NV'] += n - sum(counts.values())
@@ -763,7 +768,8 @@ def skin_plan(n, seed):
             site = rng.choice(SITES + [''], p=([.05, .05, .02, .1, .08, .6, .02, .01, .07]
                                                if cls in ('AK', 'SCC', 'BCC') else
                                                [.25, .25, .05, .15, .18, .05, .02, .01, .04]))
-            age = '' if rng.random() < .03 else f'{float(np.clip(5 * round(rng.normal(AGE[cls], 14) / 5), 5, 85)):.1f}'
+            age = float(np.clip(5 * round(rng.normal(AGE[cls], 14) / 5), 5, 85))
+            age = '' if rng.random() < .03 else f'{age:.1f}'  # '55.0' as in the real file
             sex = rng.choice(['male', 'female', ''], p=[.52, .45, .03])
             lesions.append(dict(cls=cls, views=views, site=site, age=age, sex=sex))
     order = rng.permutation(len(lesions))  # lesion numbers and ids don't reveal the class
@@ -780,7 +786,8 @@ def skin_plan(n, seed):
     for i, p in enumerate(rng.permutation(len(photos))):
         les, _ = photos[p]
         down = les['cls'] in ('NV', 'MEL') and rng.random() < .03  # the paper drops these
-        images.append(dict(les, image=f'ISIC_{i:07d}' + ('_downsampled' if down else ''), key_img=i))
+        name = f'ISIC_{i:07d}' + ('_downsampled' if down else '')
+        images.append(dict(les, image=name, key_img=i))
     return images
 
 
@@ -846,7 +853,8 @@ def run_jobs(jobs, pool, name):
 
 def write_source(args, pool):
     root = os.path.join(args.out, 'source')
-    settings = dict(version=VERSION, size=args.size, seed=args.seed, per_class=args.source_per_class)
+    settings = dict(version=VERSION, size=args.size, seed=args.seed,
+                    per_class=args.source_per_class)
     tmp = stage(root, args.force, settings)
     if tmp is None:
         print(f'source: {root} is complete with these settings, left alone (--force rewrites it)')
@@ -854,8 +862,8 @@ def write_source(args, pool):
     jobs = []
     for k, cls in enumerate(SOURCE_CLASSES):
         os.makedirs(os.path.join(tmp, cls))
-        jobs += [('source', os.path.join(tmp, cls, f'{cls}_{i:05d}.jpg'), args.size, args.seed, (k, i))
-                 for i in range(args.source_per_class)]
+        jobs += [('source', os.path.join(tmp, cls, f'{cls}_{i:05d}.jpg'), args.size, args.seed,
+                  (k, i)) for i in range(args.source_per_class)]
     secs = run_jobs(jobs, pool, 'source')
     publish(tmp, root, dict(settings=settings, generator='make_synthetic.py', images=len(jobs),
                             classes={c: args.source_per_class for c in SOURCE_CLASSES}))
@@ -959,11 +967,12 @@ def parse_args(argv=None):
                          f'2,400 images, enough for a few minutes of CPU pretraining)')
     ap.add_argument('--skin-count', type=int, default=2500,
                     help='skin images in all, split with ISIC 2019 proportions, every class at '
-                         'least 2%% (default 2500: DF and VASC get 50 each)')
+                         'least 3%% (default 2500: NV 1156 ... DF, VASC, SCC 75 each)')
     ap.add_argument('--seed', type=int, default=0, help='same seed, same bytes (default 0)')
     # how
     ap.add_argument('--workers', type=int, default=min(2, os.cpu_count() or 1),
-                    help='processes rendering images; the output does not depend on it (default: 2)')
+                    help='processes rendering images; the output does not depend on it '
+                         '(default: 2, or 1 on a one-core machine)')
     ap.add_argument('--force', action='store_true',
                     help='rewrite a dataset even if one with the same settings is already there')
     ap.add_argument('--grid', metavar='PATH',

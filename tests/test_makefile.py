@@ -1,0 +1,95 @@
+"""The Makefile chain: the commands `make -n` prints for overridden variables, a smoke run of
+the whole study with tiny settings, and the same under torchrun with two CPU processes."""
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make(*args, timeout=600):
+    env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')}
+    env.update(OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+    return subprocess.run(['make', '--no-print-directory', *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_dry_run_with_published_weights_and_torchrun():
+    r = make('-n', 'all', 'SKIN=/somewhere/ISIC_2019', 'SUP_INIT=torchvision',
+             'BT_INIT=barlowtwins', 'NPROC=2', 'ARCH=resnet50', 'SIZE=256', 'SEEDS=0-4',
+             'OUT=/tmp/never', 'RESULTS=/tmp/never-results', 'SPLIT=/tmp/never-split.json')
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert 'make_synthetic.py' not in out                  # a dataset was given
+    assert 'pretrain_supervised.py' not in out             # published weights instead
+    assert 'runs/barlow/' not in out and '/tmp/never/barlow/' not in out
+    assert 'common.py split --data /somewhere/ISIC_2019 --protocol paper' in out
+    ft = [l for l in out.splitlines() if 'finetune.py' in l]
+    assert len(ft) == 6                                    # one command per init
+    assert all(l.startswith('.venv/bin/torchrun --standalone --nproc_per_node=2') for l in ft)
+    assert all('--arch resnet50' in l and '--size 256' in l and '--seeds 0-4' in l for l in ft)
+    inits = {l.split('--init-name ')[1].split()[0]: l.split('--init ')[1].split()[0] for l in ft}
+    assert inits == {'random': 'random', 'supervised': 'torchvision', 'barlow': 'barlowtwins',
+                     'supervised+skinBT': '/tmp/never/supervised+skinBT/backbone.pt',
+                     'barlow+skinBT': '/tmp/never/barlow+skinBT/backbone.pt',
+                     'skinBT': '/tmp/never/skinBT/backbone.pt'}
+    bt = [l for l in out.splitlines() if 'pretrain_barlow.py' in l]
+    assert len(bt) == 3 and any('--init torchvision' in l for l in out.split('pretrain_barlow'))
+    assert len([l for l in out.splitlines() if 'probe.py' in l]) == 6
+    assert 'report.py --results /tmp/never-results/results.jsonl' in out
+
+
+def test_dry_run_default_pretrains_on_the_synthetic_source():
+    r = make('-n', 'all', 'OUT=/tmp/never', 'RESULTS=/tmp/never-results', 'DATA=/tmp/never-data')
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert 'make_synthetic.py --out /tmp/never-data --only source' in out
+    assert 'make_synthetic.py --out /tmp/never-data --only skin' in out
+    assert 'pretrain_supervised.py' in out and '--data /tmp/never-data/source' in out
+    assert '.venv/bin/torchrun' not in out
+
+
+def tiny(tmp, nproc=1):
+    return ['all', f'DATA={tmp}/data', f'OUT={tmp}/runs', f'RESULTS={tmp}/results',
+            f'CACHE_DIR={tmp}/cache', f'SPLIT={tmp}/split.json', f'NPROC={nproc}',
+            'DEVICE=cpu', 'MAX_STEPS=2', 'SEEDS=0', 'LABELS=2', 'PER_CLASS=4', 'FT_EPOCHS=1',
+            'BATCH=8', 'BT_BATCH=8', 'FT_BATCH=8', 'PROJECTOR=32-32', 'SIZE=16',
+            'CACHE_SIZE=20',
+            'SYN_FLAGS=--size 24 --source-per-class 4 --skin-count 96 --workers 1']
+
+
+def check_chain(tmp, r):
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for init in ('supervised', 'barlow', 'supervised+skinBT', 'barlow+skinBT', 'skinBT'):
+        assert os.path.exists(f'{tmp}/runs/{init}/backbone.pt'), init
+    rows = [json.loads(l) for l in open(f'{tmp}/results/results.jsonl')]
+    got = {(r['init'], r['protocol']) for r in rows}
+    assert len(got) == 12                                  # 6 inits x (finetune, probe)
+    table = open(f'{tmp}/results/summary.md').read()
+    for init in ('random', 'supervised+skinBT', 'skinBT'):
+        assert f'| {init} |' in table
+    assert r.stdout.count('==> ') >= 20                    # a progress line per step
+
+
+def test_whole_chain_smoke(tmp_path):
+    r = make('-j2', *tiny(tmp_path))
+    check_chain(tmp_path, r)
+    again = make(*tiny(tmp_path))                          # everything is up to date
+    assert again.returncode == 0 and 'pretrain' not in again.stdout.replace('==> report', '')
+    os.remove(f'{tmp_path}/runs/skinBT/backbone.pt')       # a missing step is redone alone
+    again = make(*tiny(tmp_path))
+    assert again.returncode == 0
+    assert again.stdout.count('pretrain_barlow.py') == 1
+    assert 'pretrain_supervised.py' not in again.stdout
+
+
+@pytest.mark.slow
+def test_whole_chain_under_torchrun(tmp_path):
+    if shutil.which('make') is None:
+        pytest.skip('no make')
+    r = make(*tiny(tmp_path, nproc=2))
+    assert 'torchrun --standalone --nproc_per_node=2' in r.stdout
+    check_chain(tmp_path, r)
