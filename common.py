@@ -1819,9 +1819,9 @@ def write_handoff(rt, out, backbone, meta):
         return
     sd = {k: v.detach().cpu() for k, v in backbone.state_dict().items()}
     torch_save(sd, os.path.join(out, 'backbone.pt'))
-    meta = dict(meta, backbone_sha=state_fingerprint(sd), versions=dict(
-        torch=torch.__version__, torchvision=torchvision.__version__, python=sys.version.split()[0]),
-        git=git_revision())
+    versions = dict(torch=torch.__version__, torchvision=torchvision.__version__,
+                    python=sys.version.split()[0])
+    meta = dict(meta, backbone_sha=state_fingerprint(sd), versions=versions, git=git_revision())
     write_json(os.path.join(out, 'meta.json'), meta)
 
 

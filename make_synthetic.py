@@ -1,10 +1,14 @@
 """Write the embedded default datasets: a procedural ImageNet stand-in and an ISIC 2019 look-alike.
 
-    python make_synthetic.py                                  # data/source + data/skin, 64 px
+    python make_synthetic.py                                  # data/source + data/skin, ~30 s
     python make_synthetic.py --grid docs/synthetic_grid.png   # also a contact sheet per class
     python make_synthetic.py --only skin --skin-count 6000 --force   # a bigger skin set
+    python make_synthetic.py --size 128 --out data128         # finer detail, for bigger models
     python make_synthetic.py --out /tmp/tiny --size 32 --source-per-class 4 --skin-count 40
     make data                                                 # what the Makefile runs
+
+Defaults (2,400 source + 2,500 skin images at 64 px, ~30 s on two cores) are sized so that the
+whole experiment runs in minutes on a CPU with resnet18 at 32 px.
 
 data/source/<class>/<class>_00000.jpg  ImageFolder of 12 classes of procedural objects and
     textures (stripes, rings, spokes, cells, branches, stars...) under random colours, lighting,
@@ -346,32 +350,32 @@ EXTRA = {'MEL': ['black', 'dark', 'dark', 'bluegrey', 'bluegrey', 'tan', 'red', 
 # Probability that a lesion of each class shows each dermoscopic structure (drawn in this order).
 #                  MEL  NV   BCC  AK   BKL  DF   VASC SCC
 STRUCTURES = {
-    'erythema':   (.05, .00, .25, .70, .05, .10, .10, .55),  # sun-damaged pink halo
+    'erythema':   (.05, .00, .25, .75, .05, .10, .10, .55),  # sun-damaged pink halo
     'body':       (1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0),  # pigment, colour variegation
-    'periph_net': (.00, .00, .00, .00, .00, .75, .00, .00),  # delicate network at the rim (DF)
-    'network':    (.05, .60, .00, .00, .05, .00, .00, .00),  # regular reticular network
-    'atyp_net':   (.60, .08, .00, .00, .05, .00, .00, .00),  # thick, broken, irregular network
-    'veil':       (.40, .02, .10, .00, .03, .00, .00, .00),  # blue-white veil
-    'regression': (.35, .02, .05, .00, .03, .00, .00, .00),  # white scar + blue peppering
+    'periph_net': (.00, .00, .00, .00, .00, .80, .00, .00),  # delicate network at the rim (DF)
+    'network':    (.05, .65, .00, .00, .05, .00, .00, .00),  # regular reticular network
+    'atyp_net':   (.70, .08, .00, .00, .05, .00, .00, .00),  # thick, broken, irregular network
+    'veil':       (.45, .02, .10, .00, .03, .00, .00, .00),  # blue-white veil
+    'regression': (.40, .02, .05, .00, .03, .00, .00, .00),  # white scar + blue peppering
     'central_white': (.03, .02, .03, .00, .00, .90, .00, .05),  # DF's central white patch
-    'globules':   (.05, .45, .00, .00, .00, .00, .00, .00),  # regular cobblestone globules
-    'dots':       (.55, .08, .05, .00, .08, .00, .00, .00),  # irregular peripheral dots
-    'nests':      (.08, .02, .70, .00, .03, .00, .00, .00),  # blue-grey ovoid nests (BCC)
-    'streaks':    (.40, .06, .00, .00, .00, .00, .00, .00),  # radial streaks / pseudopods
-    'fissures':   (.00, .03, .00, .00, .55, .00, .00, .00),  # cerebriform ridges (seb. keratosis)
-    'comedo':     (.00, .03, .00, .00, .60, .00, .00, .00),  # comedo-like openings
-    'milia':      (.00, .05, .05, .00, .75, .00, .00, .00),  # milia-like cysts
+    'globules':   (.05, .50, .00, .00, .00, .00, .00, .00),  # regular cobblestone globules
+    'dots':       (.60, .08, .05, .00, .08, .00, .00, .00),  # irregular peripheral dots
+    'nests':      (.08, .02, .75, .00, .03, .00, .00, .00),  # blue-grey ovoid nests (BCC)
+    'streaks':    (.45, .06, .00, .00, .00, .00, .00, .00),  # radial streaks / pseudopods
+    'fissures':   (.00, .03, .00, .00, .60, .00, .00, .00),  # cerebriform ridges (seb. keratosis)
+    'comedo':     (.00, .03, .00, .00, .65, .00, .00, .00),  # comedo-like openings
+    'milia':      (.00, .05, .05, .00, .80, .00, .00, .00),  # milia-like cysts
     'lacunae':    (.00, .00, .00, .00, .00, .00, .95, .00),  # red-purple lacunae, pale septa
-    'strawberry': (.00, .00, .00, .75, .00, .00, .00, .10),  # red pseudo-network + follicles
-    'scale':      (.00, .00, .02, .65, .15, .00, .00, .30),  # white-yellow surface scale
-    'keratin':    (.00, .00, .00, .15, .10, .00, .00, .75),  # central keratin mass
-    'white_circles': (.00, .00, .00, .45, .00, .00, .00, .50),  # white rings round follicles
+    'strawberry': (.00, .00, .00, .80, .00, .00, .00, .10),  # red pseudo-network + follicles
+    'scale':      (.00, .00, .02, .70, .15, .00, .00, .30),  # white-yellow surface scale
+    'keratin':    (.00, .00, .00, .15, .10, .00, .00, .80),  # central keratin mass
+    'white_circles': (.00, .00, .00, .50, .00, .00, .00, .55),  # white rings round follicles
     'ulceration': (.05, .00, .30, .02, .00, .00, .05, .35),  # blood crust
-    'arborizing': (.03, .00, .85, .05, .03, .00, .00, .08),  # branching sharp vessels (BCC)
+    'arborizing': (.03, .00, .90, .05, .03, .00, .00, .08),  # branching sharp vessels (BCC)
     'dotted':     (.10, .02, .05, .40, .05, .10, .00, .45),  # dotted vessels
-    'glomerular': (.00, .00, .00, .10, .03, .00, .00, .55),  # coiled vessel clusters (SCC)
+    'glomerular': (.00, .00, .00, .10, .03, .00, .00, .65),  # coiled vessel clusters (SCC)
     'hairpin':    (.00, .00, .00, .05, .25, .00, .00, .20),  # hairpin vessels with white halo
-    'shiny_white': (.15, .00, .30, .00, .00, .10, .00, .10),  # short white crossing lines
+    'shiny_white': (.15, .00, .35, .00, .00, .10, .00, .10),  # short white crossing lines
 }
 
 
@@ -477,18 +481,18 @@ class Lesion:
         self.paint(self.col(colour), lines * window * op)
 
     def periph_net(self):
-        self._net(self.inside * smoothstep(.4, .7, self.d), self.R * self.rng.uniform(.07, .1),
+        self._net(self.inside * smoothstep(.4, .7, self.d), self.R * self.rng.uniform(.1, .13),
                   .2, .08, 'brown', self.rng.uniform(.35, .6))
 
     def network(self):
-        self._net(self.inside * smoothstep(1.0, 0.6, self.d), self.R * self.rng.uniform(.08, .11),
+        self._net(self.inside * smoothstep(1.0, 0.6, self.d), self.R * self.rng.uniform(.11, .15),
                   .2, .12, self.rng.choice(['brown', 'dark']), self.rng.uniform(.5, .75))
 
     def atyp_net(self):
         rng = self.rng
         patchy = smoothstep(.35, .5, noise(rng, self.R, rng.integers(3, 6)))
         width = rng.uniform(.12, .2) * (0.6 + noise(rng, self.R, 4))
-        self._net(self.inside * patchy, self.R * rng.uniform(.08, .13), .35, width,
+        self._net(self.inside * patchy, self.R * rng.uniform(.12, .18), .35, width,
                   rng.choice(['dark', 'black']), rng.uniform(.6, .9))
 
     def veil(self):
@@ -511,7 +515,7 @@ class Lesion:
 
     def globules(self):
         rng = self.rng
-        sp = self.R * rng.uniform(.065, .09)
+        sp = self.R * rng.uniform(.085, .11)
         xs, ys = self.lattice(sp, .2, .85)
         m = self.discs(xs, ys, sp * rng.uniform(.25, .35) * rng.uniform(.85, 1.15, len(xs)))
         self.paint(self.col(rng.choice(['brown', 'dark'])), blur(m, self.R / 250)
@@ -523,7 +527,7 @@ class Lesion:
         xs, ys = self.points(n, (.5, 1.0), (rng.uniform(0, 6.3), rng.uniform(1.5, 4.5)))
         for c in ('black', 'dark', 'bluegrey'):
             sel = rng.random(n) < .4
-            self.paint(self.col(c), self.discs(xs[sel], ys[sel], rng.uniform(.008, .03, n)[sel]
+            self.paint(self.col(c), self.discs(xs[sel], ys[sel], rng.uniform(.015, .04, n)[sel]
                                               * self.R) * rng.uniform(.7, 1))
 
     def nests(self):
@@ -531,7 +535,7 @@ class Lesion:
         xs, ys = self.points(rng.integers(2, 8), (0, .9))
         m = mask(self.R, lambda d: [d.polygon(ellipse_pts(x, y, a, a * rng.uniform(.5, 1),
                                                           rng.uniform(0, 3.2)), fill=1.0)
-                                    for x, y, a in zip(xs, ys, rng.uniform(.04, .09, len(xs))
+                                    for x, y, a in zip(xs, ys, rng.uniform(.05, .11, len(xs))
                                                        * self.R)])
         c = self.col('bluegrey') * rng.uniform(.6, 1)
         self.paint(c, blur(m, self.R * .01) * rng.uniform(.7, .95))
@@ -545,7 +549,7 @@ class Lesion:
             n = rng.integers(5, 15)
             a = rng.uniform(0, 6.3) + rng.uniform(-.5, .5, n) * rng.uniform(1, 3)
         r0, r1 = self.rho(a) * .8, self.rho(a) * rng.uniform(1.05, 1.3, n)
-        w = self.R * rng.uniform(.012, .02)
+        w = self.R * rng.uniform(.018, .028)
 
         def draw(d):
             for ai, p, q in zip(a, r0, r1):
@@ -558,8 +562,8 @@ class Lesion:
 
     def fissures(self):
         rng = self.rng
-        q = noise(rng, self.R, rng.integers(4, 8)) * rng.uniform(4, 8)
-        m = smoothstep(.2, .06, np.abs(q - np.round(q))) * self.inside * smoothstep(1, .75, self.d)
+        q = noise(rng, self.R, rng.integers(3, 6)) * rng.uniform(3, 6)
+        m = smoothstep(.25, .08, np.abs(q - np.round(q))) * self.inside * smoothstep(1, .75, self.d)
         self.paint(self.col('dark'), m * rng.uniform(.5, .8))
 
     def comedo(self):
@@ -567,14 +571,14 @@ class Lesion:
         xs, ys = self.points(rng.integers(2, 10))
         m = mask(self.R, lambda d: [d.polygon(ellipse_pts(x, y, a, a * rng.uniform(.6, 1),
                                                           rng.uniform(0, 3.2)), fill=1.0)
-                                    for x, y, a in zip(xs, ys, rng.uniform(.022, .04, len(xs))
+                                    for x, y, a in zip(xs, ys, rng.uniform(.03, .05, len(xs))
                                                        * self.R)])
         self.paint(self.col(rng.choice(['dark', 'black', 'crust'])), m * rng.uniform(.75, .95))
 
     def milia(self):
         rng = self.rng
         xs, ys = self.points(rng.integers(2, 10))
-        rs = rng.uniform(.02, .035, len(xs)) * self.R
+        rs = rng.uniform(.025, .045, len(xs)) * self.R
         glow = blur(self.discs(xs, ys, rs * 1.4), self.R * .01)
         self.paint(self.col(rng.choice(['white', 'keratin'])), np.maximum(glow * .7, self.discs(
             xs, ys, rs * .7)) * rng.uniform(.8, 1))
@@ -582,7 +586,7 @@ class Lesion:
     def lacunae(self):
         rng = self.rng
         self.paint(self.col('septa'), self.inside * rng.uniform(.8, .95))
-        sp = self.R * rng.uniform(.08, .13)
+        sp = self.R * rng.uniform(.11, .16)
         xs, ys = self.lattice(sp, .12, 1.0)
         rs = sp * rng.uniform(.4, .55, len(xs))
         names = rng.choice(['red', 'purple', 'maroon', 'black'], len(xs),
@@ -594,19 +598,19 @@ class Lesion:
 
     def strawberry(self):
         rng = self.rng
-        sp = self.R * rng.uniform(.08, .12)
+        sp = self.R * rng.uniform(.1, .14)
         xs, ys = self.lattice(sp, .3, 1.0)
         d1, d2, _ = voronoi(self.xx, self.yy, xs, ys)
         w = sp * .3
         self.paint(self.col('red'), blur(smoothstep(w, w * .3, (d2 - d1) / 2), self.R * .01)
                    * self.inside * rng.uniform(.5, .8))
-        self.paint(self.col('keratin'), self.discs(xs, ys, rng.uniform(.01, .016, len(xs)) * self.R)
+        self.paint(self.col('keratin'), self.discs(xs, ys, rng.uniform(.015, .025, len(xs)) * self.R)
                    * self.inside * rng.uniform(.5, .75))
 
     def scale(self):
         rng = self.rng
         q = rng.uniform(.55, .7)
-        m = smoothstep(q, q + .08, noise(rng, self.R, self.R // rng.integers(6, 10)))
+        m = smoothstep(q, q + .08, noise(rng, self.R, self.R // rng.integers(8, 14)))
         m = m * self.inside * smoothstep(.3, .5, noise(rng, self.R, 3))
         self.paint(self.col(rng.choice(['white', 'keratin'])), m * rng.uniform(.5, .85))
 
@@ -619,8 +623,8 @@ class Lesion:
     def white_circles(self):
         rng = self.rng
         xs, ys = self.points(rng.integers(5, 15), (0, .9))
-        rs = rng.uniform(.025, .04, len(xs)) * self.R
-        w = max(1, round(self.R * .01))
+        rs = rng.uniform(.03, .05, len(xs)) * self.R
+        w = max(1, round(self.R * .015))
         m = mask(self.R, lambda d: [d.ellipse([x - r, y - r, x + r, y + r], outline=1.0, width=w)
                                     for x, y, r in zip(xs, ys, rs)])
         self.paint(self.col('white'), m * rng.uniform(.7, .9))
@@ -636,7 +640,7 @@ class Lesion:
         def draw(d):
             for x, y in zip(*self.points(rng.integers(1, 4), (.4, .95))):
                 ang = math.atan2(self.c - y, self.c - x) + rng.normal(0, .8)
-                tree(d, x, y, ang, self.rad * rng.uniform(.35, .55), self.R * rng.uniform(.02, .03),
+                tree(d, x, y, ang, self.rad * rng.uniform(.4, .6), self.R * rng.uniform(.025, .035),
                      3, rng)
         self.paint(self.col('red'), mask(self.R, draw) * rng.uniform(.8, 1))
 
@@ -644,15 +648,15 @@ class Lesion:
         rng = self.rng
         xs, ys = self.points(rng.integers(15, 50), (0, .95))
         self.paint(self.col(rng.choice(['red', 'maroon'])), self.discs(
-            xs, ys, rng.uniform(.009, .015, len(xs)) * self.R) * rng.uniform(.7, .9))
+            xs, ys, rng.uniform(.012, .02, len(xs)) * self.R) * rng.uniform(.7, .9))
 
     def glomerular(self):
         rng = self.rng
         cx, cy = self.points(rng.integers(5, 14), (0, .9))
         n = 4 * len(cx)
-        xs = np.repeat(cx, 4) + rng.normal(0, .015 * self.R, n)
-        ys = np.repeat(cy, 4) + rng.normal(0, .015 * self.R, n)
-        rs = rng.uniform(.01, .018, n) * self.R
+        xs = np.repeat(cx, 4) + rng.normal(0, .02 * self.R, n)
+        ys = np.repeat(cy, 4) + rng.normal(0, .02 * self.R, n)
+        rs = rng.uniform(.013, .022, n) * self.R
         w = max(1, round(self.R / 100))
         m = mask(self.R, lambda d: [d.ellipse([x - r, y - r, x + r, y + r], outline=1.0, width=w)
                                     for x, y, r in zip(xs, ys, rs)])
@@ -661,7 +665,7 @@ class Lesion:
     def hairpin(self):
         rng = self.rng
         cx, cy = self.points(rng.integers(4, 12), (.3, .9))
-        ln, gap = self.R * rng.uniform(.04, .08), self.R * .012
+        ln, gap = self.R * rng.uniform(.06, .1), self.R * .016
         loops = []
         for x, y in zip(cx, cy):
             a = math.atan2(y - self.c, x - self.c) + rng.normal(0, .4)
@@ -678,7 +682,7 @@ class Lesion:
     def shiny_white(self):
         rng = self.rng
         xs, ys = self.points(rng.integers(2, 8), (0, .8))
-        h, w = self.R * rng.uniform(.03, .06, len(xs)), max(1, round(self.R / 100))
+        h, w = self.R * rng.uniform(.04, .08, len(xs)), max(1, round(self.R * .015))
         m = mask(self.R, lambda d: [(d.line([(x - l, y), (x + l, y)], fill=1.0, width=w),
                                      d.line([(x, y - l), (x, y + l)], fill=1.0, width=w))
                                     for x, y, l in zip(xs, ys, h)])
@@ -978,6 +982,8 @@ def parse_args(argv=None):
     ap.add_argument('--grid', metavar='PATH',
                     help='also write a PNG contact sheet: a labelled row of samples per class')
     args = ap.parse_args(argv)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        fail(f'--out {args.out}: is a file; pass a folder')
     if args.size < 16:
         fail(f'--size {args.size}: must be at least 16 pixels')
     if args.source_per_class < 1:

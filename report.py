@@ -38,7 +38,8 @@ EXACT_MAX = 20000  # enumerate every relabelling up to this many, else sample th
 
 
 class UserError(Exception):
-    """Bad input: printed as one line on stderr, exit status 2."""
+    """Bad input: printed as one line on stderr, exit status 2 (as common.UserError; this
+    script stays free of torch so it runs wherever the results file is)."""
 
 
 # --------------------------------------------------------------------------- CLI
@@ -370,21 +371,19 @@ def plot(summary, metric, path):
         ax.set_title(' / '.join(g))
         ax.legend()
     fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=120), mode='wb')
+    tmp = f'{path}.{os.getpid()}.tmp'
+    fig.savefig(tmp, format='png', dpi=120)
+    os.replace(tmp, path)
     plt.close(fig)
     return True
 
 
-def atomic_write(path, write_fn, mode='w'):
-    """Write through write_fn(file) to a temporary name, then rename: never half a file."""
+def write_text(path, text):
+    """Temporary name, then rename: an interrupted run never leaves half a table."""
     tmp = f'{path}.{os.getpid()}.tmp'
-    try:
-        with open(tmp, mode) as f:
-            write_fn(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with open(tmp, 'w') as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- main
@@ -405,9 +404,8 @@ def main(argv=None):
               f'replaced earlier lines ({n_lines - len(rows)} replaced).')
     md = markdown(summary, args, source)
     os.makedirs(args.out, exist_ok=True)
-    atomic_write(os.path.join(args.out, 'summary.md'), lambda f: f.write(md))
-    atomic_write(os.path.join(args.out, 'summary.csv'), lambda f: f.write(csv_text(summary, args)),
-                 mode='w')
+    write_text(os.path.join(args.out, 'summary.md'), md)
+    write_text(os.path.join(args.out, 'summary.csv'), csv_text(summary, args))
     print(md)
     png = os.path.join(args.out, 'summary.png')
     if plot(summary, args.p_metric, png):
