@@ -1725,8 +1725,13 @@ def fit(rt, args, model, raw, optimizer, loader, sampler, step_fn, out, total_st
             raise UserError(f'{ckpt_path} was made with different ' + ', '.join(
                 f'--{k.replace("_", "-")} {state["args"][k]}' for k in diff) +
                 '; rerun with those flags to resume, or use another --out')
-        raw.load_state_dict(state['model'])
-        optimizer.load_state_dict(state['optimizer'])
+        try:
+            raw.load_state_dict(state['model'])
+            optimizer.load_state_dict(state['optimizer'])
+        except (RuntimeError, ValueError) as e:  # another model: classes, projector, blocks
+            first = str(e).strip().splitlines()[-1].strip()[:200]
+            raise UserError(f'{ckpt_path} does not fit this model ({first}); use another '
+                            f'--out, or delete it to start over')
         scaler.load_state_dict(state['scaler'])
         torch.set_rng_state(state['rng_cpu'])
         if rt.device.type == 'cuda' and 'rng_cuda' in state:

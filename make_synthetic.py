@@ -46,7 +46,7 @@ SOURCE_CLASSES = ['blobs', 'branches', 'cells', 'checkers', 'crosses', 'grid', '
                   'rings', 'spokes', 'spots', 'stars', 'stripes']
 SKIN_CLASSES = ['MEL', 'NV', 'BCC', 'AK', 'BKL', 'DF', 'VASC', 'SCC']  # ground-truth column order
 ISIC_COUNTS = {'MEL': 4522, 'NV': 12875, 'BCC': 3323, 'AK': 867, 'BKL': 2624, 'DF': 239,
-               'VASC': 253, 'SCC': 628}  # the real ISIC 2019 training set (25,331 with UNK 0)
+               'VASC': 253, 'SCC': 628}  # the real ISIC 2019 training set, 25,331 images (no UNK)
 SKIN_DIR, SKIN_GT, SKIN_META = ('ISIC_2019_Training_Input', 'ISIC_2019_Training_GroundTruth.csv',
                                 'ISIC_2019_Training_Metadata.csv')
 
@@ -115,11 +115,15 @@ def disc(d, x, y, r):
 
 
 def voronoi(xx, yy, px, py):
-    """Per pixel: distance to the nearest and second-nearest seed, and the nearest's index."""
-    D = (xx[None] - px[:, None, None]) ** 2 + (yy[None] - py[:, None, None]) ** 2  # (n, R, R)
-    idx = D.argmin(0)
-    two = np.sqrt(np.partition(D, 1, axis=0)[:2])
-    return two[0], two[1], idx
+    """Per pixel: distance to the nearest and the second-nearest seed (one seed at a time, so
+    memory stays (R, R) whatever the size)."""
+    d1 = np.full(xx.shape, np.inf, np.float32)
+    d2 = d1.copy()
+    for x, y in zip(px.tolist(), py.tolist()):
+        d = (xx - x) ** 2 + (yy - y) ** 2
+        d2 = np.minimum(d2, np.maximum(d1, d))
+        d1 = np.minimum(d1, d)
+    return np.sqrt(d1), np.sqrt(d2)
 
 
 def tree(d, x, y, ang, length, width, depth, rng, wiggle=0.25):
@@ -179,7 +183,7 @@ def source_image(cls, rng, R):
     u = (x * math.cos(th) + y * math.sin(th)) / s
     v = (-x * math.sin(th) + y * math.cos(th)) / s
     r = np.hypot(u, v)
-    region = True  # textures sometimes fill only a soft blob, like a pattern on an object
+    region = 1.0  # textures sometimes fill only a soft blob, like a pattern on an object
     if cls in ('stripes', 'checkers', 'grid', 'cells', 'blobs', 'spots') and rng.random() < 0.35:
         region = smoothstep(1.0, 0.85, r / rng.uniform(0.6, 1.1) + 0.4 * noise(rng, R, 4))
     m = SOURCE_PATTERNS[cls](rng, R, u, v, r, th, s, cx, cy)
@@ -233,7 +237,7 @@ def _cells(rng, R, u, v, r, th, s, cx, cy):
     sp = rng.uniform(0.12, 0.3) * R * s
     g = np.arange(-sp, R + sp, sp)
     px, py = [a.ravel() + rng.uniform(-.35, .35, a.size) * sp for a in np.meshgrid(g, g)]
-    d1, d2, _ = voronoi(xx, yy, px, py)
+    d1, d2 = voronoi(xx, yy, px, py)
     w = sp * rng.uniform(0.04, 0.12)
     return smoothstep(w, w * 0.5, (d2 - d1) / 2)
 
@@ -475,7 +479,7 @@ class Lesion:
 
     def _net(self, window, sp, jitter, width, colour, op):
         px, py = self.lattice(sp, jitter, 1.2)
-        d1, d2, _ = voronoi(self.xx, self.yy, px, py)
+        d1, d2 = voronoi(self.xx, self.yy, px, py)
         w = width * sp * (0.7 + 0.6 * noise(self.rng, self.R, 6))
         lines = blur(smoothstep(w, w * 0.3, (d2 - d1) / 2), self.R / 200)
         self.paint(self.col(colour), lines * window * op)
@@ -600,7 +604,7 @@ class Lesion:
         rng = self.rng
         sp = self.R * rng.uniform(.1, .14)
         xs, ys = self.lattice(sp, .3, 1.0)
-        d1, d2, _ = voronoi(self.xx, self.yy, xs, ys)
+        d1, d2 = voronoi(self.xx, self.yy, xs, ys)
         w = sp * .3
         self.paint(self.col('red'), blur(smoothstep(w, w * .3, (d2 - d1) / 2), self.R * .01)
                    * self.inside * rng.uniform(.5, .8))
@@ -682,7 +686,7 @@ class Lesion:
     def shiny_white(self):
         rng = self.rng
         xs, ys = self.points(rng.integers(2, 8), (0, .8))
-        h, w = self.R * rng.uniform(.04, .08, len(xs)), max(1, round(self.R * .015))
+        h, w = self.R * rng.uniform(.03, .05, len(xs)), max(1, round(self.R * .01))
         m = mask(self.R, lambda d: [(d.line([(x - l, y), (x + l, y)], fill=1.0, width=w),
                                      d.line([(x, y - l), (x, y + l)], fill=1.0, width=w))
                                     for x, y, l in zip(xs, ys, h)])
@@ -907,7 +911,7 @@ def write_skin(args, pool):
 
 
 # --------------------------------------------------------------------------- contact sheet
-def write_grid(path, out, only, cols=8):
+def write_grid(path, out, only, cols=6):
     """One PNG: a row of samples per class, labelled, for each dataset written under out."""
     rows = []  # (title, [(label, [image paths])])
     src = os.path.join(out, 'source')
