@@ -608,8 +608,8 @@ class Lesion:
         w = sp * .3
         self.paint(self.col('red'), blur(smoothstep(w, w * .3, (d2 - d1) / 2), self.R * .01)
                    * self.inside * rng.uniform(.5, .8))
-        self.paint(self.col('keratin'), self.discs(xs, ys, rng.uniform(.015, .025, len(xs)) * self.R)
-                   * self.inside * rng.uniform(.5, .75))
+        follicles = self.discs(xs, ys, rng.uniform(.015, .025, len(xs)) * self.R)
+        self.paint(self.col('keratin'), follicles * self.inside * rng.uniform(.5, .75))
 
     def scale(self):
         rng = self.rng
@@ -968,7 +968,7 @@ def parse_args(argv=None):
                     help='write just one of the two datasets (default: both)')
     ap.add_argument('--size', type=int, default=64,
                     help='pixel side of the written images (default 64: the experiment trains at '
-                         '32; larger sizes render proportionally finer detail and take longer)')
+                         '32); structures scale with the image, so larger sizes are just sharper')
     # how much
     ap.add_argument('--source-per-class', type=int, default=200,
                     help=f'images per source class, {len(SOURCE_CLASSES)} classes (default 200: '
