@@ -11,11 +11,11 @@ PY     := $(VENV)/bin/python
 DATA      ?= data#                  where the synthetic datasets go
 SOURCE    ?= $(DATA)/source#         labelled source set (ImageNet stand-in), ImageFolder
 SKIN      ?=#                        skin dataset root; empty: the synthetic ISIC 2019 look-alike
-SKIN_DIR  := $(if $(SKIN),$(SKIN),$(DATA)/skin)
-PROTOCOL  ?= paper#                   split rule: paper | random | official
-PER_CLASS ?= 150#                    paper rule: labelled pool kept per class
+SKIN_DIR  := $(patsubst %/,%,$(if $(SKIN),$(SKIN),$(DATA)/skin))
+PROTOCOL  ?= random#                  split rule: random | paper | official
+PER_CLASS ?= 40#                     paper rule: labelled pool kept per class (the rest is test)
 LABELS    ?= 20#                     labelled images per class for each fine-tuning/probe seed
-SPLIT     ?= splits/$(notdir $(SKIN_DIR))-$(PROTOCOL).json
+SPLIT     ?= splits/$(notdir $(SKIN_DIR))-$(PROTOCOL)-$(PER_CLASS).json
 
 # --- model and machine
 ARCH       ?= resnet18
@@ -37,17 +37,21 @@ BT_INIT  ?=
 # --- budgets (the embedded default; `make paper` sets the paper's)
 SUP_EPOCHS     ?= 12
 BT_EPOCHS      ?= 12
-SKINBT_EPOCHS  ?= 6#                  further Barlow Twins from a pretrained init
-SKINRND_EPOCHS ?= 24#                 Barlow Twins on skin only, from random init
-FT_EPOCHS      ?= 24
-SEEDS          ?= 0-2
+SKINBT_EPOCHS  ?= 3#                  further Barlow Twins from a pretrained init
+SKINRND_EPOCHS ?= 12#                 Barlow Twins on skin only, from random init
+FT_EPOCHS      ?= 16
+SEEDS          ?= 0-3
 BATCH          ?= 64
 BT_BATCH       ?= 64
 FT_BATCH       ?= 32
 PROJECTOR      ?= 512-512
 BT_LR          ?= 0.2
+SUP_FLAGS      ?= --lr 0.4 --warmup-epochs 1 --min-scale 0.25#   tiny images: milder crops
+BT_FLAGS       ?= --warmup-epochs 1
 SKINBT_FLAGS   ?= --preset skin --lr 2e-3 --lr-biases 2e-3 --batch-size $(BT_BATCH) \
                   --projector $(PROJECTOR) --lambd 0.0051
+SKINRND_FLAGS  ?= --lr $(BT_LR) $(BT_FLAGS) --batch-size $(BT_BATCH) --projector $(PROJECTOR)
+SKINBT_BLOCKS  ?= all#                further BT from a pretrained init: all | layer4 | last
 
 ifeq ($(NPROC),1)
 RUN := $(PY)
@@ -110,26 +114,26 @@ pretrain: $(SUP_DEP) $(BT_DEP) $(foreach i,supervised+skinBT barlow+skinBT skinB
 $(OUT)/supervised/backbone.pt: $(SRC_DEP) | pretrain_supervised.py
 	@echo "==> supervised pretraining on $(SOURCE)"
 	$(RUN) pretrain_supervised.py $(SYS) --data $(SOURCE) --epochs $(SUP_EPOCHS) \
-	  --batch-size $(BATCH) --lr 0.2 --warmup-epochs 1 --out $(@D)
+	  --batch-size $(BATCH) $(SUP_FLAGS) --out $(@D)
 
 $(OUT)/barlow/backbone.pt: $(SRC_DEP) | pretrain_barlow.py
 	@echo "==> Barlow Twins pretraining on $(SOURCE)"
 	$(RUN) pretrain_barlow.py $(SYS) --data $(SOURCE) --epochs $(BT_EPOCHS) \
-	  --batch-size $(BT_BATCH) --lr $(BT_LR) --warmup-epochs 1 --projector $(PROJECTOR) --out $(@D)
+	  --batch-size $(BT_BATCH) --lr $(BT_LR) $(BT_FLAGS) --projector $(PROJECTOR) --out $(@D)
 
 $(OUT)/supervised+skinBT/backbone.pt: $(SUP_DEP) $(SPLIT) | pretrain_barlow.py
 	@echo "==> further Barlow Twins on the skin pool, from supervised"
 	$(RUN) pretrain_barlow.py $(SYS) $(SKINBT_FLAGS) --data $(SKIN_DIR) --split $(SPLIT) \
-	  --init $(SUP) --epochs $(SKINBT_EPOCHS) --out $(@D)
+	  --init $(SUP) --train-blocks $(SKINBT_BLOCKS) --epochs $(SKINBT_EPOCHS) --out $(@D)
 
 $(OUT)/barlow+skinBT/backbone.pt: $(BT_DEP) $(SPLIT) | pretrain_barlow.py
 	@echo "==> further Barlow Twins on the skin pool, from Barlow Twins"
 	$(RUN) pretrain_barlow.py $(SYS) $(SKINBT_FLAGS) --data $(SKIN_DIR) --split $(SPLIT) \
-	  --init $(BT) --epochs $(SKINBT_EPOCHS) --out $(@D)
+	  --init $(BT) --train-blocks $(SKINBT_BLOCKS) --epochs $(SKINBT_EPOCHS) --out $(@D)
 
 $(OUT)/skinBT/backbone.pt: $(SPLIT) | pretrain_barlow.py
 	@echo "==> Barlow Twins on the skin pool only, from random init"
-	$(RUN) pretrain_barlow.py $(SYS) $(SKINBT_FLAGS) --data $(SKIN_DIR) --split $(SPLIT) \
+	$(RUN) pretrain_barlow.py $(SYS) $(SKINRND_FLAGS) --data $(SKIN_DIR) --split $(SPLIT) \
 	  --init random --epochs $(SKINRND_EPOCHS) --out $(@D)
 
 define EVAL_RULES
@@ -157,7 +161,9 @@ paper:  ## the paper's experiment: ResNet-50, 256 px, published weights, 35 seed
 	$(MAKE) all ARCH=resnet50 SIZE=256 CACHE_SIZE=256 PROTOCOL=paper PER_CLASS=500 \
 	  LABELS=500 SEEDS=0-34 FT_EPOCHS=40 FT_BATCH=64 SUP_INIT=torchvision BT_INIT=barlowtwins \
 	  SKINBT_EPOCHS=100 SKINRND_EPOCHS=1000 BT_BATCH=128 PROJECTOR=8192-8192-8192 \
-	  SKINBT_FLAGS="--preset skin --lambd 0.000122 --batch-size 128" WORKERS=8 OUT=runs/paper \
+	  SKINBT_FLAGS="--preset skin --lambd 0.000122 --batch-size 128" SKINBT_BLOCKS=last \
+	  SKINRND_FLAGS="--preset skin --lambd 0.000122 --batch-size 128" \
+	  WORKERS=8 OUT=runs/paper \
 	  RESULTS=results/paper
 
 # --------------------------------------------------------------------------- benchmarks, cleaning

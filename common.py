@@ -444,27 +444,13 @@ def read_dataset(path, fmt='auto', **opts):
     return ds
 
 
-def subset(ds, ids):
-    """The dataset restricted to ids, in the order given."""
-    index = {i: k for k, i in enumerate(ds['ids'])}
-    missing = [i for i in ids if i not in index]
-    if missing:
-        raise UserError(f'{len(missing)} id(s) not in {ds["root"]}: {few(missing)}; '
-                        f'was the split made for another dataset?')
-    ks = [index[i] for i in ids]
-    pick = lambda xs: None if xs is None else [xs[k] for k in ks]
-    return {**ds, 'ids': pick(ds['ids']), 'paths': pick(ds['paths']),
-            'labels': pick(ds['labels']), 'groups': pick(ds['groups']),
-            'official': pick(ds['official'])}
-
-
 def load_image(path, draft=None):
     """Decode one image to an RGB PIL image: EXIF orientation applied; grayscale, RGBA,
     palette, CMYK and 16-bit images converted. Raises OSError/ValueError on a bad file.
     draft=S lets a JPEG decode at reduced scale (never below S on the shorter side)."""
     if '.npz:' in path:  # 'file.npz:key:index' (DermaMNIST)
         file, key, k = path.rsplit(':', 2)
-        return Image.fromarray(_npz(file)[key][int(k)]).convert('RGB')
+        return Image.fromarray(_npz(file, key)[int(k)]).convert('RGB')
     with Image.open(path) as im:
         if draft:  # a no-op for formats other than JPEG
             im.draft('RGB', (draft, draft))
@@ -484,11 +470,12 @@ def load_image(path, draft=None):
 _NPZ = {}
 
 
-def _npz(file):
-    if file not in _NPZ:
+def _npz(file, key):
+    """One array of an .npz, loaded once per process (not the whole file)."""
+    if (file, key) not in _NPZ:
         with np.load(file) as z:
-            _NPZ[file] = {k: z[k] for k in z.files}
-    return _NPZ[file]
+            _NPZ[file, key] = z[key]
+    return _NPZ[file, key]
 
 
 # --------------------------------------------------------------------------- splits
@@ -674,9 +661,7 @@ def load_split(path, ds=None):
 
 def split_path(ds, protocol):
     """splits/<dataset>-<protocol>.json; <dataset> is the root's name (an .npz's stem)."""
-    name = os.path.basename(ds['root'].rstrip('/\\'))
-    name = name[:-4] if name.lower().endswith('.npz') else name
-    return os.path.join('splits', f'{name}-{protocol}.json')
+    return os.path.join('splits', f'{dataset_name(ds)}-{protocol}.json')
 
 
 def labelled_subset(ds, ids, seed, per_class=None, fraction=None):
@@ -756,18 +741,31 @@ def _cache_worker(job):
     return len(paths), bad
 
 
+def _cache_stem(ds, size, cache_dir):
+    key = hashlib.sha1(f'{ds["format"]}|{ds["root"]}|{size}'.encode()).hexdigest()[:10]
+    return os.path.join(cache_dir, f'{dataset_name(ds)}-{size}-{key}')
+
+
+def find_cache(ds, size, cache_dir, skip_bad=False, fp=None):
+    """The index of a finished cache of ds whose fingerprint matches, else None."""
+    stem = _cache_stem(ds, size, cache_dir)
+    if os.path.exists(stem + '.json') and os.path.exists(stem + '.npy'):
+        index = read_json(stem + '.json', 'cache index')
+        if index.get('fingerprint') == (fp or fingerprint(ds['paths'])) and \
+                (skip_bad or not index['bad']):
+            return index
+    return None
+
+
 def build_cache(ds, size, cache_dir='cache', workers=2, skip_bad=False, verbose=True):
     """Decode ds once into cache_dir; reuse when the fingerprint matches. Returns the index
     dict: {'file', 'size', 'ids', 'labels', 'groups', 'classes', 'fingerprint', 'bad'}."""
     if size < 8:
         raise UserError(f'--cache-size {size}: too small, use at least 8 pixels')
-    key = hashlib.sha1(f'{ds["format"]}|{ds["root"]}|{size}'.encode()).hexdigest()[:10]
-    stem = os.path.join(cache_dir, f'{os.path.basename(ds["root"].rstrip("/"))}-{size}-{key}')
-    fp = fingerprint(ds['paths'])
-    if os.path.exists(stem + '.json') and os.path.exists(stem + '.npy'):
-        index = read_json(stem + '.json', 'cache index')
-        if index.get('fingerprint') == fp and (skip_bad or not index['bad']):
-            return index
+    stem, fp = _cache_stem(ds, size, cache_dir), fingerprint(ds['paths'])
+    index = find_cache(ds, size, cache_dir, skip_bad, fp)
+    if index:
+        return index
     n = len(ds['paths'])
     os.makedirs(cache_dir, exist_ok=True)
     tmp = f'{stem}.{os.getpid()}.tmp.npy'
@@ -881,9 +879,9 @@ class EpochBatches(torch.utils.data.Sampler):
 
 
 def make_loader(index, rows, batch_size, rank=0, world=1, shuffle=True, seed=0,
-                drop_last=True, workers=2):
-    """(loader, sampler) over cache rows; batch_size is per rank. Call
-    sampler.set_epoch(epoch, skip) before each epoch."""
+                drop_last=True, workers=2, pin=False):
+    """(loader, sampler) over cache rows; batch_size is per rank; pin=True when batches go
+    to a GPU. Call sampler.set_epoch(epoch, skip) before each epoch."""
     if drop_last and len(rows) < batch_size * world:
         raise UserError(f'{len(rows)} images cannot fill one batch of {batch_size * world}; '
                         f'lower --batch-size')
@@ -891,9 +889,15 @@ def make_loader(index, rows, batch_size, rank=0, world=1, shuffle=True, seed=0,
     sampler = EpochBatches(len(rows), batch_size, rank, world, shuffle, seed, drop_last)
     loader = torch.utils.data.DataLoader(
         ds, sampler=sampler, batch_size=None, num_workers=workers,
-        pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
+        pin_memory=pin, persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None)
     return loader, sampler
+
+
+def dataset_name(ds):
+    """The dataset's short name: its root folder's (an .npz's stem)."""
+    name = os.path.basename(ds['root'].rstrip('/\\'))
+    return name[:-4] if name.lower().endswith('.npz') else name
 
 
 def to_device(batch, device):
@@ -903,15 +907,17 @@ def to_device(batch, device):
 
 
 def prepare_cache(rt, args, ds):
-    """build_cache on rank 0 while the other ranks wait, then everyone opens it."""
-    import torch.distributed as dist
+    """build_cache on rank 0; the other ranks poll for the finished index rather than wait
+    at a barrier, which would time out while a large cache is built (if rank 0 fails,
+    torchrun stops them). With many nodes, cache_dir must be on a shared filesystem, or
+    build it first with `python common.py cache`."""
     if rt.is_main:
-        index = build_cache(ds, args.cache_size, args.cache_dir, args.workers, args.skip_bad)
-    if rt.world > 1:
-        dist.barrier()
-    if not rt.is_main:
-        index = build_cache(ds, args.cache_size, args.cache_dir, 0, args.skip_bad, False)
-    return index
+        return build_cache(ds, args.cache_size, args.cache_dir, args.workers, args.skip_bad)
+    while True:
+        index = find_cache(ds, args.cache_size, args.cache_dir, args.skip_bad)
+        if index:
+            return index
+        time.sleep(2)
 
 
 def rows_of(index, ids):
@@ -954,16 +960,20 @@ def _views(shared, *per_view):
     return [dict(_VIEW, **shared, **v) for v in per_view]
 
 
-_RRC = dict(scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))
-_SKIN = dict(size=256, scale=(0.7, 1.0), ratio=(3 / 4, 4 / 3))
+# Every preset normalises with ImageNet statistics: a backbone then sees at fine-tuning and
+# probing the inputs it was pretrained on (torchvision's and Facebook's weights included).
+# The paper lists no normalisation for its skin views; fastai adds this one itself to a
+# pretrained model, which is what we follow.
+_NORM = dict(mean=IMAGENET_MEAN, std=IMAGENET_STD)
+_RRC = dict(_NORM, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))
+_SKIN = dict(_NORM, size=256, scale=(0.7, 1.0), ratio=(3 / 4, 4 / 3))
 AUG_PRESETS = {
     # Facebook barlowtwins main.py: two asymmetric views (blur and solarize differ)
     'barlow_imagenet': _views(
         dict(_RRC, size=224, interpolation='bicubic', flip_p=0.5, jitter_p=0.8, brightness=0.4,
-             contrast=0.4, saturation=0.2, hue=0.1, gray_p=0.2, mean=IMAGENET_MEAN,
-             std=IMAGENET_STD),
+             contrast=0.4, saturation=0.2, hue=0.1, gray_p=0.2),
         dict(blur_p=1.0, solarize_p=0.0), dict(blur_p=0.1, solarize_p=0.2)),
-    # the paper's further-SSL views on skin: milder crops and colours, rotation, no normalising
+    # the paper's further-SSL views on skin: milder crops and colours, rotation
     'barlow_skin': _views(
         dict(_SKIN, flip_p=0.5, rotate_p=0.5, degrees=45.0, jitter_p=0.8, brightness=0.24,
              contrast=0.24, saturation=0.12, hue=0.06, gray_p=0.2),
@@ -971,10 +981,9 @@ AUG_PRESETS = {
     # the paper's fine-tuning (and test-time augmentation) view
     'finetune_skin': _views(dict(_SKIN, flip_p=0.25, rotate_p=0.25, degrees=45.0), {}),
     # torchvision's ImageNet classification recipe (crop + flip), for pretrain_supervised.py
-    'supervised': _views(dict(_RRC, size=224, flip_p=0.5, mean=IMAGENET_MEAN,
-                              std=IMAGENET_STD), {}),
+    'supervised': _views(dict(_RRC, size=224, flip_p=0.5), {}),
     # the whole image resized to S, nothing random
-    'eval': _views(dict(size=256), {}),
+    'eval': _views(dict(_NORM, size=256), {}),
 }
 
 
@@ -1271,7 +1280,8 @@ def add_common_args(p, **defaults):
     g.add_argument('--data', default=d['data'], help='dataset root, folder or file')
     g.add_argument('--format', default=d['format'],
                    help='auto|imagefolder|folder|isic2019|isic2020|ham10000|dermamnist')
-    g.add_argument('--split', default=d['split'], help='split JSON made by split.py / common')
+    g.add_argument('--split', default=d['split'],
+                   help='split JSON, made once by `python common.py split`')
     g.add_argument('--cache-dir', default='cache', help='where decoded uint8 caches live')
     g.add_argument('--cache-size', type=int, default=d['cache_size'],
                    help='side of the cached square images; a bit above --size leaves room '
@@ -1496,6 +1506,12 @@ def hub_file(url, offline=False):
     return path
 
 
+def init_file(init):
+    """--init PATH: a checkpoint file, or a run folder holding backbone.pt."""
+    folder = os.path.join(init, 'backbone.pt')
+    return folder if os.path.isdir(init) and os.path.isfile(folder) else init
+
+
 def load_backbone(model, arch, init, offline=False):
     """Load --init into a backbone made by make_backbone; only a classifier head (fc.*) may be
     missing or extra, anything else is refused naming the keys. Returns a short description."""
@@ -1506,7 +1522,7 @@ def load_backbone(model, arch, init, offline=False):
             raise UserError(f'--init {init}: no published {arch} weights; use --arch resnet50')
         path = hub_file(NAMED_WEIGHTS[init, arch], offline)
     else:
-        path = init
+        path = init_file(init)
     sd = clean_state_dict(load_checkpoint(path), path)
     own = model.state_dict()
     head = lambda k: k.startswith('fc.')
@@ -1579,6 +1595,17 @@ def barlow_loss(z1, z2, lambd=0.0051, eps=1e-5):
         on_diag = (torch.diagonal(c) - 1).pow(2).sum()
         off_diag = c.pow(2).sum() - torch.diagonal(c).pow(2).sum()
         return on_diag + lambd * off_diag
+
+
+class Classifier(nn.Module):
+    """backbone + Linear(width, classes): pretrain_supervised.py and finetune.py."""
+
+    def __init__(self, backbone, width, classes):
+        super().__init__()
+        self.backbone, self.head = backbone, nn.Linear(width, classes)
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
 
 
 class BarlowTwins(nn.Module):
@@ -1693,16 +1720,21 @@ def step_generator(seed, step, rank):
 
 
 class _StopFlag:
-    """Turns SIGTERM/SIGINT into a request to checkpoint and exit at the end of the step."""
+    """Turns SIGTERM/SIGINT into a request to checkpoint and exit at the end of the step,
+    while training; restore() puts the previous handlers back."""
 
     def __init__(self):
         import signal
         self.signum = 0
-        for s in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(s, self._set)
+        self.old = {s: signal.signal(s, self._set) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def _set(self, signum, frame):
         self.signum = signum
+
+    def restore(self):
+        import signal
+        for s, handler in self.old.items():
+            signal.signal(s, handler)
 
 
 def fit(rt, args, model, raw, optimizer, loader, sampler, step_fn, out, total_steps,
@@ -1725,9 +1757,12 @@ def fit(rt, args, model, raw, optimizer, loader, sampler, step_fn, out, total_st
             raise UserError(f'{ckpt_path} was made with different ' + ', '.join(
                 f'--{k.replace("_", "-")} {state["args"][k]}' for k in diff) +
                 '; rerun with those flags to resume, or use another --out')
+        fresh = [{k: v for k, v in g.items() if k != 'params'} for g in optimizer.param_groups]
         try:
             raw.load_state_dict(state['model'])
             optimizer.load_state_dict(state['optimizer'])
+            for g, f in zip(optimizer.param_groups, fresh):
+                g.update(f)  # the flags win over the checkpoint: peak_lr, weight_decay
         except (RuntimeError, ValueError) as e:  # another model: classes, projector, blocks
             first = str(e).strip().splitlines()[-1].strip()[:200]
             raise UserError(f'{ckpt_path} does not fit this model ({first}); use another '
@@ -1750,71 +1785,81 @@ def fit(rt, args, model, raw, optimizer, loader, sampler, step_fn, out, total_st
                 state['rng_cuda'] = torch.cuda.get_rng_state(rt.device)
             torch_save(state, ckpt_path)
 
+    last_step = step
     stop = _StopFlag()
-    model.train()
-    t_log = t_ckpt = time.time()
-    seen, last_step, global_batch = 0, step, args.batch_size
-    while step < total_steps:
-        epoch, pos = divmod(step, steps_per_epoch)
-        sampler.set_epoch(epoch, skip=pos)
-        for batch in loader:
-            x, y = to_device(batch, rt.device)
-            for g in optimizer.param_groups:
-                g['lr'] = lr_fn(step, g)
-            with torch.autocast(rt.device.type, dtype=rt.dtype,
-                                enabled=rt.dtype != torch.float32):
-                loss = step_fn(x, y, step_generator(args.seed, step, rt.rank))
-            if step == args.nan_at_step:  # testing hook: --nan-at-step
-                loss = loss * float('nan')
-            # one host sync a step: a non-finite loss on any rank, or a stop signal
-            flags = torch.stack([(~torch.isfinite(loss.detach())).float(),
-                                 torch.tensor(float(stop.signum), device=loss.device)])
-            if rt.world > 1:
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            bad, signum = flags.tolist()
-            if bad:
-                raise UserError(
-                    f'loss is {loss.item()} at step {step} (epoch {epoch}); stopped. The last '
-                    f'good checkpoint {ckpt_path} is intact; lower --lr, or try '
-                    f'--precision fp32, then rerun to resume from it')
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            step += 1
-            seen += global_batch
-            now = time.time()
-            if step % args.log_every == 0 or step == total_steps:
-                rate = seen / max(now - t_log, 1e-9)
-                rec = dict(step=step, epoch=round(step / steps_per_epoch, 3), loss=loss.item(),
-                           lr=optimizer.param_groups[0]['lr'], img_s=round(rate, 1),
-                           eta_s=round((total_steps - step) * global_batch / max(rate, 1e-9)))
-                if rt.device.type == 'cuda':
-                    rec['mem_gb'] = round(torch.cuda.max_memory_allocated(rt.device) / 2**30, 2)
-                print0(f'step {step}/{total_steps} ep {rec["epoch"]:.2f} loss {rec["loss"]:.4g} '
-                       f'lr {rec["lr"]:.3g} img/s {rate:.0f} eta {fmt_time(rec["eta_s"])}'
-                       + (f' mem {rec["mem_gb"]}G' if 'mem_gb' in rec else ''))
-                if rt.is_main:
-                    append_jsonl(os.path.join(out, 'log.jsonl'), rec)
-                t_log, seen = now, 0
-            if epoch_fn and step % steps_per_epoch == 0:
-                rec = dict(step=step, **epoch_fn(step // steps_per_epoch))
-                if rt.is_main:
-                    append_jsonl(os.path.join(out, 'log.jsonl'), rec)
-            if (args.ckpt_every and step % args.ckpt_every == 0) or signum or \
-                    now - t_ckpt > 60 * args.ckpt_minutes:
-                save(step)
-                t_ckpt = now
-            if signum:
-                print0(f'stopped by signal {int(signum)} at step {step}; {ckpt_path} saved, '
-                       f'run the same command to resume')
-                teardown(rt)
-                sys.exit(128 + int(signum))
-            if step >= total_steps:
-                break
+    try:
+        model.train()
+        t_log = t_ckpt = time.time()
+        seen, global_batch = 0, args.batch_size
+        while step < total_steps:
+            epoch, pos = divmod(step, steps_per_epoch)
+            sampler.set_epoch(epoch, skip=pos)
+            for batch in loader:
+                x, y = to_device(batch, rt.device)
+                for g in optimizer.param_groups:
+                    g['lr'] = lr_fn(step, g)
+                with torch.autocast(rt.device.type, dtype=rt.dtype,
+                                    enabled=rt.dtype != torch.float32):
+                    loss = step_fn(x, y, step_generator(args.seed, step, rt.rank))
+                if step == args.nan_at_step:  # testing hook: --nan-at-step
+                    loss = loss * float('nan')
+                # one host sync a step: a non-finite loss on any rank, or a stop signal
+                flags = torch.stack([(~torch.isfinite(loss.detach())).float(),
+                                     torch.tensor(float(stop.signum), device=loss.device)])
+                if rt.world > 1:
+                    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                bad, signum = flags.tolist()
+                if bad:
+                    raise UserError(
+                        f'loss is {loss.item()} at step {step} (epoch {epoch}); stopped. The last '
+                        f'good checkpoint {ckpt_path} is intact; lower --lr, or try '
+                        f'--precision fp32, then rerun to resume from it')
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                step += 1
+                seen += global_batch
+                now = time.time()
+                if step % args.log_every == 0 or step == total_steps:
+                    rate = seen / max(now - t_log, 1e-9)
+                    _log(rt, out, loss, optimizer, step, total_steps, steps_per_epoch, rate,
+                         global_batch)
+                    t_log, seen = now, 0
+                if epoch_fn and step % steps_per_epoch == 0:
+                    rec = dict(step=step, **epoch_fn(step // steps_per_epoch))
+                    if rt.is_main:
+                        append_jsonl(os.path.join(out, 'log.jsonl'), rec)
+                if (args.ckpt_every and step % args.ckpt_every == 0) or signum or \
+                        now - t_ckpt > 60 * args.ckpt_minutes:
+                    save(step)
+                    t_ckpt = now
+                if signum:
+                    print0(f'stopped by signal {int(signum)} at step {step}; {ckpt_path} saved, '
+                           f'run the same command to resume')
+                    teardown(rt)
+                    sys.exit(128 + int(signum))
+                if step >= total_steps:
+                    break
+    finally:
+        stop.restore()
     if step != last_step or not os.path.exists(ckpt_path):
         save(step)
     return step
+
+
+def _log(rt, out, loss, optimizer, step, total, steps_per_epoch, rate, batch):
+    """One console line and one log.jsonl record (rank 0 writes)."""
+    rec = dict(step=step, epoch=round(step / steps_per_epoch, 3), loss=loss.item(),
+               lr=max(g['lr'] for g in optimizer.param_groups), img_s=round(rate, 1),
+               eta_s=round((total - step) * batch / max(rate, 1e-9)))
+    if rt.device.type == 'cuda':
+        rec['mem_gb'] = round(torch.cuda.max_memory_allocated(rt.device) / 2**30, 2)
+    print0(f'step {step}/{total} ep {rec["epoch"]:.2f} loss {rec["loss"]:.4g} '
+           f'lr {rec["lr"]:.3g} img/s {rate:.0f} eta {fmt_time(rec["eta_s"])}'
+           + (f' mem {rec["mem_gb"]}G' if 'mem_gb' in rec else ''))
+    if rt.is_main:
+        append_jsonl(os.path.join(out, 'log.jsonl'), rec)
 
 
 def write_handoff(rt, out, backbone, meta):
@@ -1823,11 +1868,11 @@ def write_handoff(rt, out, backbone, meta):
     if not rt.is_main:
         return
     sd = {k: v.detach().cpu() for k, v in backbone.state_dict().items()}
-    torch_save(sd, os.path.join(out, 'backbone.pt'))
     versions = dict(torch=torch.__version__, torchvision=torchvision.__version__,
                     python=sys.version.split()[0])
     meta = dict(meta, backbone_sha=state_fingerprint(sd), versions=versions, git=git_revision())
     write_json(os.path.join(out, 'meta.json'), meta)
+    torch_save(sd, os.path.join(out, 'backbone.pt'))  # last: the file `make` waits for
 
 
 def git_revision():
@@ -1858,7 +1903,7 @@ def predict(rt, fn, index, rows, batch_size, views, softmax=False, seed=0, worke
     seeded by (seed, batch, pass)). softmax=True averages probabilities (test-time
     augmentation). Returns (outputs float32 on CPU, labels)."""
     loader, _ = make_loader(index, rows, batch_size, shuffle=False, drop_last=False,
-                            workers=workers)
+                            workers=workers, pin=rt.device.type == 'cuda')
     outs, labels = [], []
     for b, batch in enumerate(loader):
         x, y = to_device(batch, rt.device)
@@ -1892,17 +1937,36 @@ def add_eval_args(p):
 
 def get_split(rt, args, ds):
     """(split, file): --split FILE when given (it must exist); else
-    splits/<dataset>-<protocol>.json, made once on rank 0 and reused by every later script."""
-    import torch.distributed as dist
+    splits/<dataset>-<protocol>.json, made once and reused by every later script (each rank
+    makes the same split, being seeded; rank 0 writes it)."""
     if args.split:
         return load_split(args.split, ds), args.split
     path = split_path(ds, args.protocol)
-    if rt.is_main and not os.path.exists(path):
-        save_split(path, make_split(ds, args.protocol, seed=0))
+    if os.path.exists(path):
+        return load_split(path, ds), path
+    split = make_split(ds, args.protocol, seed=0)
+    if rt.is_main:
+        save_split(path, split)
         print0(f'split: wrote {path}')
-    if rt.world > 1:
-        dist.barrier()
-    return load_split(path, ds), path
+    return split, path
+
+
+def split_sha(split):
+    """Names a split by its test ids: results from different test sets never mix."""
+    return hashlib.sha1('\n'.join(split['test']).encode()).hexdigest()[:10]
+
+
+def check_held_out(init, ds, split):
+    """Refuse a backbone (--init PATH with a meta.json beside it) that was pretrained on this
+    dataset without this split's test part held out: its features have seen the test set."""
+    init = init_file(init)
+    meta = os.path.join(os.path.dirname(os.path.abspath(init)), 'meta.json')
+    if not os.path.isfile(init) or not os.path.isfile(meta):
+        return
+    info = read_json(meta, 'run metadata')
+    if info.get('data_root') == ds['root'] and info.get('held_out') != split_sha(split):
+        raise UserError(f'{init} was pretrained on {ds["root"]} without holding out this '
+                        f'split\'s test images; pretrain it with the same --split')
 
 
 def labels_rule(args):
@@ -1913,8 +1977,9 @@ def labels_rule(args):
 
 
 def result_key(row):
-    """What makes two result rows the same run (a rerun replaces, a resume skips)."""
-    return (row['init'], row['backbone_sha'], row['dataset'], row['split'],
+    """What makes two result rows the same run (a rerun replaces, a resume skips). Training
+    settings (epochs, lr, size) are not part of it: change --results to compare those."""
+    return (row['init'], row['backbone_sha'], row['dataset'], row['split_sha'],
             row['labels_rule'], row['protocol'], row['seed'])
 
 

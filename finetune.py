@@ -18,8 +18,10 @@ In the experiment chain: `make all` (see the Makefile). Seeds already in the res
 are skipped, so an interrupted command continues where it stopped.
 """
 import argparse
+import hashlib
 import math
 import os
+import re
 import shutil
 import time
 
@@ -51,16 +53,7 @@ def get_args(argv=None):
     return args
 
 
-class Classifier(nn.Module):
-    def __init__(self, backbone, width, classes):
-        super().__init__()
-        self.backbone, self.head = backbone, nn.Linear(width, classes)
-
-    def forward(self, x):
-        return self.head(self.backbone(x))
-
-
-def lr_range_test(rt, model, raw, loader, sampler, step_fn, optimizer, steps=100):
+def lr_range_test(rt, model, raw, loader, sampler, step_fn, optimizer, seed, steps=100):
     """fastai's lr_find: the lr grows exponentially from 1e-7 to 10 over up to `steps`
     batches, stopping when the smoothed loss passes 4x its minimum; returns the lr at the
     minimum of the smoothed loss / 10. Weights and optimizer state are restored after."""
@@ -76,11 +69,15 @@ def lr_range_test(rt, model, raw, loader, sampler, step_fn, optimizer, steps=100
             x, y = C.to_device(batch, rt.device)
             with torch.autocast(rt.device.type, dtype=rt.dtype,
                                 enabled=rt.dtype != torch.float32):
-                loss = step_fn(x, y, C.step_generator(0, step, rt.rank))
+                loss = step_fn(x, y, C.step_generator(seed, step, rt.rank))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            avg = 0.98 * avg + 0.02 * loss.item()
+            mean = loss.detach().float()
+            if rt.world > 1:  # every rank must take the same decisions
+                torch.distributed.all_reduce(mean)
+                mean /= rt.world
+            avg = 0.98 * avg + 0.02 * mean.item()
             smooth = avg / (1 - 0.98 ** (step + 1))  # bias-corrected moving average
             if not math.isfinite(smooth) or (losses and smooth > 4 * min(losses)):
                 step = steps
@@ -93,27 +90,35 @@ def lr_range_test(rt, model, raw, loader, sampler, step_fn, optimizer, steps=100
         epoch += 1
     raw.load_state_dict(saved)
     optimizer.load_state_dict(opt_state)
+    if not losses:
+        raise C.UserError('lr range test: the loss was not finite from the first step; '
+                          'pass a number to --lr')
     return lrs[losses.index(min(losses))] / 10
 
 
-def run_seed(rt, args, seed, ds, split, split_file, index, backbone_sd, width, source):
-    """Train one seed from the given init; return its result row."""
-    t0 = time.time()
+def run_seed(rt, args, row, ds, split, index, backbone_sd, width):
+    """Train one seed (row['seed']) from the given init; return its result row."""
+    t0, seed = time.time(), row['seed']
+    args = argparse.Namespace(**{**vars(args), 'seed': seed})  # augmentation RNG per seed
     torch.manual_seed(seed)
     labelled = C.labelled_subset(ds, split['train'], seed, args.labels_per_class,
                                  args.label_fraction)
-    rows = C.rows_of(index, labelled)
-    test_rows = C.rows_of(index, split['test'])
+    rows, test_rows = C.rows_of(index, labelled), C.rows_of(index, split['test'])
     classes = len(ds['classes'])
     batch = min(args.batch_size, len(rows) - len(rows) % rt.world)
+    if batch < rt.world:
+        raise C.UserError(f'{len(rows)} labelled images cannot make a batch on {rt.world} '
+                          f'ranks; label more or use fewer processes')
     loader, sampler = C.make_loader(index, rows, batch // rt.world, rt.rank, rt.world,
-                                    seed=seed, workers=args.workers)
+                                    seed=seed, workers=args.workers, pin=rt.device.type == 'cuda')
     spe = len(sampler)
 
     backbone, _ = C.make_backbone(args.arch)
     backbone.load_state_dict(backbone_sd)
-    out = os.path.join(args.out, f'{args.init_name}-seed{seed}')
-    model, raw = C.wrap_model(rt, Classifier(backbone, width, classes), args.compile)
+    # one folder per result key: an interrupted seed resumes only into the same experiment
+    tag = hashlib.sha1(repr(C.result_key(row)).encode()).hexdigest()[:10]
+    out = os.path.join(args.out, re.sub(r'[^\w.+-]', '_', f'{args.init_name}-seed{seed}-{tag}'))
+    model, raw = C.wrap_model(rt, C.Classifier(backbone, width, classes), args.compile)
     view = C.preset_params(args.aug, size=args.size)[0]
     eval_view = C.preset_params('eval', size=args.size)[0]
     weight = None
@@ -130,11 +135,15 @@ def run_seed(rt, args, seed, ds, split, split_file, index, backbone_sd, width, s
         return C.make_optimizer({'backbone': raw.backbone, 'head': raw.head}, args.optimizer,
                                 lr, lr, args.weight_decay, batch)
 
-    lr = args.lr
-    if lr == 'auto':
-        lr = lr_range_test(rt, model, raw, loader, sampler, step_fn, optimizer_at(1.0))
+    lr, chosen = args.lr, os.path.join(out, 'lr.json')
+    if lr == 'auto' and os.path.exists(chosen):  # a resumed seed keeps its choice
+        lr = C.read_json(chosen)['lr']
+    elif lr == 'auto':
+        lr = lr_range_test(rt, model, raw, loader, sampler, step_fn, optimizer_at(1.0), seed)
         lr = lr * 256 / batch  # as every lr flag: per 256 images
         C.print0(f'seed {seed}: lr range test chose {lr:.3g} per 256 images')
+        if rt.is_main:
+            C.write_json(chosen, {'lr': lr})
     optimizer = optimizer_at(lr)
     head = int(args.head_epochs * spe)
     total = head + args.epochs * spe
@@ -148,15 +157,11 @@ def run_seed(rt, args, seed, ds, split, split_file, index, backbone_sd, width, s
     views = [eval_view] + [view] * (args.tta - 1)
     probs, labels = C.predict(rt, raw, index, test_rows, max(1, args.batch_size), views,
                               softmax=True, seed=seed, workers=0)
-    metrics = C.classification_metrics(probs, labels, classes)
     if rt.is_main:
         shutil.rmtree(out, ignore_errors=True)  # the result row is the artifact; drop ckpt.pt
-    return dict(init=args.init_name, init_source=source, backbone_sha=C.state_fingerprint(
-        backbone_sd), arch=args.arch, dataset=os.path.basename(ds['root'].rstrip('/')),
-        split=split['protocol'], split_file=split_file, labels=len(labelled),
-        labels_rule=C.labels_rule(args), protocol='finetune', seed=seed, metrics=metrics,
-        epochs=args.epochs, steps=step, lr=lr, tta=args.tta, size=args.size,
-        wall_s=round(time.time() - t0, 1))
+    return dict(row, labels=len(labelled), metrics=C.classification_metrics(probs, labels,
+                classes), epochs=args.epochs, steps=step, lr=lr, tta=args.tta,
+                size=args.size, wall_s=round(time.time() - t0, 1))
 
 
 def main():
@@ -168,16 +173,18 @@ def main():
     index = C.prepare_cache(rt, args, ds)
     backbone, width = C.make_backbone(args.arch)
     source = C.load_backbone(backbone, args.arch, args.init, args.offline)
+    C.check_held_out(args.init, ds, split)
     backbone_sd = {k: v.clone() for k, v in backbone.state_dict().items()}
     done = C.done_keys(args.results)
     for seed in C.parse_seeds(args.seeds):
-        key = (args.init_name, C.state_fingerprint(backbone_sd),
-               os.path.basename(ds['root'].rstrip('/')), split['protocol'], C.labels_rule(args),
-               'finetune', seed)
-        if key in done:
+        row = dict(init=args.init_name, init_source=source, arch=args.arch,
+                   backbone_sha=C.state_fingerprint(backbone_sd), dataset=C.dataset_name(ds),
+                   split=split['protocol'], split_sha=C.split_sha(split), split_file=split_file,
+                   labels_rule=C.labels_rule(args), protocol='finetune', seed=seed)
+        if C.result_key(row) in done:
             C.print0(f'seed {seed}: already in {args.results}, skipped')
             continue
-        row = run_seed(rt, args, seed, ds, split, split_file, index, backbone_sd, width, source)
+        row = run_seed(rt, args, row, ds, split, index, backbone_sd, width)
         m = row['metrics']
         C.print0(f'{args.init_name} seed {seed}: accuracy {m["accuracy"]:.4f} balanced '
                  f'{m["balanced_accuracy"]:.4f} macro-F1 {m["macro_f1"]:.4f} '

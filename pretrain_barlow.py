@@ -54,12 +54,16 @@ def get_args(argv=None):
     g.add_argument('--schedule', default='cosine', choices=['cosine', 'onecycle', 'constant'])
     g.add_argument('--warmup-epochs', type=float, default=10)
     g.add_argument('--head-warmup-epochs', type=float, default=0,
-                   help='train the projector alone this long first (backbone BN stays trainable)')
+                   help='train the projector alone this long first, before --epochs '
+                        '(backbone BN stays trainable)')
     g.add_argument('--train-blocks', default='all', choices=['all', 'layer4', 'last'],
                    help='unfreeze the whole backbone, its last stage, or only the last '
                         'residual block (the paper\'s BT_ variant)')
-    g.add_argument('--aug', default='barlow_imagenet',
-                   help='augmentation preset: barlow_imagenet | barlow_skin')
+    g.add_argument('--aug', default='barlow_imagenet', choices=['barlow_imagenet', 'barlow_skin'],
+                   help='the two views: Facebook\'s ImageNet ones or the paper\'s skin ones')
+    g.add_argument('--min-scale', type=float, default=None,
+                   help='smallest crop area fraction of the views (preset: 0.08 ImageNet, '
+                        '0.7 skin)')
     g.add_argument('--extra-data', action='append', default=[],
                    help='an extra folder of unlabelled images for the pool (repeatable); '
                         'refused if it holds images the --split marks as test')
@@ -86,12 +90,12 @@ def main():
 
     # --- data: the unlabelled pool (labels ignored), never the split's test images
     ds = C.read_dataset(args.data, args.format)
-    ids = ds['ids']
-    test = set()
+    ids, test, held_out, root, folders = ds['ids'], set(), None, ds['root'], args.extra_data
     if args.split:
         split = C.load_split(args.split, ds)
-        ids, test = split['pretrain'], set(split['test'])
-    for folder in args.extra_data:  # extra unlabelled images join the pool (one cache)
+        ids, test, held_out = split['pretrain'], set(split['test']), C.split_sha(split)
+        folders = list(dict.fromkeys(split['extra'] + folders))
+    for folder in folders:  # extra unlabelled images join the pool (one cache)
         extra = C.read_dataset(folder, 'folder')
         stem = lambda i: os.path.splitext(os.path.basename(i))[0]
         test_stems = {stem(t) for t in test}  # test ids may carry folders and extensions
@@ -107,7 +111,7 @@ def main():
     rows = C.rows_of(index, ids)
     local_batch = args.batch_size // rt.world
     loader, sampler = C.make_loader(index, rows, local_batch, rt.rank, rt.world, seed=args.seed,
-                                    workers=args.workers)
+                                    workers=args.workers, pin=rt.device.type == 'cuda')
     steps_per_epoch = len(sampler)
     C.print0(f'pool: {len(rows)} images, {steps_per_epoch} steps/epoch of {args.batch_size}')
 
@@ -117,15 +121,16 @@ def main():
     freeze(backbone, args.train_blocks)
     model, raw = C.wrap_model(rt, C.BarlowTwins(backbone, width, args.projector, args.lambd),
                               args.compile)
-    views = C.preset_params(args.aug, size=args.size)
+    views = C.preset_params(args.aug, size=args.size,
+                            scale=(args.min_scale, 1.0) if args.min_scale else None)
 
     # --- optimiser and schedule
     optimizer = C.make_optimizer({'backbone': raw.backbone, 'projector': raw.projector},
                                  args.optimizer, args.lr, args.lr_biases, args.weight_decay,
                                  args.batch_size)
-    total = args.epochs * steps_per_epoch
-    warmup = int(args.warmup_epochs * steps_per_epoch)
     head = int(args.head_warmup_epochs * steps_per_epoch)
+    total = head + args.epochs * steps_per_epoch
+    warmup = int(args.warmup_epochs * steps_per_epoch)
     lr_fn = lambda step, g: C.phase_lr(step, g, total, warmup, args.schedule, head)
 
     def step_fn(x, y, gen):  # (B, 3, S, S) uint8 -> two augmented views -> loss
@@ -136,8 +141,8 @@ def main():
     step = C.fit(rt, args, model, raw, optimizer, loader, sampler, step_fn, args.out, stop,
                  lr_fn, steps_per_epoch)
     C.write_handoff(rt, args.out, raw.backbone, dict(
-        script='pretrain_barlow', args=vars(args), init=source, steps=step,
-        pool_images=len(rows), data_fingerprint=index['fingerprint'],
+        script='pretrain_barlow', args=vars(args), init=source, steps=step, data_root=root,
+        held_out=held_out, pool_images=len(rows), data_fingerprint=index['fingerprint'],
         wall_s=round(time.time() - t0, 1)))
     C.print0(f'done: {args.out}/backbone.pt after {step} steps')
     C.teardown(rt)

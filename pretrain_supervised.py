@@ -38,16 +38,9 @@ def get_args(argv=None):
                    help='held out for validation when no --split is given')
     g.add_argument('--aug', default='supervised',
                    help='augmentation preset for training (crop and flip)')
+    g.add_argument('--min-scale', type=float, default=None,
+                   help='smallest crop area fraction (preset: 0.08); raise it for tiny images')
     return C.parse_args(p, None, argv)
-
-
-class Classifier(nn.Module):
-    def __init__(self, backbone, width, classes):
-        super().__init__()
-        self.backbone, self.head = backbone, nn.Linear(width, classes)
-
-    def forward(self, x):
-        return self.head(self.backbone(x))
 
 
 def main():
@@ -68,7 +61,8 @@ def main():
     index = C.prepare_cache(rt, args, ds)
     train_rows, val_rows = C.rows_of(index, split['train']), C.rows_of(index, split['val'])
     loader, sampler = C.make_loader(index, train_rows, args.batch_size // rt.world, rt.rank,
-                                    rt.world, seed=args.seed, workers=args.workers)
+                                    rt.world, seed=args.seed, workers=args.workers,
+                                    pin=rt.device.type == 'cuda')
     steps_per_epoch = len(sampler)
     C.print0(f'{len(ds["classes"])} classes, train {len(train_rows)}, val {len(val_rows)}, '
              f'{steps_per_epoch} steps/epoch of {args.batch_size}')
@@ -76,8 +70,9 @@ def main():
     # --- model
     backbone, width = C.make_backbone(args.arch)
     source = C.load_backbone(backbone, args.arch, args.init, args.offline)
-    model, raw = C.wrap_model(rt, Classifier(backbone, width, len(ds['classes'])), args.compile)
-    view = C.preset_params(args.aug, size=args.size)[0]
+    model, raw = C.wrap_model(rt, C.Classifier(backbone, width, len(ds['classes'])), args.compile)
+    scale = (args.min_scale, 1.0) if args.min_scale else None
+    view = C.preset_params(args.aug, size=args.size, scale=scale)[0]
     eval_view = C.preset_params('eval', size=args.size)[0]
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
 
@@ -112,7 +107,9 @@ def main():
         validate(step / steps_per_epoch)
     C.write_handoff(rt, args.out, raw.backbone, dict(
         script='pretrain_supervised', args=vars(args), init=source, steps=step,
-        classes=ds['classes'], val=figures, data_fingerprint=index['fingerprint'],
+        classes=ds['classes'], val=figures, data_root=ds['root'],
+        held_out=C.split_sha(split) if split['test'] else None,
+        data_fingerprint=index['fingerprint'],
         wall_s=round(time.time() - t0, 1)))
     C.print0(f'done: {args.out}/backbone.pt after {step} steps')
     C.teardown(rt)

@@ -17,6 +17,7 @@ In the experiment chain: `make all` (see the Makefile).
 """
 import argparse
 import hashlib
+import json
 import os
 import time
 
@@ -34,18 +35,31 @@ def get_args(argv=None):
     C.add_common_args(p, batch_size=256, size=256, cache_size=256)
     C.add_eval_args(p)
     g = p.add_argument_group('probe')
-    g.add_argument('--l2', default=','.join(map(str, L2_GRID)),
+    g.add_argument('--l2', type=l2_grid, default=L2_GRID,
                    help='L2 strengths tried on the val part (comma-separated)')
-    g.add_argument('--knn-k', type=int, default=20)
+    g.add_argument('--knn-k', type=int, default=20, help='neighbours of the kNN classifier')
     g.add_argument('--max-iter', type=int, default=200, help='L-BFGS iterations per fit')
-    return C.parse_args(p, None, argv)
+    args = C.parse_args(p, None, argv)
+    if args.knn_k < 1 or args.max_iter < 1:
+        p.error('--knn-k and --max-iter: at least 1')
+    return args
+
+
+def l2_grid(text):
+    try:
+        grid = tuple(float(v) for v in text.split(','))
+        assert grid and all(v >= 0 for v in grid)
+        return grid
+    except (ValueError, AssertionError):
+        raise argparse.ArgumentTypeError(f'{text}: comma-separated numbers >= 0, e.g. 1e-4,1e-2')
 
 
 @torch.no_grad()
 def features(rt, args, backbone, index, split, sha):
     """(features, labels) per part, computed once and cached in --cache-dir."""
+    parts = json.dumps([split[p] for p in ('train', 'val', 'test')])
     key = hashlib.sha1(f'{sha}|{index["file"]}|{index["fingerprint"]}|{args.size}|'
-                       f'{split["test"][:3]}|{len(split["test"])}'.encode()).hexdigest()[:12]
+                       f'{rt.precision}|{parts}'.encode()).hexdigest()[:12]
     path = os.path.join(args.cache_dir, f'features-{key}.pt')
     if os.path.exists(path):
         return C.load_checkpoint(path)
@@ -89,8 +103,9 @@ def knn_predict(train_x, train_y, x, classes, k=20, t=0.07):
     return votes / votes.sum(1, keepdim=True)
 
 
-def run_seed(args, seed, ds, split, split_file, feats, classes, sha, source, labels_rule):
-    t0 = time.time()
+def run_seed(args, row, ds, split, feats, classes):
+    """Fit the probe of one seed (row['seed']) on cached features; return its result row."""
+    t0, seed = time.time(), row['seed']
     labelled = set(C.labelled_subset(ds, split['train'], seed, args.labels_per_class,
                                      args.label_fraction))
     tr = feats['train']
@@ -98,7 +113,7 @@ def run_seed(args, seed, ds, split, split_file, feats, classes, sha, source, lab
     x, y = tr['x'][keep].double(), tr['y'][keep]
     mean, std = x.mean(0), x.std(0).clamp(min=1e-6)  # standardise on the labelled set only
     norm = lambda f: (f.double() - mean) / std
-    grid = [float(v) for v in args.l2.split(',')]
+    grid = list(args.l2)
     best_l2, best = grid[0], -1.0
     if 'val' in feats and len(grid) > 1:
         for l2 in grid:
@@ -113,11 +128,8 @@ def run_seed(args, seed, ds, split, split_file, feats, classes, sha, source, lab
                                        classes)
     knn = knn_predict(x, y, te['x'].double(), classes, args.knn_k)
     knn_acc = (knn.argmax(1) == te['y']).double().mean().item()
-    return dict(init=args.init_name, init_source=source, backbone_sha=sha, arch=args.arch,
-                dataset=os.path.basename(ds['root'].rstrip('/')), split=split['protocol'],
-                split_file=split_file, labels=len(y), labels_rule=labels_rule,
-                protocol='probe', seed=seed, metrics=metrics, knn_accuracy=knn_acc,
-                l2=best_l2, epochs=0, size=args.size, wall_s=round(time.time() - t0, 2))
+    return dict(row, labels=len(y), metrics=metrics, knn_accuracy=knn_acc, l2=best_l2,
+                epochs=0, size=args.size, wall_s=round(time.time() - t0, 2))
 
 
 def main():
@@ -129,6 +141,7 @@ def main():
     index = C.prepare_cache(rt, args, ds)
     backbone, _ = C.make_backbone(args.arch)
     source = C.load_backbone(backbone, args.arch, args.init, args.offline)
+    C.check_held_out(args.init, ds, split)
     backbone = backbone.to(rt.device).eval()
     for p in backbone.parameters():
         p.requires_grad_(False)
@@ -139,15 +152,16 @@ def main():
              f'{time.time() - t0:.1f}s')
     if C.state_fingerprint(backbone.state_dict()) != sha:  # frozen means frozen
         raise RuntimeError('the backbone changed while extracting features')
-    rule = C.labels_rule(args)
     done = C.done_keys(args.results)
-    dataset = os.path.basename(ds['root'].rstrip('/'))
     for seed in C.parse_seeds(args.seeds):
-        if (args.init_name, sha, dataset, split['protocol'], rule, 'probe', seed) in done:
+        row = dict(init=args.init_name, init_source=source, arch=args.arch, backbone_sha=sha,
+                   dataset=C.dataset_name(ds), split=split['protocol'],
+                   split_sha=C.split_sha(split), split_file=split_file,
+                   labels_rule=C.labels_rule(args), protocol='probe', seed=seed)
+        if C.result_key(row) in done:
             C.print0(f'seed {seed}: already in {args.results}, skipped')
             continue
-        row = run_seed(args, seed, ds, split, split_file, feats, len(ds['classes']), sha,
-                       source, rule)
+        row = run_seed(args, row, ds, split, feats, len(ds['classes']))
         m = row['metrics']
         C.print0(f'{args.init_name} probe seed {seed}: accuracy {m["accuracy"]:.4f} balanced '
                  f'{m["balanced_accuracy"]:.4f} kNN {row["knn_accuracy"]:.4f} '

@@ -226,9 +226,10 @@ def bench_probe(args, dev):
     xte, yte = C.predict(rt, backbone, index, test_rows, 256, [eval_view])
     feats = {'train': {'ids': labelled, 'x': xtr, 'y': ytr}, 'val': {'x': xva, 'y': yva},
              'test': {'x': xte, 'y': yte}}
-    pargs = argparse.Namespace(l2=','.join(map(str, probe.L2_GRID)), max_iter=200, knn_k=20,
-                               init_name='bench', arch=args.arch_probe, size=args.size_probe)
-    r = probe.run_seed(pargs, 0, ds, split, '-', feats, classes, '-', '-', '-')
+    pargs = argparse.Namespace(l2=probe.L2_GRID, max_iter=200, knn_k=20,
+                               labels_per_class=args.probe_labels, label_fraction=None,
+                               size=args.size_probe)
+    r = probe.run_seed(pargs, {'seed': 0}, ds, split, feats, classes)
     fast_s, fast_acc = time.perf_counter() - t, r['metrics']['accuracy']
 
     t = time.perf_counter()  # --- 100 epochs through the frozen network with augmentation

@@ -27,7 +27,8 @@ def image(n=1, size=32, seed=0):
 def run(x, view=(), size=None, **drawn):
     """apply_params with everything off (the eval view: whole image at its own size) except
     the view keys in `view` and the drawn values in `drawn` (keys of draw_params' dict)."""
-    view = dict(preset_params('eval', size=size or x.shape[-1])[0], **dict(view))
+    view = {**preset_params('eval', size=size or x.shape[-1])[0], 'mean': None, 'std': None,
+            **dict(view)}
     d = draw_params(view, x.shape[0], x.shape[2], x.shape[3], torch.Generator().manual_seed(0))
     for k, v in drawn.items():
         d[k] = torch.as_tensor(v, dtype=d[k].dtype).expand_as(d[k]).clone()
@@ -85,7 +86,7 @@ def test_solarize_matches_torchvision():
 
 def test_solarize_threshold_is_128_for_uint8():
     x = torch.arange(120, 136, dtype=torch.uint8).view(1, 1, 4, 4).expand(1, 3, 4, 4)
-    view = dict(preset_params('eval', size=8)[0], size=4, solarize_p=1.0)
+    view = dict(preset_params('eval', size=8)[0], size=4, solarize_p=1.0, mean=None, std=None)
     y = augment(x.contiguous(), view, torch.Generator())
     ref = TF.solarize(x, 128).float() / 255
     close(y, ref, 1e-6)  # 255 - v and (255 - v) / 255 vs 1 - v / 255: float32 rounding
@@ -188,7 +189,8 @@ def test_eval_is_antialiased_resize_and_not_random():
     assert torch.equal(y1, y2)
     # the prefilter is torchvision's own antialiased resize to exactly 32 px, then grid_sample
     # at the pixel centres: float rounding of the coordinates only
-    close(y1, TF.resize(x, [32, 32], antialias=True))
+    ref = TF.resize(x, [32, 32], antialias=True)
+    close(y1, TF.normalize(ref, list(IMAGENET_MEAN), list(IMAGENET_STD)))
 
 
 # --------------------------------------------------------------------------- drawn params
@@ -339,7 +341,9 @@ def test_preset_params_overrides_and_copies():
     skin = preset_params('barlow_skin')[0]
     assert (skin['brightness'], skin['contrast'], skin['saturation'], skin['hue']) == \
         (0.24, 0.24, 0.12, 0.06)
-    assert skin['mean'] is None and preset_params('barlow_imagenet')[0]['mean'] is not None
+    for name in AUG_PRESETS:  # every view normalises as the pretrained weights expect
+        assert all(v['mean'] == IMAGENET_MEAN and v['std'] == IMAGENET_STD
+                   for v in preset_params(name))
     ft = preset_params('finetune_skin')[0]
     assert (ft['flip_p'], ft['rotate_p'], ft['degrees'], ft['jitter_p']) == (0.25, 0.25, 45, 0)
 

@@ -30,3 +30,25 @@ def test_resume_into_another_model_is_refused(run_script, imagefolder, tmp_path)
     assert r.returncode == 2
     assert 'does not fit this model' in r.stderr and 'Traceback' not in r.stderr
     assert torch.load(out / 'ckpt.pt', weights_only=True)['step'] == 2  # left as it was
+
+
+def test_backbone_pretrained_without_the_test_part_held_out_is_refused(tmp_path):
+    import json
+    import common as C
+    import pytest
+    ds = {'root': str(tmp_path / 'skin')}
+    split = {'test': ['a', 'b']}
+    run = tmp_path / 'run'
+    run.mkdir()
+    (run / 'backbone.pt').write_bytes(b'')
+    for held_out, ok in ((C.split_sha(split), True), (None, False), ('other', False)):
+        (run / 'meta.json').write_text(json.dumps({'data_root': ds['root'],
+                                                   'held_out': held_out}))
+        for init in (str(run / 'backbone.pt'), str(run)):  # a file or its run folder
+            if ok:
+                C.check_held_out(init, ds, split)
+            else:
+                with pytest.raises(C.UserError, match='same --split'):
+                    C.check_held_out(init, ds, split)
+    (run / 'meta.json').write_text(json.dumps({'data_root': '/elsewhere', 'held_out': None}))
+    C.check_held_out(str(run), ds, split)  # pretrained on another dataset: nothing to leak
