@@ -14,6 +14,7 @@ SKIN      ?=#                        skin dataset root; empty: the synthetic ISI
 SKIN_DIR  := $(patsubst %/,%,$(if $(SKIN),$(SKIN),$(DATA)/skin))
 PROTOCOL  ?= random#                  split rule: random | paper | official
 PER_CLASS ?= 40#                     paper rule: labelled pool kept per class (the rest is test)
+SPLIT_FLAGS ?=#                       e.g. --drop-downsampled (ISIC 2019, as the paper)
 LABELS    ?= 20#                     labelled images per class for each fine-tuning/probe seed
 SPLIT     ?= splits/$(notdir $(SKIN_DIR))-$(PROTOCOL)-$(PER_CLASS).json
 
@@ -107,7 +108,7 @@ split: $(SPLIT)  ## the split of the skin set, made once and reused by every ste
 $(SPLIT): $(SKIN_DEP) | common.py
 	@echo "==> split $(SKIN_DIR) ($(PROTOCOL))"
 	$(PY) common.py split --data $(SKIN_DIR) --protocol $(PROTOCOL) --per-class $(PER_CLASS) \
-	  --out $@
+	  $(SPLIT_FLAGS) --out $@
 
 pretrain: $(SUP_DEP) $(BT_DEP) $(foreach i,supervised+skinBT barlow+skinBT skinBT,$(OUT)/$(i)/backbone.pt)  ## every pretrained init
 
@@ -163,7 +164,7 @@ paper:  ## the paper's experiment: ResNet-50, 256 px, published weights, 35 seed
 	  SKINBT_EPOCHS=100 SKINRND_EPOCHS=1000 BT_BATCH=128 PROJECTOR=8192-8192-8192 \
 	  SKINBT_FLAGS="--preset skin --lambd 0.000122 --batch-size 128" SKINBT_BLOCKS=last \
 	  SKINRND_FLAGS="--preset skin --lambd 0.000122 --batch-size 128" \
-	  WORKERS=8 OUT=runs/paper \
+	  SPLIT_FLAGS=--drop-downsampled WORKERS=8 OUT=runs/paper \
 	  RESULTS=results/paper
 
 # --------------------------------------------------------------------------- benchmarks, cleaning

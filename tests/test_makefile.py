@@ -20,13 +20,15 @@ def make(*args, timeout=600):
 def test_dry_run_with_published_weights_and_torchrun():
     r = make('-n', 'all', 'SKIN=/somewhere/ISIC_2019', 'SUP_INIT=torchvision',
              'BT_INIT=barlowtwins', 'NPROC=2', 'ARCH=resnet50', 'SIZE=256', 'SEEDS=0-4',
+             'PROTOCOL=paper', 'PER_CLASS=500',
              'OUT=/tmp/never', 'RESULTS=/tmp/never-results', 'SPLIT=/tmp/never-split.json')
     assert r.returncode == 0, r.stderr
     out = r.stdout
     assert 'make_synthetic.py' not in out                  # a dataset was given
     assert 'pretrain_supervised.py' not in out             # published weights instead
     assert 'runs/barlow/' not in out and '/tmp/never/barlow/' not in out
-    assert 'common.py split --data /somewhere/ISIC_2019 --protocol paper' in out
+    assert 'common.py split --data /somewhere/ISIC_2019 --protocol paper --per-class 500' \
+        in out
     ft = [l for l in out.splitlines() if 'finetune.py' in l]
     assert len(ft) == 6                                    # one command per init
     assert all(l.startswith('.venv/bin/torchrun --standalone --nproc_per_node=2') for l in ft)
