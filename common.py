@@ -4,6 +4,7 @@ metrics and logging. Depends only on torch, torchvision, numpy and pillow.
 
 Read it top to bottom: each `# ---` banner is one topic.
 """
+import argparse
 import csv
 import hashlib
 import json
@@ -1320,13 +1321,11 @@ def add_common_args(p, **defaults):
                    help='steps between checkpoints (0: only by time and at the end)')
     g.add_argument('--ckpt-minutes', type=float, default=10.0,
                    help='minutes between checkpoints')
-    g.add_argument('--nan-at-step', type=int, default=-1, help=argparse_suppress())
+    g.add_argument('--nan-at-step', type=int, default=-1, help=argparse.SUPPRESS)
     return p
 
 
 def _lr_type(auto):
-    import argparse
-
     def lr(text):
         if auto and text == 'auto':
             return text
@@ -1339,11 +1338,6 @@ def _lr_type(auto):
                                              + (' or auto' if auto else ''))
         return value
     return lr
-
-
-def argparse_suppress():
-    import argparse
-    return argparse.SUPPRESS
 
 
 def parse_args(p, presets=None, argv=None):
@@ -1976,6 +1970,14 @@ def labels_rule(args):
     return f'fraction={args.label_fraction}' if args.label_fraction else 'all'
 
 
+def result_stub(args, ds, split, split_file, source, sha, protocol, seed):
+    """The fields that name a result row (result_key reads them); the metrics come later."""
+    return dict(init=args.init_name, init_source=source, arch=args.arch, backbone_sha=sha,
+                dataset=dataset_name(ds), split=split['protocol'], split_sha=split_sha(split),
+                split_file=split_file, labels_rule=labels_rule(args), protocol=protocol,
+                seed=seed)
+
+
 def result_key(row):
     """What makes two result rows the same run (a rerun replaces, a resume skips). Training
     settings (epochs, lr, size) are not part of it: change --results to compare those."""
@@ -2072,7 +2074,6 @@ def _auroc(score, positive):
 def _cli(argv=None):
     """python common.py split --data PATH --protocol paper [--per-class 500] [--out FILE]
     python common.py cache --data PATH --cache-size 256    (decode once, ahead of training)"""
-    import argparse
     p = argparse.ArgumentParser(prog='common.py', description=_cli.__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest='cmd', required=True)

@@ -175,12 +175,9 @@ def main():
     source = C.load_backbone(backbone, args.arch, args.init, args.offline)
     C.check_held_out(args.init, ds, split)
     backbone_sd = {k: v.clone() for k, v in backbone.state_dict().items()}
-    done = C.done_keys(args.results)
+    sha, done = C.state_fingerprint(backbone_sd), C.done_keys(args.results)
     for seed in C.parse_seeds(args.seeds):
-        row = dict(init=args.init_name, init_source=source, arch=args.arch,
-                   backbone_sha=C.state_fingerprint(backbone_sd), dataset=C.dataset_name(ds),
-                   split=split['protocol'], split_sha=C.split_sha(split), split_file=split_file,
-                   labels_rule=C.labels_rule(args), protocol='finetune', seed=seed)
+        row = C.result_stub(args, ds, split, split_file, source, sha, 'finetune', seed)
         if C.result_key(row) in done:
             C.print0(f'seed {seed}: already in {args.results}, skipped')
             continue

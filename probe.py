@@ -39,9 +39,13 @@ def get_args(argv=None):
                    help='L2 strengths tried on the val part (comma-separated)')
     g.add_argument('--knn-k', type=int, default=20, help='neighbours of the kNN classifier')
     g.add_argument('--max-iter', type=int, default=200, help='L-BFGS iterations per fit')
+    g.add_argument('--aug-views', type=int, default=8,
+                   help='augmented passes over the train part added to the probe\'s training '
+                        'features (0: the eval view alone); with few labels they matter')
+    g.add_argument('--aug', default='finetune_skin', help='augmentation of those passes')
     args = C.parse_args(p, None, argv)
-    if args.knn_k < 1 or args.max_iter < 1:
-        p.error('--knn-k and --max-iter: at least 1')
+    if args.knn_k < 1 or args.max_iter < 1 or args.aug_views < 0:
+        p.error('--knn-k and --max-iter: at least 1; --aug-views: at least 0')
     return args
 
 
@@ -59,7 +63,8 @@ def features(rt, args, backbone, index, split, sha):
     """(features, labels) per part, computed once and cached in --cache-dir."""
     parts = json.dumps([split[p] for p in ('train', 'val', 'test')])
     key = hashlib.sha1(f'{sha}|{index["file"]}|{index["fingerprint"]}|{args.size}|'
-                       f'{rt.precision}|{parts}'.encode()).hexdigest()[:12]
+                       f'{rt.precision}|{args.aug_views}|{args.aug}|{parts}'.encode()
+                       ).hexdigest()[:12]
     path = os.path.join(args.cache_dir, f'features-{key}.pt')
     if os.path.exists(path):
         return C.load_checkpoint(path)
@@ -70,18 +75,25 @@ def features(rt, args, backbone, index, split, sha):
         if rows:
             f, y = C.predict(rt, backbone, index, rows, args.batch_size, [view])
             out[part] = {'ids': [index['ids'][r] for r in rows], 'x': f, 'y': y}
+    if args.aug_views:  # (V, n, D): random views of the train part, one pass each
+        view = C.preset_params(args.aug, size=args.size)[0]
+        rows = C.rows_of(index, split['train'])
+        out['train']['x_aug'] = torch.stack([
+            C.predict(rt, backbone, index, rows, args.batch_size, [view], seed=v + 1)[0]
+            for v in range(args.aug_views)])
     if rt.is_main:
         C.torch_save(out, path)
     return out
 
 
-def fit_logreg(x, y, classes, l2, max_iter):
+def fit_logreg(x, y, classes, l2, max_iter, init=None):
     """Multinomial logistic regression, full batch, L-BFGS with strong Wolfe line search.
-    Loss: mean cross-entropy + l2 * ||W||^2 (bias not penalised). Returns (W, b)."""
-    w = torch.zeros(x.shape[1], classes, dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(classes, dtype=torch.float64, requires_grad=True)
+    Loss: mean cross-entropy + l2 * ||W||^2 (bias not penalised). init=(W, b) warm-starts
+    (along the L2 grid). Returns (W, b)."""
+    w0, b0 = init or (torch.zeros(x.shape[1], classes), torch.zeros(classes))
+    w, b = w0.clone().requires_grad_(True), b0.clone().requires_grad_(True)
     opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, history_size=20,
-                            tolerance_grad=1e-9, tolerance_change=1e-12,
+                            tolerance_grad=1e-6, tolerance_change=1e-9,
                             line_search_fn='strong_wolfe')
 
     def closure():
@@ -110,23 +122,27 @@ def run_seed(args, row, ds, split, feats, classes):
                                      args.label_fraction))
     tr = feats['train']
     keep = torch.tensor([i in labelled for i in tr['ids']])
-    x, y = tr['x'][keep].double(), tr['y'][keep]
-    mean, std = x.mean(0), x.std(0).clamp(min=1e-6)  # standardise on the labelled set only
-    norm = lambda f: (f.double() - mean) / std
+    x, y = tr['x'][keep], tr['y'][keep]
+    xa = tr['x_aug'][:, keep].flatten(0, 1) if 'x_aug' in tr else x[:0]
+    ya = y.repeat(len(xa) // max(1, len(y)))
+    xfit, yfit = torch.cat([x, xa]), torch.cat([y, ya])  # the eval view + augmented views
+    mean, std = xfit.mean(0), xfit.std(0).clamp(min=1e-6)  # on the labelled set only
+    norm = lambda f: (f - mean) / std
     grid = list(args.l2)
-    best_l2, best = grid[0], -1.0
+    best_l2, best, wb = grid[0], -1.0, None
     if 'val' in feats and len(grid) > 1:
-        for l2 in grid:
-            w, b = fit_logreg(norm(x), y, classes, l2, args.max_iter)
-            probs = torch.softmax(norm(feats['val']['x']) @ w + b, 1)
+        for l2 in sorted(grid, reverse=True):  # strong to weak, each warm-started
+            wb = fit_logreg(norm(xfit), yfit, classes, l2, args.max_iter, wb)
+            probs = torch.softmax(norm(feats['val']['x']) @ wb[0] + wb[1], 1)
             score = C.classification_metrics(probs, feats['val']['y'], classes)
             if score['balanced_accuracy'] > best:
-                best_l2, best = l2, score['balanced_accuracy']
-    w, b = fit_logreg(norm(x), y, classes, best_l2, args.max_iter)
+                best_l2, best, (w, b) = l2, score['balanced_accuracy'], wb
+    else:
+        w, b = fit_logreg(norm(xfit), yfit, classes, best_l2, args.max_iter)
     te = feats['test']
     metrics = C.classification_metrics(torch.softmax(norm(te['x']) @ w + b, 1), te['y'],
                                        classes)
-    knn = knn_predict(x, y, te['x'].double(), classes, args.knn_k)
+    knn = knn_predict(x, y, te['x'], classes, args.knn_k)
     knn_acc = (knn.argmax(1) == te['y']).double().mean().item()
     return dict(row, labels=len(y), metrics=metrics, knn_accuracy=knn_acc, l2=best_l2,
                 epochs=0, size=args.size, wall_s=round(time.time() - t0, 2))
@@ -154,10 +170,7 @@ def main():
         raise RuntimeError('the backbone changed while extracting features')
     done = C.done_keys(args.results)
     for seed in C.parse_seeds(args.seeds):
-        row = dict(init=args.init_name, init_source=source, arch=args.arch, backbone_sha=sha,
-                   dataset=C.dataset_name(ds), split=split['protocol'],
-                   split_sha=C.split_sha(split), split_file=split_file,
-                   labels_rule=C.labels_rule(args), protocol='probe', seed=seed)
+        row = C.result_stub(args, ds, split, split_file, source, sha, 'probe', seed)
         if C.result_key(row) in done:
             C.print0(f'seed {seed}: already in {args.results}, skipped')
             continue

@@ -213,23 +213,21 @@ def bench_probe(args, dev):
     backbone, width = C.make_backbone(args.arch_probe)
     C.load_backbone(backbone, args.arch_probe, args.probe_backbone, offline=True)
     backbone = backbone.to(dev).eval().requires_grad_(False)
-    rt = argparse.Namespace(device=dev, dtype=torch.float32)
     classes = len(ds['classes'])
     labelled = C.labelled_subset(ds, split['train'], 0, per_class=args.probe_labels)
     train_rows, test_rows = C.rows_of(index, labelled), C.rows_of(index, split['test'])
     eval_view = C.preset_params('eval', size=args.size_probe)[0]
+    rt = argparse.Namespace(device=dev, dtype=torch.float32)
 
-    t = time.perf_counter()  # --- probe.py: features once, then logistic regression
-    xtr, ytr = C.predict(rt, backbone, index, train_rows, 256, [eval_view])
-    val_rows = C.rows_of(index, split['val'])
-    xva, yva = C.predict(rt, backbone, index, val_rows, 256, [eval_view])
-    xte, yte = C.predict(rt, backbone, index, test_rows, 256, [eval_view])
-    feats = {'train': {'ids': labelled, 'x': xtr, 'y': ytr}, 'val': {'x': xva, 'y': yva},
-             'test': {'x': xte, 'y': yte}}
-    pargs = argparse.Namespace(l2=probe.L2_GRID, max_iter=200, knn_k=20,
-                               labels_per_class=args.probe_labels, label_fraction=None,
-                               size=args.size_probe)
-    r = probe.run_seed(pargs, {'seed': 0}, ds, split, feats, classes)
+    t = time.perf_counter()  # --- probe.py itself: features once, then logistic regression
+    with tempfile.TemporaryDirectory() as tmp:
+        pargs = argparse.Namespace(l2=probe.L2_GRID, max_iter=200, knn_k=20, size=args.size_probe,
+                                   labels_per_class=args.probe_labels, label_fraction=None,
+                                   batch_size=256, aug_views=8, aug='finetune_skin',
+                                   cache_dir=tmp)
+        rt = argparse.Namespace(device=dev, dtype=torch.float32, precision='fp32', is_main=True)
+        feats = probe.features(rt, pargs, backbone, index, split, 'bench')
+        r = probe.run_seed(pargs, {'seed': 0}, ds, split, feats, classes)
     fast_s, fast_acc = time.perf_counter() - t, r['metrics']['accuracy']
 
     t = time.perf_counter()  # --- 100 epochs through the frozen network with augmentation
@@ -279,7 +277,8 @@ def main():
     p.add_argument('--probe-data', default='data/skin')
     p.add_argument('--arch-probe', default='resnet18')
     p.add_argument('--size-probe', type=int, default=32)
-    p.add_argument('--probe-labels', type=int, default=20)
+    p.add_argument('--probe-labels', type=int, default=1000,
+                   help='labels per class (1000: the whole train part)')
     p.add_argument('--probe-epochs', type=int, default=100)
     args = p.parse_args()
     dev = torch.device('cuda' if args.device == 'cuda' or (
