@@ -1,12 +1,13 @@
 """Linear probe on frozen features, over repeated seeds: does an initialisation give better
 features, not only a better starting point? One result row per seed in results/results.jsonl.
 
-The backbone runs once, in eval mode, over the train, val and test parts (the eval view:
-resize and centre crop); the features are cached per (backbone, dataset, split, size). Each
+The backbone runs once, in eval mode, over the train, val and test parts (the eval view), plus
+--aug-views augmented passes over the train part (few labels need augmentation even with
+frozen features); the features are cached per (backbone, dataset, split, size, views). Each
 seed then draws its labelled subset and fits a multinomial logistic regression on the cached
 features (standardised, full-batch L-BFGS, the L2 strength chosen on the val part by balanced
-accuracy from a small grid), plus a cosine kNN (k=20) as a second number. Seconds, not the
-hours of a 100-epoch probe through the network.
+accuracy from a small grid), plus a cosine kNN (k=20) as a second number. Seconds, where a
+100-epoch probe through the network takes minutes (see the README's benchmarks).
 
     python probe.py --data ISIC_2019 --split splits/ISIC_2019-paper.json \\
         --init runs/barlow/backbone.pt --init-name barlow --labels-per-class 50 --seeds 0-4
@@ -38,8 +39,9 @@ def get_args(argv=None):
     g.add_argument('--l2', type=l2_grid, default=L2_GRID,
                    help='L2 strengths tried on the val part (comma-separated)')
     g.add_argument('--knn-k', type=int, default=20, help='neighbours of the kNN classifier')
-    g.add_argument('--max-iter', type=int, default=200, help='L-BFGS iterations per fit')
-    g.add_argument('--aug-views', type=int, default=8,
+    g.add_argument('--max-iter', type=int, default=30,
+                   help='L-BFGS iterations per fit (warm-started along the L2 grid)')
+    g.add_argument('--aug-views', type=int, default=4,
                    help='augmented passes over the train part added to the probe\'s training '
                         'features (0: the eval view alone); with few labels they matter')
     g.add_argument('--aug', default='finetune_skin', help='augmentation of those passes')

@@ -221,14 +221,13 @@ def bench_probe(args, dev):
 
     t = time.perf_counter()  # --- probe.py itself: features once, then logistic regression
     with tempfile.TemporaryDirectory() as tmp:
-        pargs = argparse.Namespace(l2=probe.L2_GRID, max_iter=200, knn_k=20, size=args.size_probe,
-                                   labels_per_class=args.probe_labels, label_fraction=None,
-                                   batch_size=256, aug_views=8, aug='finetune_skin',
-                                   cache_dir=tmp)
+        pargs = probe.get_args(['--size', str(args.size_probe), '--cache-dir', tmp])
+        pargs.labels_per_class = args.probe_labels  # probe.py's defaults otherwise
         rt = argparse.Namespace(device=dev, dtype=torch.float32, precision='fp32', is_main=True)
         feats = probe.features(rt, pargs, backbone, index, split, 'bench')
         r = probe.run_seed(pargs, {'seed': 0}, ds, split, feats, classes)
     fast_s, fast_acc = time.perf_counter() - t, r['metrics']['accuracy']
+    fast_bal = r['metrics']['balanced_accuracy']
 
     t = time.perf_counter()  # --- 100 epochs through the frozen network with augmentation
     head = nn.Linear(width, classes).to(dev)
@@ -255,10 +254,13 @@ def bench_probe(args, dev):
     logits, labels = C.predict(rt, lambda x: head(backbone(x)), index, test_rows, 256,
                                [eval_view])
     slow_s = time.perf_counter() - t
-    slow_acc = (logits.argmax(1) == labels).float().mean().item()
-    row(f'{epochs}-epoch probe through the network (acc {slow_acc:.3f})', slow_s, 's')
-    row(f'probe.py on cached features (acc {fast_acc:.3f})', fast_s, 's',
-        f'({slow_s / fast_s:.0f}x faster, accuracy {100 * (fast_acc - slow_acc):+.1f} points)')
+    slow = C.classification_metrics(torch.softmax(logits, 1), labels, classes)
+    slow_acc, slow_bal = slow['accuracy'], slow['balanced_accuracy']
+    row(f'{epochs}-epoch probe through the network (acc {slow_acc:.3f}, bal. acc '
+        f'{slow_bal:.3f})', slow_s, 's')
+    row(f'probe.py (acc {fast_acc:.3f}, bal. acc {fast_bal:.3f})', fast_s, 's',
+        f'({slow_s / fast_s:.0f}x faster; accuracy {100 * (fast_acc - slow_acc):+.1f}, '
+        f'balanced {100 * (fast_bal - slow_bal):+.1f} points)')
 
 
 def main():
