@@ -217,13 +217,12 @@ def bench_probe(args, dev):
     labelled = C.labelled_subset(ds, split['train'], 0, per_class=args.probe_labels)
     train_rows, test_rows = C.rows_of(index, labelled), C.rows_of(index, split['test'])
     eval_view = C.preset_params('eval', size=args.size_probe)[0]
-    rt = argparse.Namespace(device=dev, dtype=torch.float32)
+    rt = argparse.Namespace(device=dev, dtype=torch.float32, precision='fp32', is_main=True)
 
     t = time.perf_counter()  # --- probe.py itself: features once, then logistic regression
     with tempfile.TemporaryDirectory() as tmp:
         pargs = probe.get_args(['--size', str(args.size_probe), '--cache-dir', tmp])
         pargs.labels_per_class = args.probe_labels  # probe.py's defaults otherwise
-        rt = argparse.Namespace(device=dev, dtype=torch.float32, precision='fp32', is_main=True)
         feats = probe.features(rt, pargs, backbone, index, split, 'bench')
         r = probe.run_seed(pargs, {'seed': 0}, ds, split, feats, classes)
     fast_s, fast_acc = time.perf_counter() - t, r['metrics']['accuracy']
