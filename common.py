@@ -1738,8 +1738,10 @@ def fit(rt, args, model, raw, optimizer, loader, sampler, step_fn, out, total_st
     flags continue mid-epoch); checkpoints every --ckpt-every steps / --ckpt-minutes and at
     the end; SIGTERM/SIGINT checkpoint and exit; a non-finite loss stops with the last good
     checkpoint intact. epoch_fn(epoch) -> dict runs after each full epoch (validation); its
-    figures go to the log. Returns the final step."""
+    figures go to the log. --max-steps caps total_steps. Returns the final step."""
     import torch.distributed as dist
+    if args.max_steps:
+        total_steps = min(total_steps, args.max_steps)
     ckpt_path = os.path.join(out, 'ckpt.pt')
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
     step = 0

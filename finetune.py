@@ -149,8 +149,7 @@ def run_seed(rt, args, row, ds, split, index, backbone_sd, width):
     total = head + args.epochs * spe
     lr_fn = lambda step, g: C.phase_lr(step, g, total, int(0.25 * (total - head)), 'onecycle',
                                        head)
-    stop = min(total, args.max_steps) if args.max_steps else total
-    step = C.fit(rt, args, model, raw, optimizer, loader, sampler, step_fn, out, stop, lr_fn,
+    step = C.fit(rt, args, model, raw, optimizer, loader, sampler, step_fn, out, total, lr_fn,
                  spe)
 
     raw.eval()

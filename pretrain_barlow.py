@@ -95,10 +95,10 @@ def main():
         split = C.load_split(args.split, ds)
         ids, test, held_out = split['pretrain'], set(split['test']), C.split_sha(split)
         folders = list(dict.fromkeys(split['extra'] + folders))
+    stem = lambda i: os.path.splitext(os.path.basename(i))[0]
+    test_stems = {stem(t) for t in test}  # test ids may carry folders and extensions
     for folder in folders:  # extra unlabelled images join the pool (one cache)
         extra = C.read_dataset(folder, 'folder')
-        stem = lambda i: os.path.splitext(os.path.basename(i))[0]
-        test_stems = {stem(t) for t in test}  # test ids may carry folders and extensions
         leak = [i for i in extra['ids'] if i in test or stem(i) in test_stems]
         if leak:
             raise C.UserError(f'--extra-data {folder}: {len(leak)} image(s) are test images of '
@@ -137,8 +137,7 @@ def main():
         return model(*C.augment_views(x, views, gen))
 
     # --- train (resumes from <out>/ckpt.pt), then the hand-off
-    stop = min(total, args.max_steps) if args.max_steps else total
-    step = C.fit(rt, args, model, raw, optimizer, loader, sampler, step_fn, args.out, stop,
+    step = C.fit(rt, args, model, raw, optimizer, loader, sampler, step_fn, args.out, total,
                  lr_fn, steps_per_epoch)
     C.write_handoff(rt, args.out, raw.backbone, dict(
         script='pretrain_barlow', args=vars(args), init=source, steps=step, data_root=root,

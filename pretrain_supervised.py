@@ -100,8 +100,7 @@ def main():
         return figures
 
     # --- train (resumes from <out>/ckpt.pt), then the hand-off
-    stop = min(total, args.max_steps) if args.max_steps else total
-    step = C.fit(rt, args, model, raw, optimizer, loader, sampler, step_fn, args.out, stop,
+    step = C.fit(rt, args, model, raw, optimizer, loader, sampler, step_fn, args.out, total,
                  lr_fn, steps_per_epoch, epoch_fn=validate if val_rows else None)
     if val_rows and not figures:
         validate(step / steps_per_epoch)
