@@ -3,7 +3,7 @@ prints one table; every row names what was measured so the figures can be quoted
 
     python tests/bench.py                  # everything, sized for a laptop CPU (a few minutes)
     python tests/bench.py --only aug,bt    # a subset: aug, step, cache, bt, probe
-    python tests/bench.py --device cuda --batch 256 --size 224 --arch resnet50   # on a GPU
+    python tests/bench.py --device cuda --only aug,bt   # on a GPU: ResNet-50, 224 px, batch 256
 
 What is measured:
   aug    pairs/s of the batched two-view barlow_imagenet augmentation (256 px uint8 -> 224 px)
@@ -13,6 +13,7 @@ What is measured:
   cache  one epoch read from the uint8 cache against decoding the JPEGs
   bt     bare backbone forward+backward images/s against the full Barlow Twins step
          (augmentation, projector, loss, LARS) pairs/s at the same batch; target >= 0.85 x /2
+         (CPU: ResNet-18 at 64 and 224 px; CUDA: ResNet-50, 224 px, bf16, channels_last)
   probe  probe.py's cached-feature logistic regression against a 100-epoch linear probe
          through the frozen network with augmentation (Facebook's evaluate.py protocol)
 """
@@ -41,17 +42,27 @@ def row(what, value, unit, note=''):
 
 def timed(fn, reps, warmup=1, device='cpu'):
     """Median seconds of fn() over reps runs after warmup runs (synchronising on CUDA)."""
+    return timed_together([fn], reps, warmup, device, rounds=1)[0]
+
+
+def timed_together(fns, reps, warmup=1, device='cpu', rounds=3):
+    """Median seconds of each fn over rounds x reps runs. Each round runs every fn in turn,
+    warmup runs then reps timed runs, so each is timed in the steady state of repeating
+    itself (as in training) while a change of machine load between rounds moves every
+    figure alike rather than one of them."""
     sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(reps):
-        sync()
-        t = time.perf_counter()
-        fn()
-        sync()
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts))
+    ts = [[] for _ in fns]
+    for _ in range(rounds):
+        for fn, t_fn in zip(fns, ts):
+            for _ in range(warmup):
+                fn()
+            for _ in range(reps):
+                sync()
+                t = time.perf_counter()
+                fn()
+                sync()
+                t_fn.append(time.perf_counter() - t)
+    return [float(np.median(t_fn)) for t_fn in ts]
 
 
 def images(n, side, seed=0):
@@ -159,38 +170,40 @@ def bench_cache(args, dev):
 
 # --------------------------------------------------------------------------- bt
 def bench_bt(args, dev):
-    print(f'bt: {args.arch} {args.size}px batch {args.batch}, projector {args.projector}')
-    backbone, width = C.make_backbone(args.arch)
-    bt = C.BarlowTwins(backbone, width, args.projector).to(dev)
-    if dev.type == 'cuda':
-        bt = bt.to(memory_format=torch.channels_last)
-    opt = C.make_optimizer({'backbone': bt.backbone, 'projector': bt.projector}, 'lars', 0.2,
-                           0.0048, 1e-6, args.batch)
-    amp = dict(device_type=dev.type, dtype=torch.bfloat16, enabled=dev.type == 'cuda')
-    x = C.augment(images(args.batch, args.size).to(dev).permute(0, 3, 1, 2),
-                  C.preset_params('eval', size=args.size)[0], None)
-    plain = torch.optim.SGD(bt.backbone.parameters(), lr=0.0)
+    for arch, size, batch, projector in args.bt_configs:
+        print(f'bt: {arch} {size}px batch {batch}, projector {projector}')
+        backbone, width = C.make_backbone(arch)
+        bt = C.BarlowTwins(backbone, width, projector).to(dev)
+        if dev.type == 'cuda':
+            bt = bt.to(memory_format=torch.channels_last)
+        opt = C.make_optimizer({'backbone': bt.backbone, 'projector': bt.projector}, 'lars',
+                               0.2, 0.0048, 1e-6, batch)
+        amp = dict(device_type=dev.type, dtype=torch.bfloat16, enabled=dev.type == 'cuda')
+        x = C.augment(images(batch, size).to(dev).permute(0, 3, 1, 2),
+                      C.preset_params('eval', size=size)[0], None)
+        plain = torch.optim.SGD(bt.backbone.parameters(), lr=0.0)
 
-    def backbone_step():
-        with torch.autocast(**amp):
-            loss = bt.backbone(x).float().square().mean()
-        plain.zero_grad(set_to_none=True)
-        loss.backward()
-    raw = images(args.batch, args.size + args.size // 8).to(dev).permute(0, 3, 1, 2)
-    views = C.preset_params('barlow_imagenet', size=args.size)
-    g = torch.Generator().manual_seed(0)
+        def backbone_step():
+            with torch.autocast(**amp):
+                loss = bt.backbone(x).float().square().mean()
+            plain.zero_grad(set_to_none=True)
+            loss.backward()
+        raw = images(batch, size + size // 8).to(dev).permute(0, 3, 1, 2)
+        views = C.preset_params('barlow_imagenet', size=size)
+        g = torch.Generator().manual_seed(0)
 
-    def bt_step():
-        with torch.autocast(**amp):
-            loss = bt(*C.augment_views(raw, views, g))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    img_s = args.batch / timed(backbone_step, args.reps, device=dev.type)
-    pair_s = args.batch / timed(bt_step, args.reps, device=dev.type)
-    row('bare backbone forward+backward', img_s, 'img/s')
-    row('full Barlow Twins step', pair_s, 'pairs/s',
-        f'(ratio to backbone/2: {pair_s / (img_s / 2):.2f}; target >= 0.85)')
+        def bt_step():
+            with torch.autocast(**amp):
+                loss = bt(*C.augment_views(raw, views, g))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        t_backbone, t_bt = timed_together([backbone_step, bt_step], args.reps, device=dev.type)
+        img_s, pair_s = batch / t_backbone, batch / t_bt
+        row(f'bare {arch} forward+backward, {size} px, batch {batch}', img_s, 'img/s')
+        row(f'full Barlow Twins step, projector {projector}, same batch', pair_s, 'pairs/s',
+            f'(ratio to backbone/2: {pair_s / (img_s / 2):.2f}; target >= 0.85)')
+        del bt, opt, plain
 
 
 # --------------------------------------------------------------------------- probe
@@ -267,11 +280,11 @@ def main():
     p.add_argument('--only', default='aug,step,cache,bt,probe')
     p.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'])
     p.add_argument('--reps', type=int, default=3)
-    p.add_argument('--aug-batch', type=int, default=64)
-    p.add_argument('--arch', default='resnet18', help='bt: backbone')
-    p.add_argument('--size', type=int, default=64, help='bt: resolution')
-    p.add_argument('--batch', type=int, default=64, help='bt: batch')
-    p.add_argument('--projector', default='2048-2048', help='bt: projector')
+    p.add_argument('--aug-batch', type=int, help='aug: batch (64 on CPU, 256 on CUDA)')
+    p.add_argument('--arch', help='bt: one backbone instead of the default configurations')
+    p.add_argument('--size', type=int, help='bt: resolution (with --arch)')
+    p.add_argument('--batch', type=int, help='bt: batch (with --arch)')
+    p.add_argument('--projector', help='bt: projector (with --arch)')
     p.add_argument('--cache-images', type=int, default=400)
     p.add_argument('--cache-dir', default='cache')
     p.add_argument('--probe-backbone', default='runs/barlow/backbone.pt')
@@ -286,9 +299,17 @@ def main():
         args.device == 'auto' and torch.cuda.is_available()) else 'cpu')
     if dev.type == 'cuda':
         torch.backends.cudnn.benchmark = True
+        args.aug_batch = args.aug_batch or 256
         args.step_configs = [('resnet50', 224, 128)]
-    else:
+        args.bt_configs = [('resnet50', 224, 256, '8192-8192-8192')]  # Facebook's projector
+    else:  # projectors 4x the backbone's width, as Facebook's 8192 on ResNet-50's 2048
+        args.aug_batch = args.aug_batch or 64
         args.step_configs = [('resnet18', 32, 64), ('resnet18', 64, 64), ('resnet50', 224, 8)]
+        args.bt_configs = [('resnet18', 64, 64, '2048-2048'), ('resnet18', 224, 32, '2048-2048')]
+    if args.arch or args.size or args.batch or args.projector:
+        arch, size, batch, projector = args.bt_configs[-1]
+        args.bt_configs = [(args.arch or arch, args.size or size, args.batch or batch,
+                            args.projector or projector)]
     print(f'device {dev}, torch {torch.__version__}, {torch.get_num_threads()} threads')
     for name in args.only.split(','):
         globals()[f'bench_{name}'](args, dev)

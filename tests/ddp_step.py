@@ -1,11 +1,13 @@
 """One Barlow Twins + LARS step under DDP (gloo, CPU), for test_barlow.py's DDP test.
 Not collected by pytest; run as
 
-    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/ddp_step.py OUTDIR
+    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/ddp_step.py OUTDIR [PROJECTOR]
 
 Every rank builds the same model (same seed), takes its contiguous share of a fixed global
 batch of two views, and takes one step through common.wrap_model (DDP) and
-common.make_optimizer('lars'). Rank 0 saves the loss, the gradients and the updated
+common.make_optimizer('lars'). PROJECTOR (default 64-64) picks the loss's path: with 64
+outputs and a global batch of 8 it goes through the Gram matrices, with 8 (64-8) through C.
+Rank 0 saves the loss, the gradients and the updated
 parameters to OUTDIR/ddp.pt; the test computes the single-process reference."""
 import argparse
 import os
@@ -27,7 +29,7 @@ def global_views():
             torch.randn(GLOBAL_BATCH, 3, SIZE, SIZE, generator=g))
 
 
-def build_model():
+def build_model(projector=PROJECTOR):
     """The same model on every rank. The residual BN scales start at 1 +- 0.5 instead of
     zero_init_residual's 0, so that every parameter gets a gradient in the first step."""
     torch.manual_seed(0)
@@ -35,7 +37,7 @@ def build_model():
     for m in backbone.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             torch.nn.init.uniform_(m.weight, 0.5, 1.5)
-    return C.BarlowTwins(backbone, width, PROJECTOR, LAMBD)
+    return C.BarlowTwins(backbone, width, projector, LAMBD)
 
 
 def optimizer_for(raw):
@@ -47,12 +49,12 @@ def optimizer_for(raw):
 
 
 def main():
-    out = sys.argv[1]
+    out, projector = sys.argv[1], (sys.argv[2:] or [PROJECTOR])[0]
     torch.set_num_threads(1)
     rt = C.setup_runtime(argparse.Namespace(device='cpu', precision='fp32',
                                             batch_size=GLOBAL_BATCH, seed=0))
     assert rt.world == 2, 'run under torchrun with 2 processes'
-    model, raw = C.wrap_model(rt, build_model())
+    model, raw = C.wrap_model(rt, build_model(projector))
     optimizer = optimizer_for(raw)
     y1, y2 = global_views()
     local = GLOBAL_BATCH // rt.world

@@ -36,11 +36,21 @@ def randn(*shape, seed=0, scale=1.0):
     return torch.randn(*shape, generator=g, dtype=torch.float64) * scale + 0.3
 
 
+# barlow_loss computes ||C||^2 from (N, N) Gram matrices when 2 N^2 < N D, from C itself
+# otherwise: every loss test runs shapes on both sides of that line.
+GRAM, CROSS = [(8, 64), (4, 24)], [(16, 32), (12, 8)]
+
+
+def test_shapes_cover_both_paths():
+    assert all(2 * n * n < n * d for n, d in GRAM)
+    assert not any(2 * n * n < n * d for n, d in CROSS)
+
+
 # scale 0.01: per-feature variance ~1e-4, so eps 1e-5 moves the loss by 0.4-2.4%, far above
 # rel 1e-5, and a missing or misplaced eps fails; scale 1: the plain case (an unbiased
 # variance, N-1, changes every normalised value by sqrt(N/(N-1)) and fails too)
 @pytest.mark.parametrize('scale', [1.0, 0.01])
-@pytest.mark.parametrize('shape', [(16, 32), (12, 8)])
+@pytest.mark.parametrize('shape', GRAM + CROSS)
 def test_loss_matches_float64_reference(shape, scale):
     z1, z2 = randn(*shape, seed=1, scale=scale), randn(*shape, seed=2, scale=scale)
     ref = reference_loss(z1, z2)
@@ -50,15 +60,17 @@ def test_loss_matches_float64_reference(shape, scale):
     assert got.item() == pytest.approx(ref.item(), rel=1e-5)
 
 
-def test_loss_lambda_weights_off_diagonal():
-    z1, z2 = randn(16, 8, seed=3), randn(16, 8, seed=4)
+@pytest.mark.parametrize('shape', [GRAM[0], CROSS[1]])
+def test_loss_lambda_weights_off_diagonal(shape):
+    z1, z2 = randn(*shape, seed=3), randn(*shape, seed=4)
     for lambd in (0.0, 1 / 8192, 0.5):
         assert barlow_loss(z1.float(), z2.float(), lambd).item() == pytest.approx(
             reference_loss(z1, z2, lambd).item(), rel=1e-5)
 
 
-def test_loss_gradient_matches_autograd_on_reference():
-    z1, z2 = randn(16, 24, seed=5), randn(16, 24, seed=6)
+@pytest.mark.parametrize('shape', [(6, 64), (16, 24)])  # Gram path, (D, D) path
+def test_loss_gradient_matches_autograd_on_reference(shape):
+    z1, z2 = randn(*shape, seed=5), randn(*shape, seed=6)
     a = z1.clone().requires_grad_(True)
     reference_loss(a, z2).backward()
     b = z1.float().requires_grad_(True)
@@ -99,18 +111,20 @@ def test_loss_of_correlated_identical_views_is_the_off_diagonal_term():
     assert got > LAMBD * 2 * 0.9 ** 2  # C_01 = C_10 > 0.9 cannot vanish
 
 
-def test_loss_invariant_to_joint_permutation_of_the_batch():
-    z1, z2 = randn(16, 32, seed=8).float(), randn(16, 32, seed=9).float()
-    perm = torch.randperm(16, generator=torch.Generator().manual_seed(0))
+@pytest.mark.parametrize('shape', [GRAM[0], CROSS[0]])
+def test_loss_invariant_to_joint_permutation_of_the_batch(shape):
+    z1, z2 = randn(*shape, seed=8).float(), randn(*shape, seed=9).float()
+    perm = torch.randperm(shape[0], generator=torch.Generator().manual_seed(0))
     a, b = barlow_loss(z1, z2, LAMBD), barlow_loss(z1[perm], z2[perm], LAMBD)
     assert a.item() == pytest.approx(b.item(), rel=1e-6)
     # ... but not to permuting one view alone (the pairs are what the loss is about)
     assert barlow_loss(z1, z2[perm], LAMBD).item() != pytest.approx(a.item(), rel=1e-3)
 
 
-def test_loss_runs_in_float32_under_bf16_autocast():
-    z1 = randn(16, 32, seed=10).to(torch.bfloat16)
-    z2 = (z1.double() + 0.5 * randn(16, 32, seed=11)).to(torch.bfloat16)
+@pytest.mark.parametrize('shape', [GRAM[0], CROSS[0]])
+def test_loss_runs_in_float32_under_bf16_autocast(shape):
+    z1 = randn(*shape, seed=10).to(torch.bfloat16)
+    z2 = (z1.double() + 0.5 * randn(*shape, seed=11)).to(torch.bfloat16)
     with torch.autocast('cpu', dtype=torch.bfloat16):
         got = barlow_loss(z1, z2, LAMBD)
     assert got.dtype == torch.float32
@@ -303,7 +317,8 @@ def test_phase_lr_freezes_backbone_weights_during_head_steps():
 
 # --------------------------------------------------------------------------- DDP equivalence
 @pytest.mark.slow
-def test_ddp_step_equals_single_process_step(tmp_path, torch_home):
+@pytest.mark.parametrize('projector', ['64-64', '64-8'])  # the loss's Gram and (D, D) paths
+def test_ddp_step_equals_single_process_step(tmp_path, torch_home, projector):
     """Two gloo ranks, each on half of a fixed global batch, vs one process on the whole of it.
     On CPU there is no SyncBatchNorm: under DDP the backbone's and projector's BatchNorm layers
     normalise each rank's half with its own statistics. The reference therefore runs each
@@ -318,13 +333,13 @@ def test_ddp_step_equals_single_process_step(tmp_path, torch_home):
     import ddp_step as D
 
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-           os.path.join(ROOT, 'tests', 'ddp_step.py'), str(tmp_path)]
+           os.path.join(ROOT, 'tests', 'ddp_step.py'), str(tmp_path), projector]
     r = subprocess.run(cmd, cwd=str(tmp_path), capture_output=True, text=True, timeout=150,
                        env=script_env(torch_home))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     ddp = torch.load(tmp_path / 'ddp.pt', weights_only=True)
 
-    model = D.build_model()
+    model = D.build_model(projector)
     model.train()
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
     y1, y2 = D.global_views()
@@ -358,7 +373,7 @@ def test_ddp_step_equals_single_process_step(tmp_path, torch_home):
     halved = [n for n in ref_grads if close(ddp['grads'][n], ref_grads[n] / 2)]
     assert not halved, halved
     # ... and to catch a reference that ignores per-rank BatchNorm (whole-batch statistics)
-    model2 = D.build_model()
+    model2 = D.build_model(projector)
     model2.train()
     whole = lambda y: model2.projector(model2.backbone(y))
     barlow_loss(whole(y1), whole(y2), D.LAMBD).backward()
