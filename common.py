@@ -1078,6 +1078,11 @@ def draw_params(view, n, height, width, generator):
     return d
 
 
+def take_params(d, idx):
+    """The drawn params of the images idx (an index or slice); the jitter order is per batch."""
+    return {k: v if k == 'order' else v[idx] for k, v in d.items()}
+
+
 # --------------------------------------------------------------------------- applying
 _PER_SAMPLE = ('brightness', 'contrast', 'saturation', 'hue', 'sigma')
 
@@ -1911,22 +1916,28 @@ def phase_lr(step, group, total, warmup, kind, head_steps=0):
 
 
 @torch.no_grad()
-def predict(rt, fn, index, rows, batch_size, views, softmax=False, seed=0, workers=0):
+def predict(rt, fn, index, rows, batch_size, views, softmax=False, seed=0, workers=0,
+            drawn=None):
     """fn over cache rows in order, under autocast (the caller sets eval mode), averaged over
     views (a list of augmentation params, one pass each; random views draw from a generator
-    seeded by (seed, batch, pass)). softmax=True averages probabilities (test-time
-    augmentation). Returns (outputs float32 on CPU, labels)."""
+    seeded by (seed, batch, pass), or take their values from drawn: per view, draw_params
+    for all the rows). softmax=True averages probabilities (test-time augmentation).
+    Returns (outputs float32 on CPU, labels)."""
     loader, _ = make_loader(index, rows, batch_size, shuffle=False, drop_last=False,
                             workers=workers, pin=rt.device.type == 'cuda')
     outs, labels = [], []
     for b, batch in enumerate(loader):
         x, y = to_device(batch, rt.device)
-        acc = 0
+        acc, x = 0, _as_float(x)
         for v, view in enumerate(views):
-            g = torch.Generator().manual_seed((seed * 7919 + b) * 101 + v)
+            if drawn:
+                d = take_params(drawn[v], slice(b * batch_size, b * batch_size + len(x)))
+            else:
+                g = torch.Generator().manual_seed((seed * 7919 + b) * 101 + v)
+                d = draw_params(view, len(x), x.shape[2], x.shape[3], g)
             with torch.autocast(rt.device.type, dtype=rt.dtype,
                                 enabled=rt.dtype != torch.float32):
-                o = fn(augment(x, view, g)).float()
+                o = fn(apply_params(x, view, d)).float()
             acc = acc + (torch.softmax(o, 1) if softmax else o)
         outs.append((acc / len(views)).cpu())
         labels.append(y.cpu())

@@ -1,7 +1,9 @@
-"""finetune.py details the script tests leave out: --lr auto (the range test), --class-weights,
-and a run folder whose checkpoint belongs to another model."""
+"""Evaluation details the script tests leave out: finetune.py's --lr auto (the range test),
+--class-weights and a run folder whose checkpoint belongs to another model; probe.py's
+logistic regression (its written-out gradient) against autograd and hand-computed optima."""
 import os
 
+import pytest
 import torch
 
 from conftest import TINY
@@ -52,3 +54,35 @@ def test_backbone_pretrained_without_the_test_part_held_out_is_refused(tmp_path)
                     C.check_held_out(init, ds, split)
     (run / 'meta.json').write_text(json.dumps({'data_root': '/elsewhere', 'held_out': None}))
     C.check_held_out(str(run), ds, split)  # pretrained on another dataset: nothing to leak
+
+
+# --------------------------------------------------------------------------- probe.py's fit
+def test_logreg_reaches_the_optimum_of_the_written_loss():
+    """fit_logreg computes its gradient by hand; at the point it returns, autograd's gradient
+    of mean cross-entropy + l2 ||W||^2 (float64, written out here) must vanish."""
+    import torch.nn.functional as F
+    import probe
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(90, 6, generator=g, dtype=torch.float64) + 0.5
+    y = torch.randint(0, 4, (90,), generator=g)
+    for l2 in (1e-3, 0.1):
+        w, b = probe.fit_logreg(x, y, 4, l2, max_iter=300)
+        w, b = w.clone().requires_grad_(True), b.clone().requires_grad_(True)
+        loss = -F.log_softmax(x @ w + b, 1)[torch.arange(90), y].mean() + l2 * (w * w).sum()
+        loss.backward()
+        # L-BFGS stops at tolerance_grad 1e-6; a wrong gradient (a missing 1/n, a penalty
+        # on the bias, a factor 2) leaves entries of 1e-2 or more
+        assert w.grad.abs().max() < 1e-5 and b.grad.abs().max() < 1e-5, (l2, w.grad, b.grad)
+
+
+def test_logreg_bias_is_not_penalised():
+    """With a huge L2 the weights vanish and the bias alone fits the class frequencies:
+    softmax(b) = (1/6, 2/6, 3/6), so b1 - b0 = log 2 and b2 - b0 = log 3."""
+    import math
+    import probe
+    x = torch.randn(60, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    y = torch.tensor([0] * 10 + [1] * 20 + [2] * 30)
+    w, b = probe.fit_logreg(x, y, 3, 1e4, max_iter=200)
+    assert w.abs().max() < 1e-4
+    assert (b[1] - b[0]).item() == pytest.approx(math.log(2), abs=1e-5)
+    assert (b[2] - b[0]).item() == pytest.approx(math.log(3), abs=1e-5)

@@ -218,6 +218,15 @@ def test_probe_two_seeds_rerun_skip_and_frozen_file(work, evals):
     assert [r['seed'] for r in b] == [0, 1]
     same_result(b[1], a[1], ['metrics', 'knn_accuracy', 'l2', 'labels', 'backbone_sha'])
     assert evals['backbone_after'] == evals['backbone_before']  # bytes and mtime
+    # A extracted the train images of seeds 0 and 1, B those of seed 1 alone; an image's
+    # augmented views must not depend on which others were extracted with it
+    (fa,), (fb,) = [list((work / c).glob('features-*.pt')) for c in ('cache', 'cache2')]
+    ta, tb = [torch.load(f, weights_only=True)['train'] for f in (fa, fb)]
+    assert set(tb['ids']) < set(ta['ids'])
+    pos = [ta['ids'].index(i) for i in tb['ids']]
+    assert tb['x_aug'].shape[0] == ta['x_aug'].shape[0] > 0
+    assert torch.allclose(tb['x_aug'], ta['x_aug'][:, pos], rtol=1e-4, atol=1e-5)
+    assert torch.allclose(tb['x'], ta['x'][pos], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.slow
