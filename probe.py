@@ -42,7 +42,7 @@ def get_args(argv=None):
     g.add_argument('--knn-k', type=int, default=20, help='neighbours of the kNN classifier')
     g.add_argument('--max-iter', type=int, default=30,
                    help='L-BFGS iterations per fit (warm-started along the L2 grid)')
-    g.add_argument('--aug-views', type=int, default=8,
+    g.add_argument('--aug-views', type=int, default=16,
                    help='augmented passes over the train part added to the probe\'s training '
                         'features (0: the eval view alone); with few labels they matter')
     g.add_argument('--aug', default='finetune_skin', help='augmentation of those passes')

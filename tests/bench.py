@@ -296,10 +296,11 @@ def bench_probe(args, dev):
     def scores(ms, ref=None):
         out = []
         for name, m in ms.items():
-            s = f'{name} ({len(tests[name][1])}): acc {m["accuracy"]:.3f} bal {m["balanced_accuracy"]:.3f}'
+            acc, bal = m['accuracy'], m['balanced_accuracy']
+            s = f'{name} ({len(tests[name][1])}): acc {acc:.3f} bal {bal:.3f}'
             if ref:
-                s += (f' ({100 * (m["accuracy"] - ref[name]["accuracy"]):+.1f}, '
-                      f'{100 * (m["balanced_accuracy"] - ref[name]["balanced_accuracy"]):+.1f} points)')
+                s += (f' ({100 * (acc - ref[name]["accuracy"]):+.1f}, '
+                      f'{100 * (bal - ref[name]["balanced_accuracy"]):+.1f} points)')
             out.append(s)
         return '; '.join(out)
     n_train = len(train_rows)

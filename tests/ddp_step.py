@@ -1,14 +1,15 @@
 """One Barlow Twins + LARS step under DDP (gloo, CPU), for test_barlow.py's DDP test.
 Not collected by pytest; run as
 
-    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/ddp_step.py OUTDIR [PROJECTOR]
+    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/ddp_step.py \\
+        OUTDIR [PROJECTOR]
 
 Every rank builds the same model (same seed), takes its contiguous share of a fixed global
 batch of two views, and takes one step through common.wrap_model (DDP) and
 common.make_optimizer('lars'). PROJECTOR (default 64-64) picks the loss's path: with 64
 outputs and a global batch of 8 it goes through the Gram matrices, with 8 (64-8) through C.
-Rank 0 saves the loss, the gradients and the updated
-parameters to OUTDIR/ddp.pt; the test computes the single-process reference."""
+Rank 0 saves the loss, the gradients and the updated parameters to OUTDIR/ddp.pt; the test
+computes the single-process reference."""
 import argparse
 import os
 import sys
