@@ -4,11 +4,12 @@ features, not only a better starting point? One result row per seed in results/r
 The backbone runs once, in eval mode, over the labelled train images of the seeds to run, the
 val part and the test part (the eval view), plus --aug-views augmented passes over those train
 images (few labels need augmentation even with frozen features); the features are cached per
-(backbone, dataset, parts, size, views). Each seed then fits a multinomial logistic regression
-on the features of its labelled subset (centred, full-batch L-BFGS, the L2 strength chosen on
-the val part by balanced accuracy from a small grid), plus a cosine kNN (k=20) as a second
-number. Seconds per seed, where a 100-epoch probe through the network takes minutes, at the
-same accuracy (see the README's benchmarks).
+(backbone, dataset, split, size, views), and a later run adds only the images it lacks. Each
+seed then fits a multinomial logistic regression on the features of its labelled subset
+(centred, full-batch L-BFGS, the L2 strength chosen on the val part by balanced accuracy from
+a small grid), plus a cosine kNN (k=20) as a second number. Seconds per seed, where a
+100-epoch probe through the network takes minutes, at the same accuracy (see the README's
+benchmarks).
 
     python probe.py --data ISIC_2019 --split splits/ISIC_2019-paper.json \\
         --init runs/barlow/backbone.pt --init-name barlow --labels-per-class 50 --seeds 0-4
@@ -71,44 +72,54 @@ def labelled_ids(args, ds, split, seeds):
 
 @torch.no_grad()
 def features(rt, args, backbone, index, split, sha, train_ids):
-    """(features, labels) per part, computed once and cached in --cache-dir. The train part
-    is limited to train_ids (the labelled subsets of the seeds to run): with few labels the
-    eval view and the augmented passes over the rest would never be used."""
-    whole_train, cached, train_ids = split['train'], set(index['ids']), set(train_ids)
-    split = dict(split, train=[i for i in whole_train if i in train_ids and i in cached])
-    parts = json.dumps([split[p] for p in ('train', 'val', 'test')])
+    """{part: {'ids', 'x', 'y'}} for the val and test parts and the train images of train_ids
+    (the labelled subsets of the seeds to run; with few labels the rest would never be used),
+    plus 'x_aug' (V, n, D) for those, cached in --cache-dir per (backbone, dataset, split,
+    size, views). A later run extracts only the train images the file lacks and adds them."""
     key = hashlib.sha1(f'{sha}|{index["file"]}|{index["fingerprint"]}|{args.size}|'
-                       f'{rt.precision}|{args.aug_views}|{args.aug}|{parts}'.encode()
+                       f'{rt.precision}|{args.aug_views}|{args.aug}|'
+                       f'{json.dumps([split[p] for p in ("train", "val", "test")])}'.encode()
                        ).hexdigest()[:12]
     path = os.path.join(args.cache_dir, f'features-{key}.pt')
-    if os.path.exists(path):
-        return C.load_checkpoint(path)
+    out = C.load_checkpoint(path) if os.path.exists(path) else {}
+    have, cached, train_ids = set(out.get('train', {}).get('ids', [])), set(index['ids']), \
+        set(train_ids)
+    new = [i for i in split['train'] if i in train_ids and i in cached and i not in have]
+    if out and not new:
+        return out
     view = C.preset_params('eval', size=args.size)[0]
-    out = {}
-    for part in ('train', 'val', 'test'):
-        rows = C.rows_of(index, split[part])
-        if rows:
-            f, y = C.predict(rt, backbone, index, rows, args.batch_size, [view])
-            out[part] = {'ids': [index['ids'][r] for r in rows], 'x': f, 'y': y}
-    if args.aug_views:  # (V, n, D): random views of the train ids, one pass each
-        # An image's views must not depend on which other images (seeds) are extracted with
-        # it: pass v draws for the whole train part and takes the rows of train_ids, and the
-        # batch-wide antialiasing prefilter is off (it depends on the batch's crops; with a
-        # cache a little larger than --size, as the Makefile's 40 for 32, crops shrink little)
-        view = C.preset_params(args.aug, size=args.size, antialias=False)[0]
-        rows = C.rows_of(index, split['train'])
-        where = {i: k for k, i in enumerate(whole_train)}
-        pick = torch.tensor([where[i] for i in split['train']], dtype=torch.long)
-        side = index['size']
-        drawn = [C.take_params(C.draw_params(view, len(whole_train), side, side,
-                                             torch.Generator().manual_seed(v + 1)), pick)
-                 for v in range(args.aug_views)]
-        out['train']['x_aug'] = torch.stack([
-            C.predict(rt, backbone, index, rows, args.batch_size, [view], drawn=[d])[0]
-            for d in drawn])
+    for part, ids in (('val', split['val']), ('test', split['test']), ('train', new)):
+        rows = C.rows_of(index, ids) if part == 'train' or part not in out else []
+        if not rows:
+            continue
+        f, y = C.predict(rt, backbone, index, rows, args.batch_size, [view])
+        got = {'ids': [index['ids'][r] for r in rows], 'x': f, 'y': y}
+        if part == 'train' and args.aug_views:
+            got['x_aug'] = augmented(rt, args, backbone, index, split['train'], rows)
+        old = out.get(part)
+        out[part] = got if old is None else {  # the train part grows by the new images
+            k: old[k] + got[k] if k == 'ids' else
+            torch.cat([old[k], got[k]], dim=1 if k == 'x_aug' else 0) for k in got}
     if rt.is_main:
         C.torch_save(out, path)
     return out
+
+
+def augmented(rt, args, backbone, index, whole_train, rows):
+    """(V, n, D) features of --aug-views random views of cache rows of the train part, one
+    pass each. An image's views must not depend on which other images are extracted with it
+    (other seeds, earlier runs): pass v draws for the whole train part and takes these rows,
+    and the batch-wide antialiasing prefilter is off (it depends on the batch's crops; with a
+    cache a little larger than --size, as the Makefile's 40 for 32, crops shrink little)."""
+    view = C.preset_params(args.aug, size=args.size, antialias=False)[0]
+    where = {i: k for k, i in enumerate(whole_train)}
+    pick = torch.tensor([where[index['ids'][r]] for r in rows], dtype=torch.long)
+    side = index['size']
+    drawn = [C.take_params(C.draw_params(view, len(whole_train), side, side,
+                                         torch.Generator().manual_seed(v + 1)), pick)
+             for v in range(args.aug_views)]
+    return torch.stack([C.predict(rt, backbone, index, rows, args.batch_size, [view],
+                                  drawn=[d])[0] for d in drawn])
 
 
 def fit_logreg(x, y, classes, l2, max_iter, init=None, xt=None):

@@ -230,6 +230,24 @@ def test_probe_two_seeds_rerun_skip_and_frozen_file(work, evals):
 
 
 @pytest.mark.slow
+def test_probe_grows_its_feature_cache(work, evals, imagefolder, run_script):
+    """Seeds 2-3 after seeds 0-1 with the same cache folder: the one features file gains
+    the new labelled images only; what it held stays as it was."""
+    (path,) = list((work / 'cache').glob('features-*.pt'))
+    old = torch.load(path, weights_only=True)['train']
+    script, args = eval_args('probe.py', work, imagefolder, work / 'probe-C.jsonl')
+    args[args.index('0-1')] = '2-3'
+    r = run_script(script, *args, cwd=work)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert list((work / 'cache').glob('features-*.pt')) == [path]
+    new = torch.load(path, weights_only=True)['train']
+    n = len(old['ids'])
+    assert new['ids'][:n] == old['ids'] and len(new['ids']) > n
+    assert torch.equal(new['x'][:n], old['x']) and torch.equal(new['x_aug'][:, :n], old['x_aug'])
+    assert [row['seed'] for row in rows(work / 'probe-C.jsonl')] == [2, 3]
+
+
+@pytest.mark.slow
 def test_finetune_refuses_checkpoint_of_another_arch(evals, work):
     r = evals['arch']
     assert r.returncode == 2, r.stderr[-3000:]
