@@ -82,14 +82,16 @@ def features(rt, args, backbone, index, split, sha, train_ids):
                        ).hexdigest()[:12]
     path = os.path.join(args.cache_dir, f'features-{key}.pt')
     out = C.load_checkpoint(path) if os.path.exists(path) else {}
-    have, cached, train_ids = set(out.get('train', {}).get('ids', [])), set(index['ids']), \
-        set(train_ids)
-    new = [i for i in split['train'] if i in train_ids and i in cached and i not in have]
+    have = set(out['train']['ids']) if 'train' in out else set()
+    wanted, cached = set(train_ids), set(index['ids'])
+    new = [i for i in split['train'] if i in wanted and i in cached and i not in have]
     if out and not new:
         return out
+    todo = {part: split[part] for part in ('val', 'test') if part not in out}
+    todo['train'] = new
     view = C.preset_params('eval', size=args.size)[0]
-    for part, ids in (('val', split['val']), ('test', split['test']), ('train', new)):
-        rows = C.rows_of(index, ids) if part == 'train' or part not in out else []
+    for part, ids in todo.items():
+        rows = C.rows_of(index, ids)
         if not rows:
             continue
         f, y = C.predict(rt, backbone, index, rows, args.batch_size, [view])
