@@ -29,7 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 import common as C  # noqa: E402
 
 ROWS = []
@@ -214,9 +215,7 @@ def bench_probe(args, dev):
     lr and schedule). Both are scored on the split's test part and, when the data is the
     synthetic skin set, on an independent one of --probe-test-count images (make_synthetic.py
     with another seed), where a 1-point difference is beyond the noise of a few hundred."""
-    import json
     import subprocess
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import probe
     if not os.path.exists(args.probe_backbone) or not os.path.isdir(args.probe_data):
         print(f'probe: skipped, needs {args.probe_backbone} and {args.probe_data} '
@@ -239,12 +238,12 @@ def bench_probe(args, dev):
     tests = {'test part': (index, test_rows)}
     stamp = os.path.join(args.probe_data, '.synthetic.json')
     if os.path.exists(stamp) and args.probe_test_count:
-        settings = C.read_json(stamp)['settings']
-        root = os.path.join(args.cache_dir, f'bench-skin-{args.probe_test_count}')
-        subprocess.run([sys.executable, 'make_synthetic.py', '--out', root, '--only', 'skin',
-                        '--skin-count', str(args.probe_test_count), '--seed', '1',
-                        '--size', str(settings['size'])], check=True,
-                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        settings = C.read_json(stamp)['settings']  # the same generator, another seed
+        root = os.path.abspath(os.path.join(args.cache_dir, f'bench-skin-{args.probe_test_count}'))
+        subprocess.run([sys.executable, os.path.join(ROOT, 'make_synthetic.py'), '--out', root,
+                        '--only', 'skin', '--skin-count', str(args.probe_test_count),
+                        '--seed', str(settings['seed'] + 1), '--size', str(settings['size'])],
+                       check=True)
         other = C.read_dataset(os.path.join(root, 'skin'))
         other_index = C.build_cache(other, cache, args.cache_dir, workers=0, verbose=False)
         tests['independent'] = (other_index, list(range(len(other_index['ids']))))
