@@ -2029,6 +2029,19 @@ def done_keys(path):
     return keys
 
 
+def pending_rows(args, ds, split, split_file, source, sha, protocol):
+    """Result stubs of the --seeds whose rows are not in --results yet; each one that is
+    gets a 'skipped' line."""
+    done, rows = done_keys(args.results), []
+    for seed in parse_seeds(args.seeds):
+        row = result_stub(args, ds, split, split_file, source, sha, protocol, seed)
+        if result_key(row) in done:
+            print0(f'seed {seed}: already in {args.results}, skipped')
+        else:
+            rows.append(row)
+    return rows
+
+
 # --------------------------------------------------------------------------- metrics
 def classification_metrics(probs, labels, num_classes):
     """Test-set metrics from (N, C) class probabilities and (N,) int labels, as plain JSON

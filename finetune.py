@@ -174,12 +174,9 @@ def main():
     source = C.load_backbone(backbone, args.arch, args.init, args.offline)
     C.check_held_out(args.init, ds, split)
     backbone_sd = {k: v.clone() for k, v in backbone.state_dict().items()}
-    sha, done = C.state_fingerprint(backbone_sd), C.done_keys(args.results)
-    for seed in C.parse_seeds(args.seeds):
-        row = C.result_stub(args, ds, split, split_file, source, sha, 'finetune', seed)
-        if C.result_key(row) in done:
-            C.print0(f'seed {seed}: already in {args.results}, skipped')
-            continue
+    sha = C.state_fingerprint(backbone_sd)
+    for row in C.pending_rows(args, ds, split, split_file, source, sha, 'finetune'):
+        seed = row['seed']
         row = run_seed(rt, args, row, ds, split, index, backbone_sd, width)
         m = row['metrics']
         C.print0(f'{args.init_name} seed {seed}: accuracy {m["accuracy"]:.4f} balanced '

@@ -209,13 +209,7 @@ def main():
     for p in backbone.parameters():
         p.requires_grad_(False)
     sha = C.state_fingerprint(backbone.state_dict())
-    done, todo = C.done_keys(args.results), []
-    for seed in C.parse_seeds(args.seeds):
-        row = C.result_stub(args, ds, split, split_file, source, sha, 'probe', seed)
-        if C.result_key(row) in done:
-            C.print0(f'seed {seed}: already in {args.results}, skipped')
-        else:
-            todo.append(row)
+    todo = C.pending_rows(args, ds, split, split_file, source, sha, 'probe')
     if not todo:
         return C.teardown(rt)
     labelled = labelled_ids(args, ds, split, [row['seed'] for row in todo])
