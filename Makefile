@@ -60,7 +60,8 @@ else
 RUN := $(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC)
 endif
 SYS   := --arch $(ARCH) --size $(SIZE) --cache-size $(CACHE_SIZE) --device $(DEVICE) \
-         --workers $(WORKERS) --max-steps $(MAX_STEPS) --cache-dir $(CACHE_DIR)
+         --workers $(WORKERS) --cache-dir $(CACHE_DIR)
+TRAIN := $(SYS) --max-steps $(MAX_STEPS)
 EVAL  := $(SYS) --data $(SKIN_DIR) --split $(SPLIT) --labels-per-class $(LABELS) \
          --seeds $(SEEDS) --results $(RESULTS)/results.jsonl
 
@@ -114,34 +115,34 @@ pretrain: $(SUP_DEP) $(BT_DEP) $(foreach i,supervised+skinBT barlow+skinBT skinB
 
 $(OUT)/supervised/backbone.pt: $(SRC_DEP) | pretrain_supervised.py
 	@echo "==> supervised pretraining on $(SOURCE)"
-	$(RUN) pretrain_supervised.py $(SYS) --data $(SOURCE) --epochs $(SUP_EPOCHS) \
+	$(RUN) pretrain_supervised.py $(TRAIN) --data $(SOURCE) --epochs $(SUP_EPOCHS) \
 	  --batch-size $(BATCH) $(SUP_FLAGS) --out $(@D)
 
 $(OUT)/barlow/backbone.pt: $(SRC_DEP) | pretrain_barlow.py
 	@echo "==> Barlow Twins pretraining on $(SOURCE)"
-	$(RUN) pretrain_barlow.py $(SYS) --data $(SOURCE) --epochs $(BT_EPOCHS) \
+	$(RUN) pretrain_barlow.py $(TRAIN) --data $(SOURCE) --epochs $(BT_EPOCHS) \
 	  --batch-size $(BT_BATCH) --lr $(BT_LR) $(BT_FLAGS) --projector $(PROJECTOR) --out $(@D)
 
 $(OUT)/supervised+skinBT/backbone.pt: $(SUP_DEP) $(SPLIT) | pretrain_barlow.py
 	@echo "==> further Barlow Twins on the skin pool, from supervised"
-	$(RUN) pretrain_barlow.py $(SYS) $(SKINBT_FLAGS) --data $(SKIN_DIR) --split $(SPLIT) \
+	$(RUN) pretrain_barlow.py $(TRAIN) $(SKINBT_FLAGS) --data $(SKIN_DIR) --split $(SPLIT) \
 	  --init $(SUP) --train-blocks $(SKINBT_BLOCKS) --epochs $(SKINBT_EPOCHS) --out $(@D)
 
 $(OUT)/barlow+skinBT/backbone.pt: $(BT_DEP) $(SPLIT) | pretrain_barlow.py
 	@echo "==> further Barlow Twins on the skin pool, from Barlow Twins"
-	$(RUN) pretrain_barlow.py $(SYS) $(SKINBT_FLAGS) --data $(SKIN_DIR) --split $(SPLIT) \
+	$(RUN) pretrain_barlow.py $(TRAIN) $(SKINBT_FLAGS) --data $(SKIN_DIR) --split $(SPLIT) \
 	  --init $(BT) --train-blocks $(SKINBT_BLOCKS) --epochs $(SKINBT_EPOCHS) --out $(@D)
 
 $(OUT)/skinBT/backbone.pt: $(SPLIT) | pretrain_barlow.py
 	@echo "==> Barlow Twins on the skin pool only, from random init"
-	$(RUN) pretrain_barlow.py $(SYS) $(SKINRND_FLAGS) --data $(SKIN_DIR) --split $(SPLIT) \
+	$(RUN) pretrain_barlow.py $(TRAIN) $(SKINRND_FLAGS) --data $(SKIN_DIR) --split $(SPLIT) \
 	  --init random --epochs $(SKINRND_EPOCHS) --out $(@D)
 
 define EVAL_RULES
 $(RESULTS)/.done/finetune-$(1)-$(TAG): $(call init_dep,$(1)) $(SPLIT) | finetune.py
 	@echo "==> fine-tune $(1), seeds $(SEEDS)"
-	$(RUN) finetune.py $(EVAL) --init $(call init_path,$(1)) --init-name $(1) \
-	  --epochs $(FT_EPOCHS) --batch-size $(FT_BATCH) --out $(OUT)/finetune
+	$(RUN) finetune.py $(EVAL) --max-steps $(MAX_STEPS) --init $(call init_path,$(1)) \
+	  --init-name $(1) --epochs $(FT_EPOCHS) --batch-size $(FT_BATCH) --out $(OUT)/finetune
 	@mkdir -p $$(@D) && touch $$@
 $(RESULTS)/.done/probe-$(1)-$(TAG): $(call init_dep,$(1)) $(SPLIT) | probe.py
 	@echo "==> linear probe $(1), seeds $(SEEDS)"

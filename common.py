@@ -2,25 +2,61 @@
 backbones and weight loading, Barlow Twins, LARS, schedules, the AMP/DDP training loop,
 metrics and logging. Depends only on torch, torchvision, numpy and pillow.
 
-Read it top to bottom: each `# ---` banner is one topic.
+A library to copy: every function takes plain keyword arguments (never a scripts' flags
+object), and tests/test_library.py drives this file alone from a 40-line script. Read it top
+to bottom: each `# ---` banner is one topic, in this order.
+
+  errors, files      UserError, main_guard, atomic_write, write_json, read_json, torch_save,
+                     append_jsonl, read_csv, few
+  dataset readers    read_dataset (auto-detects ImageFolder, folder, ISIC 2019/2020,
+                     HAM10000, DermaMNIST), make_dataset, load_image
+  splits             make_split, save_split, load_split, split_path, labelled_subset
+  uint8 cache        build_cache, find_cache, fingerprint, fmt_time
+  loader             make_loader, CachedImages, EpochBatches, prepare_cache,
+                     cache_positions, to_device, dataset_name
+  augmentations      preset_params, draw_params, take_params, apply_params, augment,
+                     augment_views
+  command line       add_data_args, add_model_args, add_runtime_args, add_train_args,
+                     add_eval_args, parse_args, parse_seeds, number, default_workers
+  runtime            dist_info, setup_runtime, local_batch, teardown, print0
+  backbone, weights  make_backbone, load_backbone, load_checkpoint, clean_state_dict,
+                     hub_file, init_file, state_fingerprint
+  Barlow Twins       make_projector, barlow_loss, BarlowTwins, Classifier, classifier_task
+  optimisers         LARS, make_optimizer, lr_factor
+  training loop      wrap_model, step_generator, grad_scaler, train_step, fit,
+                     write_handoff, git_revision, phase_lr, predict
+  evaluation runs    get_split, split_sha, check_held_out, labels_rule, result_stub,
+                     result_key, done_keys, pending_rows
+  metrics            classification_metrics
+  command line tools `python common.py split|cache ...`
 """
 import argparse
+import collections
 import csv
 import hashlib
 import json
 import math
+import multiprocessing
 import os
+import pickle
 import re
+import signal
+import subprocess
 import sys
 import time
+import types
 import zipfile
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageOps
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 
@@ -113,20 +149,13 @@ def few(items, n=5):
 # it in READERS; auto-detection tries the entries in order, the generic folders last.
 
 def make_dataset(fmt, root, classes, ids, paths, labels, groups=None, official=None):
-    dup = [i for i, n in _counts(ids).items() if n > 1]
+    dup = [i for i, n in collections.Counter(ids).items() if n > 1]
     if dup:
         raise UserError(f'{root}: duplicate image ids {few(dup)}; ids must be unique')
     return {'format': fmt, 'root': os.path.abspath(root), 'classes': list(classes),
             'ids': list(ids), 'paths': list(paths), 'labels': [int(l) for l in labels],
             'groups': list(groups) if groups is not None else list(ids),
             'official': list(official) if official is not None else None}
-
-
-def _counts(xs):
-    out = {}
-    for x in xs:
-        out[x] = out.get(x, 0) + 1
-    return out
 
 
 def _is_image(name):
@@ -513,28 +542,33 @@ def _group_table(ds, ks):
     return names, [members[g] for g in names], labels
 
 
-def _take(order, sizes, labels, target):
-    """Walk groups in order; take a group while its class has fewer than target[c] images."""
-    taken, out = {}, []
+def _take(order, sizes, labels, target, within=False):
+    """The one stratified, group-aware selection of splits and labelled subsets: walk groups
+    in order and take a group while its class has fewer than target[c] images; within=True
+    takes a group only if it fits in what is left of target[c] (never above it), and a class
+    none of whose groups fits gets its first group."""
+    taken, out = collections.Counter(), []
     for g in order:
         c = labels[g]
-        if taken.get(c, 0) < target.get(c, 0):
+        if (taken[c] + sizes[g] <= target.get(c, 0)) if within else taken[c] < target.get(c, 0):
             out.append(g)
-            taken[c] = taken.get(c, 0) + sizes[g]
+            taken[c] += sizes[g]
+    if within:
+        out += [next(g for g in order if labels[g] == c) for c in sorted(set(labels) - set(taken))]
     return out
 
 
 def _fraction_target(order, sizes, labels, fraction):
-    n = {}
+    n = collections.Counter()
     for g in order:
-        n[labels[g]] = n.get(labels[g], 0) + sizes[g]
+        n[labels[g]] += sizes[g]
     return {c: round(fraction * m) for c, m in n.items()}
 
 
 def _class_counts(ds, ks):
     names = ds['classes'] + ['unlabelled']
-    counts = _counts(names[ds['labels'][k]] for k in ks)  # label -1 -> 'unlabelled'
-    return {c: counts.get(c, 0) for c in names if c in counts or c != 'unlabelled'}
+    counts = collections.Counter(names[ds['labels'][k]] for k in ks)  # -1 -> 'unlabelled'
+    return {c: counts[c] for c in names if c in counts or c != 'unlabelled'}
 
 
 def make_split(ds, protocol, seed=0, per_class=500, test_fraction=0.2, val_fraction=0.1,
@@ -612,7 +646,7 @@ def _check_split(split, ds, where):
     and no group on two sides. Raises UserError naming the offenders."""
     parts = {p: split[p] for p in ('train', 'val', 'test', 'pretrain')}
     for p, xs in parts.items():
-        dup = [i for i, c in _counts(xs).items() if c > 1]
+        dup = [i for i, c in collections.Counter(xs).items() if c > 1]
         if dup:
             raise UserError(f'{where}: {len(dup)} id(s) twice in {p}: {few(dup)}')
     for a, b in (('train', 'val'), ('train', 'test'), ('val', 'test'), ('pretrain', 'test')):
@@ -625,8 +659,8 @@ def _check_split(split, ds, where):
                         f'{few(lost)}')
     if ds is None:
         return
-    index = {i: k for k, i in enumerate(ds['ids'])}
-    unknown = sorted({i for xs in parts.values() for i in xs if i not in index})
+    k_of = {i: k for k, i in enumerate(ds['ids'])}  # image id -> its place in ds
+    unknown = sorted({i for xs in parts.values() for i in xs if i not in k_of})
     if unknown:
         raise UserError(f'{where}: {len(unknown)} id(s) not in {ds["root"]}: {few(unknown)}; '
                         f'was the split made for another dataset?')
@@ -635,7 +669,7 @@ def _check_split(split, ds, where):
     for p in ('train', 'val', 'test', 'pretrain'):
         for i in parts[p]:
             if p != 'pretrain' or i not in labelled:
-                sides.setdefault(ds['groups'][index[i]], set()).add(p)
+                sides.setdefault(ds['groups'][k_of[i]], set()).add(p)
     cross = [f'{g} ({"+".join(sorted(s))})' for g, s in sides.items()
              if len(s - {'pretrain'}) > 1 or {'pretrain', 'test'} <= s]
     if cross:
@@ -676,25 +710,19 @@ def labelled_subset(ds, ids, seed, per_class=None, fraction=None):
         raise UserError(f'fraction {fraction}: must be in (0, 1]')
     if per_class is not None and int(per_class) < 1:
         raise UserError(f'per_class {per_class}: must be at least 1')
-    index = {i: k for k, i in enumerate(ds['ids'])}
-    unknown = [i for i in ids if i not in index]
+    k_of = {i: k for k, i in enumerate(ds['ids'])}  # image id -> its place in ds
+    unknown = [i for i in ids if i not in k_of]
     if unknown:
         raise UserError(f'{len(unknown)} id(s) not in {ds["root"]}: {few(unknown)}')
-    ks = [index[i] for i in ids if ds['labels'][index[i]] >= 0]
+    ks = [k_of[i] for i in ids if ds['labels'][k_of[i]] >= 0]
     if not ks:
         raise UserError(f'{ds["root"]}: no labelled images among the {len(ids)} ids given')
     names, members, glabels = _group_table(ds, ks)
     sizes = [len(m) for m in members]
     order = np.random.default_rng(seed).permutation(len(names)).tolist()
     if per_class is not None:
-        taken, chosen = {}, []
-        for g in order:  # fit whole groups into the budget, never above it
-            c = glabels[g]
-            if taken.get(c, 0) + sizes[g] <= int(per_class):
-                chosen.append(g)
-                taken[c] = taken.get(c, 0) + sizes[g]
-        for c in set(glabels) - set(taken):  # every group too big: take the first one
-            chosen.append(next(g for g in order if glabels[g] == c))
+        chosen = _take(order, sizes, glabels, {c: int(per_class) for c in set(glabels)},
+                       within=True)
     elif fraction is not None:
         target = _fraction_target(order, sizes, glabels, fraction)
         chosen = _take(order, sizes, glabels, {c: max(1, t) for c, t in target.items()})
@@ -706,9 +734,11 @@ def labelled_subset(ds, ids, seed, per_class=None, fraction=None):
 
 # --------------------------------------------------------------------------- uint8 cache
 # Each image is decoded once, its shorter side resized to S and centre-cropped to S x S, and
-# stored in one memory-mapped (N, S, S, 3) uint8 .npy beside a JSON index. Training then reads
-# raw bytes: no JPEG decoding per epoch. The index carries a fingerprint of the source files
-# (path, size, mtime) so a changed source rebuilds the cache and an unchanged one is reused.
+# stored in one memory-mapped (N, S, S, 3) uint8 .npy beside a JSON description, the `cache`
+# dict: {'file', 'size', 'ids', 'labels', 'groups', 'classes', 'fingerprint', 'bad'}. Image k
+# of the cache (its *position*) is cache['ids'][k]. Training then reads raw bytes: no JPEG
+# decoding per epoch. The fingerprint of the source files (path, size, mtime) makes a changed
+# source rebuild the cache and an unchanged one be reused.
 
 def fingerprint(paths):
     h = hashlib.sha1()
@@ -748,25 +778,25 @@ def _cache_stem(ds, size, cache_dir):
 
 
 def find_cache(ds, size, cache_dir, skip_bad=False, fp=None):
-    """The index of a finished cache of ds whose fingerprint matches, else None."""
+    """The cache dict of a finished cache of ds whose fingerprint matches, else None."""
     stem = _cache_stem(ds, size, cache_dir)
     if os.path.exists(stem + '.json') and os.path.exists(stem + '.npy'):
-        index = read_json(stem + '.json', 'cache index')
-        if index.get('fingerprint') == (fp or fingerprint(ds['paths'])) and \
-                (skip_bad or not index['bad']):
-            return index
+        cache = read_json(stem + '.json', 'cache description')
+        if cache.get('fingerprint') == (fp or fingerprint(ds['paths'])) and \
+                (skip_bad or not cache['bad']):
+            return cache
     return None
 
 
 def build_cache(ds, size, cache_dir='cache', workers=2, skip_bad=False, verbose=True):
-    """Decode ds once into cache_dir; reuse when the fingerprint matches. Returns the index
+    """Decode ds once into cache_dir; reuse when the fingerprint matches. Returns the cache
     dict: {'file', 'size', 'ids', 'labels', 'groups', 'classes', 'fingerprint', 'bad'}."""
     if size < 8:
         raise UserError(f'--cache-size {size}: too small, use at least 8 pixels')
     stem, fp = _cache_stem(ds, size, cache_dir), fingerprint(ds['paths'])
-    index = find_cache(ds, size, cache_dir, skip_bad, fp)
-    if index:
-        return index
+    cache = find_cache(ds, size, cache_dir, skip_bad, fp)
+    if cache:
+        return cache
     n = len(ds['paths'])
     os.makedirs(cache_dir, exist_ok=True)
     tmp = f'{stem}.{os.getpid()}.tmp.npy'
@@ -776,8 +806,7 @@ def build_cache(ds, size, cache_dir='cache', workers=2, skip_bad=False, verbose=
     bad, done, t0, last = [], 0, time.time(), 0.0
     try:
         if workers > 0 and n > chunk:
-            import multiprocessing as mp
-            pool = mp.get_context('fork' if sys.platform == 'linux' else 'spawn').Pool(workers)
+            pool = multiprocessing.get_context('fork' if sys.platform == 'linux' else 'spawn').Pool(workers)
             results = pool.imap_unordered(_cache_worker, jobs)
         else:
             pool, results = None, map(_cache_worker, jobs)
@@ -793,12 +822,12 @@ def build_cache(ds, size, cache_dir='cache', workers=2, skip_bad=False, verbose=
             pool.close()
             pool.join()
         bad.sort()
-        bad_rows = [{'id': ds['ids'][i], 'path': ds['paths'][i], 'error': e} for i, e in bad]
+        bad_list = [{'id': ds['ids'][i], 'path': ds['paths'][i], 'error': e} for i, e in bad]
         if bad and not skip_bad:
-            lines = '\n'.join(f'  {r["path"]}: {r["error"]}' for r in bad_rows)
+            lines = '\n'.join(f'  {r["path"]}: {r["error"]}' for r in bad_list)
             raise UserError(f'{len(bad)} unreadable image(s):\n{lines}\nfix or remove them, '
                             f'or pass --skip-bad to exclude them (they are then recorded in '
-                            f'the cache index)')
+                            f'the cache description)')
         keep = sorted(set(range(n)) - {i for i, _ in bad})
         if bad:  # compact: the cache holds readable images only
             src = np.load(tmp, mmap_mode='r')
@@ -813,15 +842,15 @@ def build_cache(ds, size, cache_dir='cache', workers=2, skip_bad=False, verbose=
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    index = {'file': stem + '.npy', 'size': size, 'format': ds['format'], 'root': ds['root'],
+    cache = {'file': stem + '.npy', 'size': size, 'format': ds['format'], 'root': ds['root'],
              'classes': ds['classes'], 'ids': [ds['ids'][i] for i in keep],
              'labels': [ds['labels'][i] for i in keep],
-             'groups': [ds['groups'][i] for i in keep], 'fingerprint': fp, 'bad': bad_rows}
-    write_json(stem + '.json', index)
-    if verbose and bad_rows:
-        print(f'cache: excluded {len(bad_rows)} unreadable image(s) (--skip-bad), listed in '
-              f'{stem}.json: {few(r["path"] for r in bad_rows)}')
-    return index
+             'groups': [ds['groups'][i] for i in keep], 'fingerprint': fp, 'bad': bad_list}
+    write_json(stem + '.json', cache)
+    if verbose and bad_list:
+        print(f'cache: excluded {len(bad_list)} unreadable image(s) (--skip-bad), listed in '
+              f'{stem}.json: {few(r["path"] for r in bad_list)}')
+    return cache
 
 
 def fmt_time(s):
@@ -831,32 +860,33 @@ def fmt_time(s):
 
 # --------------------------------------------------------------------------- loader
 class CachedImages(torch.utils.data.Dataset):
-    """Rows of a uint8 cache. Indexed with a list of positions (one batch at a time): one
-    sorted fancy read from the memmap instead of B Python calls. Returns (B, S, S, 3) uint8
-    and (B,) int64 labels; the memmap opens lazily so worker processes each get their own."""
+    """The images at `positions` of a uint8 cache, indexed with a list of indices into
+    positions (one batch at a time): one sorted fancy read from the memmap instead of B
+    Python calls. Returns (B, S, S, 3) uint8 and (B,) int64 labels; the memmap opens lazily
+    so worker processes each get their own."""
 
-    def __init__(self, index, rows):
-        self.file, self.rows = index['file'], np.asarray(rows, dtype=np.int64)
-        self.labels = torch.as_tensor(np.asarray(index['labels'])[self.rows], dtype=torch.long)
+    def __init__(self, cache, positions):
+        self.file, self.positions = cache['file'], np.asarray(positions, dtype=np.int64)
+        self.labels = torch.as_tensor(np.asarray(cache['labels'], dtype=np.int64)[self.positions])
         self.arr = None
 
     def __len__(self):
-        return len(self.rows)
+        return len(self.positions)
 
-    def __getitem__(self, positions):
+    def __getitem__(self, batch):
         if self.arr is None:
             self.arr = np.load(self.file, mmap_mode='r')
-        pos = np.asarray(positions, dtype=np.int64)
-        rows = self.rows[pos]
-        order = np.argsort(rows, kind='stable')  # sorted reads are sequential on disk
-        x = torch.from_numpy(self.arr[rows[order]])
+        batch = np.asarray(batch, dtype=np.int64)
+        pos = self.positions[batch]
+        order = np.argsort(pos, kind='stable')  # sorted reads are sequential on disk
+        x = torch.from_numpy(self.arr[pos[order]])
         if (np.diff(order) != 1).any():  # back to the sampler's order (shuffled batches)
             x = x[torch.from_numpy(np.argsort(order))]
-        return x, self.labels[torch.from_numpy(pos)]
+        return x, self.labels[torch.from_numpy(batch)]
 
 
 class EpochBatches(torch.utils.data.Sampler):
-    """Batches of positions for this rank: DistributedSampler's seeded per-epoch order, cut
+    """Batches of indices for this rank: DistributedSampler's seeded per-epoch order, cut
     into local batches, optionally skipping the first `skip` batches (mid-epoch resume)."""
 
     def __init__(self, n, batch_size, rank=0, world=1, shuffle=True, seed=0, drop_last=True):
@@ -879,20 +909,19 @@ class EpochBatches(torch.utils.data.Sampler):
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
 
-def make_loader(index, rows, batch_size, rank=0, world=1, shuffle=True, seed=0,
+def make_loader(cache, positions, batch_size, rank=0, world=1, shuffle=True, seed=0,
                 drop_last=True, workers=2, pin=False):
-    """(loader, sampler) over cache rows; batch_size is per rank; pin=True when batches go
-    to a GPU. Call sampler.set_epoch(epoch, skip) before each epoch."""
-    if drop_last and len(rows) < batch_size * world:
-        raise UserError(f'{len(rows)} images cannot fill one batch of {batch_size * world}; '
-                        f'lower --batch-size')
-    ds = CachedImages(index, rows)
-    sampler = EpochBatches(len(rows), batch_size, rank, world, shuffle, seed, drop_last)
-    loader = torch.utils.data.DataLoader(
-        ds, sampler=sampler, batch_size=None, num_workers=workers,
+    """A DataLoader of uint8 batches of the cache images at `positions`; batch_size is per
+    rank; pin=True when batches go to a GPU. len(loader) is the steps per epoch; call
+    loader.sampler.set_epoch(epoch, skip) before each epoch (fit does)."""
+    if drop_last and len(positions) < batch_size * world:
+        raise UserError(f'{len(positions)} images cannot fill one batch of '
+                        f'{batch_size * world}; lower --batch-size')
+    sampler = EpochBatches(len(positions), batch_size, rank, world, shuffle, seed, drop_last)
+    return torch.utils.data.DataLoader(
+        CachedImages(cache, positions), sampler=sampler, batch_size=None, num_workers=workers,
         pin_memory=pin, persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None)
-    return loader, sampler
 
 
 def dataset_name(ds):
@@ -907,28 +936,30 @@ def to_device(batch, device):
     return x, y.to(device, non_blocking=True)
 
 
-def prepare_cache(rt, args, ds):
-    """build_cache on rank 0; the other ranks poll for the finished index rather than wait
+def prepare_cache(rt, ds, size, cache_dir='cache', workers=2, skip_bad=False):
+    """build_cache on rank 0; the other ranks poll for the finished cache rather than wait
     at a barrier, which would time out while a large cache is built (if rank 0 fails,
     torchrun stops them). With many nodes, cache_dir must be on a shared filesystem, or
     build it first with `python common.py cache`."""
     if rt.is_main:
-        return build_cache(ds, args.cache_size, args.cache_dir, args.workers, args.skip_bad)
+        return build_cache(ds, size, cache_dir, workers, skip_bad)
     while True:
-        index = find_cache(ds, args.cache_size, args.cache_dir, args.skip_bad)
-        if index:
-            return index
+        cache = find_cache(ds, size, cache_dir, skip_bad)
+        if cache:
+            return cache
         time.sleep(2)
 
 
-def rows_of(index, ids):
-    """Cache rows of ids; ids excluded as unreadable (--skip-bad) are dropped with a note."""
-    pos = {i: k for k, i in enumerate(index['ids'])}
-    rows = [pos[i] for i in ids if i in pos]
-    if len(rows) < len(ids):
-        print0(f'note: {len(ids) - len(rows)} image(s) are not in the cache (excluded as '
+def cache_positions(cache, ids):
+    """Positions in the cache of ids; ids excluded as unreadable (--skip-bad) are dropped
+    with a note."""
+    where = {i: k for k, i in enumerate(cache['ids'])}
+    positions = [where[i] for i in ids if i in where]
+    if len(positions) < len(ids):
+        print0(f'note: {len(ids) - len(positions)} image(s) are not in the cache (excluded as '
                f'unreadable) and are skipped')
-    return rows
+    return positions
+
 
 # --------------------------------------------------------------------------- batched augmentations
 # A view is a dict of plain values (what a flag can set): probabilities end in `_p`, ranges
@@ -1173,12 +1204,6 @@ def _zero_fill(y, rot):
     return y.mul_(inside.prod(-1).unsqueeze(1))
 
 
-def _gray(y):
-    # ITU-R 601-2 luma with torchvision's exact weights and op order: (B, 1, S, S)
-    r, g, b = y.unbind(1)
-    return r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114).unsqueeze(1)
-
-
 def _hue(y, shift):
     """torchvision adjust_hue per sample, shift (B, 1, 1, 1) in turns: RGB -> HSV as Pillow
     and torchvision, then HSV -> RGB without branches: c = V - V S clamp(2 - |k - 2|, 0, 1),
@@ -1199,14 +1224,16 @@ def _hue(y, shift):
 
 def _jitter(y, view, order, p):
     """ColorJitter with per-sample factors, ops in `order`, in place on y (hue: new tensor);
-    each blend clamps to [0, 1] as torchvision's _blend. y.lerp_(a, 1 - f) = f y + (1 - f) a."""
+    each blend clamps to [0, 1] as torchvision's _blend. y.lerp_(a, 1 - f) = f y + (1 - f) a.
+    Written out because torchvision's adjust_* take one factor for the whole batch."""
     for op in order.tolist():
         if op == 0 and view['brightness'] > 0:  # blend with black
             y.mul_(p['brightness']).clamp_(0, 1)
         elif op == 1 and view['contrast'] > 0:  # blend with the mean grey of each image
-            y.lerp_(_gray(y).mean((1, 2, 3), keepdim=True), 1 - p['contrast']).clamp_(0, 1)
+            y.lerp_(TF.rgb_to_grayscale(y).mean((1, 2, 3), keepdim=True),
+                    1 - p['contrast']).clamp_(0, 1)
         elif op == 2 and view['saturation'] > 0:  # blend with the grey image
-            y.lerp_(_gray(y), 1 - p['saturation']).clamp_(0, 1)
+            y.lerp_(TF.rgb_to_grayscale(y), 1 - p['saturation']).clamp_(0, 1)
         elif op == 3 and view['hue'] > 0:
             y = _hue(y, p['hue'])
     return y
@@ -1241,12 +1268,15 @@ def apply_params(x, view, d):
         if d['jitter'].any():
             y = _where(y, d['jitter'], p, lambda y, q: _jitter(y, view, d['order'], q))
         if d['gray'].any():
-            y = _where(y, d['gray'], p, lambda y, q: y.copy_(_gray(y).expand_as(y)))
+            gray = lambda y, q: y.copy_(TF.rgb_to_grayscale(y, num_output_channels=3))
+            y = _where(y, d['gray'], p, gray)
         if d['blur'].any():
             y = _where(y, d['blur'], p, lambda y, q: _blur(y, q['sigma']))
         if d['solarize'].any():
-            y = _where(y, d['solarize'], p, lambda y, q: torch.where(y >= 0.5, 1 - y, y))
-        if view['mean'] is not None:  # Python scalars: no tensor to copy to the device
+            y = _where(y, d['solarize'], p, lambda y, q: TF.solarize(y, 0.5))
+        # not TF.normalize: it copies mean and std to the device on every call, a blocking
+        # host-to-device copy on CUDA; Python scalars need none
+        if view['mean'] is not None:
             for c in range(3):
                 y[:, c].sub_(view['mean'][c]).div_(view['std'][c])
         return y.contiguous(memory_format=torch.channels_last)
@@ -1276,146 +1306,203 @@ def augment_views(x, views, generator):
 
 
 # --------------------------------------------------------------------------- command line
-def add_common_args(p, **defaults):
-    """The flags every script spells the same way (DESIGN.md); defaults per script."""
-    d = dict(data=None, format='auto', split=None, arch='resnet50', init='random', out=None,
-             epochs=1, max_steps=0, batch_size=256, lr=0.1, size=224, cache_size=256,
-             device='auto', precision='auto', seed=0, workers=4)
-    d.update(defaults)
-    g = p.add_argument_group('data')
-    g.add_argument('--data', default=d['data'], help='dataset root, folder or file')
-    g.add_argument('--format', default=d['format'],
-                   help='auto|imagefolder|folder|isic2019|isic2020|ham10000|dermamnist')
-    g.add_argument('--split', default=d['split'],
-                   help='split JSON, made once by `python common.py split`')
-    g.add_argument('--cache-dir', default='cache', help='where decoded uint8 caches live')
-    g.add_argument('--cache-size', type=int, default=d['cache_size'],
-                   help='side of the cached square images; a bit above --size leaves room '
-                        'for crops')
-    g.add_argument('--skip-bad', action='store_true',
-                   help='exclude unreadable images (recorded in the cache index) instead of '
-                        'stopping')
-    g.add_argument('--workers', type=int, default=d['workers'],
-                   help='loader and cache-build processes per rank (0: in the main process)')
-    g = p.add_argument_group('model')
-    g.add_argument('--arch', default=d['arch'], choices=list(ARCHS),
-                   help='backbone; resnet18/34 for small runs')
-    g.add_argument('--init', default=d['init'],
-                   help='random | torchvision | barlowtwins | PATH to a checkpoint')
-    g.add_argument('--offline', action='store_true',
-                   help='never download named weights; say where to place them instead')
-    g = p.add_argument_group('training')
-    g.add_argument('--out', default=d['out'], help='run folder (resumes if it has ckpt.pt)')
-    g.add_argument('--epochs', type=int, default=d['epochs'])
-    g.add_argument('--max-steps', type=int, default=d['max_steps'],
-                   help='stop after this many steps (0: no limit); for smoke runs')
-    g.add_argument('--batch-size', type=int, default=d['batch_size'],
-                   help='global batch, split evenly over ranks')
-    g.add_argument('--lr', type=_lr_type(d.get('lr_auto')), default=d['lr'],
-                   help='peak learning rate per 256 images'
-                        + (', or auto: a short range test picks it' if d.get('lr_auto') else ''))
-    g.add_argument('--size', type=int, default=d['size'], help='training resolution (pixels)')
-    g.add_argument('--seed', type=int, default=d['seed'])
-    g = p.add_argument_group('system')
-    g.add_argument('--device', default=d['device'], choices=['auto', 'cpu', 'cuda'])
-    g.add_argument('--precision', default=d['precision'], choices=['auto', 'bf16', 'fp16', 'fp32'],
-                   help='auto: bf16 autocast on CUDA, fp32 on CPU')
-    g.add_argument('--compile', action='store_true', help='torch.compile the model')
-    g.add_argument('--log-every', type=int, default=10, help='steps between log lines')
-    g.add_argument('--ckpt-every', type=int, default=0,
-                   help='steps between checkpoints (0: only by time and at the end)')
-    g.add_argument('--ckpt-minutes', type=float, default=10.0,
-                   help='minutes between checkpoints')
-    g.add_argument('--nan-at-step', type=int, default=-1, help=argparse.SUPPRESS)
-    return p
+# The flags every script spells the same way (DESIGN.md), in small groups that each script
+# combines: a script has exactly the flags it uses, so a flag it would ignore is an error.
+# Numeric flags carry their range in their type: a bad value stops before any work.
 
-
-def _lr_type(auto):
-    def lr(text):
+def number(kind=int, lo=None, hi=None, auto=False):
+    """An argparse type: kind(text) within [lo, hi] (finite for floats); auto=True also
+    accepts the word 'auto'."""
+    def parse(text):
         if auto and text == 'auto':
             return text
         try:
-            value = float(text)
+            value = kind(text)
         except ValueError:
-            value = -1.0
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f'{text}: a positive number'
+            value = None
+        if value is None or not math.isfinite(value) or (lo is not None and value < lo) or \
+                (hi is not None and value > hi):
+            what = 'an integer' if kind is int else 'a finite number'
+            bounds = '' if lo is None else f' >= {lo}' if hi is None else f' in [{lo}, {hi}]'
+            raise argparse.ArgumentTypeError(f'{text}: expected {what}{bounds}'
                                              + (' or auto' if auto else ''))
         return value
-    return lr
+    return parse
+
+
+def default_workers():
+    """Loader processes per rank that fit this machine: the cores this process may use,
+    shared by the ranks torchrun starts on this node, less one for the training process."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    return max(0, min(8, cores // int(os.environ.get('LOCAL_WORLD_SIZE', 1)) - 1))
+
+
+def add_data_args(p, size=224, cache_size=256, split=True):
+    g = p.add_argument_group('data')
+    g.add_argument('--data', required=True, help='dataset root, folder or file')
+    g.add_argument('--format', default='auto', choices=['auto'] + list(READERS),
+                   help='the on-disk layout; auto detects it')
+    if split:
+        g.add_argument('--split', default=None,
+                       help='split JSON, made once by `python common.py split`')
+    g.add_argument('--size', type=number(int, 8), default=size,
+                   help='training resolution (pixels)')
+    g.add_argument('--cache-size', type=number(int, 8), default=cache_size,
+                   help='side of the cached square images; a bit above --size leaves room '
+                        'for crops')
+    g.add_argument('--cache-dir', default='cache', help='where decoded uint8 caches live')
+    g.add_argument('--skip-bad', action='store_true',
+                   help='exclude unreadable images (recorded in the cache description) '
+                        'instead of stopping')
+    return g
+
+
+def add_model_args(p, arch='resnet50'):
+    g = p.add_argument_group('model')
+    g.add_argument('--arch', default=arch, choices=list(ARCHS),
+                   help='backbone; resnet18/34 for small runs')
+    g.add_argument('--init', default='random',
+                   help=f'random | {" | ".join(sorted({n for n, _ in NAMED_WEIGHTS}))} | PATH '
+                        f'to a checkpoint or run folder')
+    g.add_argument('--offline', action='store_true',
+                   help='never download named weights; say where to place them instead')
+    return g
+
+
+def add_runtime_args(p):
+    g = p.add_argument_group('system')
+    g.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'])
+    g.add_argument('--precision', default='auto', choices=['auto', 'bf16', 'fp16', 'fp32'],
+                   help='auto: bf16 autocast on CUDA, fp32 on CPU')
+    g.add_argument('--workers', type=number(int, 0), default=default_workers(),
+                   help='loader and cache-build processes per rank (0: in the main process; '
+                        'default: the cores of this machine less one, per rank)')
+    return g
+
+
+def add_train_args(p, epochs=1, batch_size=256, lr=0.1, lr_auto=False, out=None, seed=True):
+    """Training flags; seed=False for scripts that repeat over --seeds instead."""
+    g = p.add_argument_group('training')
+    g.add_argument('--out', default=out, required=out is None,
+                   help='run folder (resumes if it has ckpt.pt)')
+    g.add_argument('--epochs', type=number(int, 1), default=epochs)
+    g.add_argument('--max-steps', type=number(int, 0), default=0,
+                   help='stop after this many steps (0: no limit); for smoke runs')
+    g.add_argument('--batch-size', type=number(int, 1), default=batch_size,
+                   help='global batch, split evenly over ranks')
+    g.add_argument('--lr', type=number(float, 1e-12, auto=lr_auto), default=lr,
+                   help='peak learning rate per 256 images'
+                        + (', or auto: a short range test picks it' if lr_auto else ''))
+    if seed:
+        g.add_argument('--seed', type=number(int, 0), default=0)
+    g.add_argument('--compile', action='store_true', help='torch.compile the model')
+    g.add_argument('--log-every', type=number(int, 1), default=10,
+                   help='steps between log lines (and the loss and stop checks)')
+    g.add_argument('--ckpt-every', type=number(int, 0), default=0,
+                   help='steps between checkpoints (0: only by time and at the end)')
+    g.add_argument('--ckpt-minutes', type=number(float, 0), default=10.0,
+                   help='minutes between checkpoints')
+    g.add_argument('--nan-at-step', type=int, default=-1, help=argparse.SUPPRESS)  # tests
+    return g
+
+
+def add_eval_args(p):
+    """Flags shared by finetune.py and probe.py."""
+    g = p.add_argument_group('evaluation')
+    g.add_argument('--protocol', default='random', choices=list(SPLIT_RULES),
+                   help='split rule when no --split file is given (made once, then reused)')
+    g.add_argument('--labels-per-class', type=number(int, 1), default=None,
+                   help='labelled images per class drawn from the train part, per seed')
+    g.add_argument('--label-fraction', type=number(float, 1e-9, 1), default=None,
+                   help='fraction of each class of the train part, per seed')
+    g.add_argument('--seeds', type=parse_seeds, default=[0],
+                   help='repeats, e.g. 0-4 or 0,3,7; finished seeds are skipped')
+    g.add_argument('--init-name', default=None,
+                   help='name of this initialisation in the results table (default: --init)')
+    g.add_argument('--results', default='results/results.jsonl', help='one row per seed')
+    return g
 
 
 def parse_args(p, presets=None, argv=None):
     """Parse; with --preset NAME the preset's values become the defaults (explicit flags win).
-    Then check the values every script shares."""
+    Then check what spans two flags."""
     args, _ = p.parse_known_args(argv)
     if presets and getattr(args, 'preset', None):
         p.set_defaults(**presets[args.preset])
     args = p.parse_args(argv)
-    checks = [('epochs', args.epochs >= 1), ('max-steps', args.max_steps >= 0),
-              ('batch-size', args.batch_size >= 1), ('size', args.size >= 8),
-              ('cache-size', args.cache_size >= args.size or args.cache_size <= 0),
-              ('workers', args.workers >= 0)]
-    for flag, ok in checks:
-        if not ok:
-            p.error(f'--{flag} {getattr(args, flag.replace("-", "_"))}: out of range'
-                    + (' (must be >= --size)' if flag == 'cache-size' else ''))
+    if hasattr(args, 'cache_size') and args.cache_size < args.size:
+        p.error(f'--cache-size {args.cache_size}: must be >= --size {args.size}')
+    if getattr(args, 'labels_per_class', None) and getattr(args, 'label_fraction', None):
+        p.error('give --labels-per-class or --label-fraction, not both')
     return args
 
 
 def parse_seeds(text):
-    """'0-4' -> [0, 1, 2, 3, 4]; '1,3,5' -> [1, 3, 5]."""
+    """'0-4' -> [0, 1, 2, 3, 4]; '1,3,5' -> [1, 3, 5] (an argparse type)."""
     try:
         out = []
         for part in str(text).split(','):
             a, _, b = part.partition('-')
             out += list(range(int(a), int(b) + 1)) if b else [int(a)]
-        if not out:
+        if not out or min(out) < 0:
             raise ValueError
-        return out
+        return list(dict.fromkeys(out))
     except ValueError:
-        raise UserError(f'--seeds {text}: expected a range like 0-4 or a list like 0,2,7')
+        raise argparse.ArgumentTypeError(f'{text}: expected a range like 0-4 or a list like '
+                                         f'0,2,7 of seeds >= 0')
 
 
 # --------------------------------------------------------------------------- runtime
-def setup_runtime(args):
+def dist_info():
+    """(rank, local_rank, world) of this process: torch.distributed's once it is set up,
+    else torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE), else (0, 0, 1). The one
+    source of rank and world for the runtime, print0 and the losses."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), int(os.environ.get('LOCAL_RANK', 0)), dist.get_world_size()
+    return (int(os.environ.get('RANK', 0)), int(os.environ.get('LOCAL_RANK', 0)),
+            int(os.environ.get('WORLD_SIZE', 1)))
+
+
+def setup_runtime(device='auto', precision='auto', seed=0):
     """Device, distributed (detected from torchrun's environment), precision, seed.
-    Returns a namespace: device, rank, local_rank, world, is_main, dtype (autocast)."""
-    import types
-    import torch.distributed as dist
-    rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
-    local_rank = int(os.environ.get('LOCAL_RANK', 0))
-    cuda = torch.cuda.is_available() if args.device == 'auto' else args.device == 'cuda'
+    Returns a namespace: device, rank, local_rank, world, is_main, dtype (autocast),
+    precision ('bf16' | 'fp16' | 'fp32')."""
+    rank, local_rank, world = dist_info()
+    cuda = torch.cuda.is_available() if device == 'auto' else device == 'cuda'
     if cuda and not torch.cuda.is_available():
         raise UserError('--device cuda: no CUDA device is visible; use --device cpu')
-    device = torch.device(f'cuda:{local_rank}' if cuda else 'cpu')
+    dev = torch.device(f'cuda:{local_rank}' if cuda else 'cpu')
     if cuda:
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(dev)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-    if world > 1:
-        dist.init_process_group('nccl' if cuda else 'gloo', device_id=device if cuda else None)
-    prec = args.precision if args.precision != 'auto' else ('bf16' if cuda else 'fp32')
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group('nccl' if cuda else 'gloo', device_id=dev if cuda else None)
+    prec = precision if precision != 'auto' else ('bf16' if cuda else 'fp32')
     if prec in ('bf16', 'fp16') and not cuda:
         print0(f'note: --precision {prec} on CPU; autocast on CPU is slow, fp32 is the default')
     dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}[prec]
-    if args.batch_size % world:
-        raise UserError(f'--batch-size {args.batch_size} does not divide by {world} ranks')
-    torch.manual_seed(args.seed)
-    return types.SimpleNamespace(device=device, rank=rank, local_rank=local_rank, world=world,
+    torch.manual_seed(seed)
+    return types.SimpleNamespace(device=dev, rank=rank, local_rank=local_rank, world=world,
                                  is_main=rank == 0, dtype=dtype, precision=prec)
 
 
+def local_batch(batch_size, world):
+    """The per-rank share of a global batch; it must divide evenly."""
+    if batch_size % world:
+        raise UserError(f'--batch-size {batch_size} does not divide by {world} ranks')
+    return batch_size // world
+
+
 def teardown(rt):
-    import torch.distributed as dist
     if rt.world > 1 and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
 
 
 def print0(*a, **k):
-    if int(os.environ.get('RANK', 0)) == 0:
+    if dist_info()[0] == 0:
         print(*a, **k, flush=True)
 
 
@@ -1439,10 +1526,12 @@ def make_backbone(arch):
 
 
 def _guess_arch(keys):
+    """The --arch choice whose state dict has these keys' shape (blocks in layer3, bottleneck
+    or basic blocks), else None."""
     blocks = len({k.split('.')[1] for k in keys if k.startswith('layer3.')})
     bottleneck = any('.conv3.' in k for k in keys)
-    return {(False, 2): 'resnet18', (False, 6): 'resnet34', (True, 6): 'resnet50',
-            (True, 23): 'resnet101', (True, 36): 'resnet152'}.get((bottleneck, blocks))
+    return {(False, 2): 'resnet18', (False, 6): 'resnet34',
+            (True, 6): 'resnet50'}.get((bottleneck, blocks))
 
 
 def clean_state_dict(obj, source='checkpoint'):
@@ -1469,7 +1558,6 @@ def clean_state_dict(obj, source='checkpoint'):
 
 def load_checkpoint(path):
     """torch.load with weights_only=True: tensors and plain values only, never code."""
-    import pickle
     if not os.path.isfile(path):
         raise UserError(f'--init {path}: no such file (random | torchvision | barlowtwins | PATH)')
     try:
@@ -1564,24 +1652,17 @@ def make_projector(width, spec):
 
 
 def _world():
-    import torch.distributed as dist
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return dist_info()[2]
 
 
 def _all_reduce(t):
     """Sum over ranks, autograd-aware (its backward sums the gradients too); identity alone."""
-    if _world() > 1:
-        import torch.distributed.nn.functional as dnnf
-        return dnnf.all_reduce(t)
-    return t
+    return dist_nn.all_reduce(t) if _world() > 1 else t
 
 
 def _all_gather(t):
     """Concatenation of every rank's t (equal shapes), autograd-aware; identity alone."""
-    if _world() > 1:
-        import torch.distributed.nn.functional as dnnf
-        return torch.cat(dnnf.all_gather(t))
-    return t
+    return torch.cat(dist_nn.all_gather(t)) if _world() > 1 else t
 
 
 def barlow_loss(z1, z2, lambd=0.0051, eps=1e-5):
@@ -1626,6 +1707,20 @@ class Classifier(nn.Module):
 
     def forward(self, x):
         return self.head(self.backbone(x))
+
+
+def classifier_task(rt, backbone, width, classes, view, label_smoothing=0.0,
+                    class_weight=None, compile=False):
+    """What supervised pretraining and fine-tuning share: backbone + linear head wrapped for
+    the runtime, and the step: cross-entropy of the logits of one augmented `view` (a dict of
+    preset_params) of the uint8 batch. Returns (model, raw, step_fn) for fit."""
+    model, raw = wrap_model(rt, Classifier(backbone, width, classes), compile)
+    weight = None if class_weight is None else class_weight.float().to(rt.device)
+    criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
+
+    def step_fn(x, y, generator):
+        return criterion(model(augment(x, view, generator)), y)
+    return model, raw, step_fn
 
 
 class BarlowTwins(nn.Module):
@@ -1715,7 +1810,6 @@ def wrap_model(rt, model, compile=False):
     """(model to call, raw model to save). SyncBatchNorm + DDP when distributed on CUDA, DDP
     alone on CPU (gloo), channels_last on CUDA, optional torch.compile. The raw handle keeps
     checkpoint keys free of `module.` and `_orig_mod.`."""
-    from torch.nn.parallel import DistributedDataParallel as DDP
     raw = model.to(rt.device)
     if rt.device.type == 'cuda':
         raw = raw.to(memory_format=torch.channels_last)
@@ -1737,11 +1831,10 @@ def step_generator(seed, step, rank):
 
 
 class _StopFlag:
-    """Turns SIGTERM/SIGINT into a request to checkpoint and exit at the end of the step,
-    while training; restore() puts the previous handlers back."""
+    """Turns SIGTERM/SIGINT into a request to checkpoint and exit at the next check, while
+    training; restore() puts the previous handlers back."""
 
     def __init__(self):
-        import signal
         self.signum = 0
         self.old = {s: signal.signal(s, self._set) for s in (signal.SIGTERM, signal.SIGINT)}
 
@@ -1749,33 +1842,63 @@ class _StopFlag:
         self.signum = signum
 
     def restore(self):
-        import signal
         for s, handler in self.old.items():
             signal.signal(s, handler)
 
 
-def fit(rt, args, model, raw, optimizer, loader, sampler, step_fn, out, total_steps,
-        lr_fn, steps_per_epoch, epoch_fn=None):
-    """The one training loop. step_fn(x_uint8 (B,3,S,S), y, generator) -> scalar loss runs
-    under autocast. lr_fn(step, group) -> lr. Resumes from out/ckpt.pt when present (the same
-    flags continue mid-epoch); checkpoints every --ckpt-every steps / --ckpt-minutes and at
-    the end; SIGTERM/SIGINT checkpoint and exit; a non-finite loss stops with the last good
-    checkpoint intact. epoch_fn(epoch) -> dict runs after each full epoch (validation); its
-    figures go to the log. --max-steps caps total_steps. Returns the final step."""
-    import torch.distributed as dist
-    if args.max_steps:
-        total_steps = min(total_steps, args.max_steps)
+def grad_scaler(rt):
+    """The loss scaler of the runtime's precision: active for fp16 only (bf16 and fp32 need
+    none), so every precision runs the same step code."""
+    return torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
+
+
+def train_step(rt, step_fn, optimizer, scaler, batch, generator):
+    """One optimisation step, the loop's and the lr range test's: the batch to the device,
+    step_fn under autocast, backward through the scaler, the optimizer step. Returns the
+    detached loss, still on the device: reading it waits for the step to finish."""
+    x, y = to_device(batch, rt.device)
+    with torch.autocast(rt.device.type, dtype=rt.dtype, enabled=rt.dtype != torch.float32):
+        loss = step_fn(x, y, generator)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach()
+
+
+def fit(rt, model, raw, optimizer, loader, step_fn, out, total_steps, lr_fn, *, config=None,
+        seed=0, max_steps=0, log_every=10, ckpt_every=0, ckpt_minutes=10.0, epoch_fn=None,
+        nan_at_step=-1):
+    """The one training loop over `loader` (make_loader's; len(loader) steps per epoch).
+    step_fn(x_uint8 (B,3,S,S), y, generator) -> scalar loss runs under autocast; lr_fn(step,
+    group) -> lr; `model` is what runs, `raw` what is saved (wrap_model's pair). `config`: the
+    plain values that define the run (architecture, batch, data...), saved in out/ckpt.pt.
+    With out/ckpt.pt present the run resumes from it, mid-epoch, when its config is the same,
+    and is refused otherwise. max_steps > 0 caps total_steps.
+
+    The host waits for the device only at check steps: every log_every steps, every
+    ckpt_every steps and the last one. There the loss is read and logged, a non-finite loss
+    since the last check stops the run (checkpoints are written only right after a check
+    passed, so the last one is intact), a pending SIGTERM/SIGINT checkpoints and exits, and a
+    checkpoint is written when ckpt_every or ckpt_minutes says so. Under DDP every rank takes
+    these decisions at the same step. epoch_fn(epoch) -> dict runs after each full epoch
+    (validation) and goes to the log. nan_at_step poisons that step's loss (for tests).
+    Returns the final step."""
+    steps_per_epoch, sampler = len(loader), loader.sampler
+    total_steps = min(total_steps, max_steps) if max_steps else total_steps
+    config = dict(config or {})
     ckpt_path = os.path.join(out, 'ckpt.pt')
-    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
+    scaler = grad_scaler(rt)
     step = 0
     if os.path.exists(ckpt_path):
         state = load_checkpoint(ckpt_path)
-        same = ('arch', 'batch_size', 'size', 'epochs', 'seed')
-        diff = [k for k in same if k in state['args'] and state['args'][k] != getattr(args, k)]
+        old = state.get('config', state.get('args', {}))
+        diff = [k for k in config if old.get(k, '(not recorded)') != config[k]]
         if diff:
-            raise UserError(f'{ckpt_path} was made with different ' + ', '.join(
-                f'--{k.replace("_", "-")} {state["args"][k]}' for k in diff) +
-                '; rerun with those flags to resume, or use another --out')
+            raise UserError(f'{ckpt_path} was made with ' + ', '.join(
+                f'{k} {old.get(k, "(not recorded)")}' for k in diff) + ' (this run: ' +
+                ', '.join(f'{k} {config[k]}' for k in diff) + '); rerun with those settings '
+                'to resume, or use another --out')
         fresh = [{k: v for k, v in g.items() if k != 'params'} for g in optimizer.param_groups]
         try:
             raw.load_state_dict(state['model'])
@@ -1799,60 +1922,62 @@ def fit(rt, args, model, raw, optimizer, loader, sampler, step_fn, out, total_st
             state = dict(model=raw.state_dict(), optimizer=optimizer.state_dict(),
                          scaler=scaler.state_dict(), step=step, epoch=step // steps_per_epoch,
                          pos=step % steps_per_epoch, rng_cpu=torch.get_rng_state(),
-                         args={k: v for k, v in vars(args).items()})
+                         config=config)
             if rt.device.type == 'cuda':
                 state['rng_cuda'] = torch.cuda.get_rng_state(rt.device)
             torch_save(state, ckpt_path)
 
-    last_step = step
+    saved_step = step if os.path.exists(ckpt_path) else -1
+    bad_step = torch.full((), -1, dtype=torch.long, device=rt.device)  # first non-finite
+    global_batch = sampler.batch_size * rt.world
     stop = _StopFlag()
     try:
         model.train()
         t_log = t_ckpt = time.time()
-        seen, global_batch = 0, args.batch_size
+        seen = 0
         while step < total_steps:
             epoch, pos = divmod(step, steps_per_epoch)
             sampler.set_epoch(epoch, skip=pos)
             for batch in loader:
-                x, y = to_device(batch, rt.device)
                 for g in optimizer.param_groups:
                     g['lr'] = lr_fn(step, g)
-                with torch.autocast(rt.device.type, dtype=rt.dtype,
-                                    enabled=rt.dtype != torch.float32):
-                    loss = step_fn(x, y, step_generator(args.seed, step, rt.rank))
-                if step == args.nan_at_step:  # testing hook: --nan-at-step
-                    loss = loss * float('nan')
-                # one host sync a step: a non-finite loss on any rank, or a stop signal
-                flags = torch.stack([(~torch.isfinite(loss.detach())).float(),
-                                     torch.tensor(float(stop.signum), device=loss.device)])
-                if rt.world > 1:
-                    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-                bad, signum = flags.tolist()
-                if bad:
-                    raise UserError(
-                        f'loss is {loss.item()} at step {step} (epoch {epoch}); stopped. The last '
-                        f'good checkpoint {ckpt_path} is intact; lower --lr, or try '
-                        f'--precision fp32, then rerun to resume from it')
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
+                fn = step_fn if step != nan_at_step else \
+                    (lambda *a: step_fn(*a) * float('nan'))
+                loss = train_step(rt, fn, optimizer, scaler, batch,
+                                  step_generator(seed, step, rt.rank))
+                # remember the first non-finite step on the device: no wait here
+                bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step, bad_step)
                 step += 1
                 seen += global_batch
-                now = time.time()
-                if step % args.log_every == 0 or step == total_steps:
-                    rate = seen / max(now - t_log, 1e-9)
-                    _log(rt, out, loss, optimizer, step, total_steps, steps_per_epoch, rate,
-                         global_batch)
-                    t_log, seen = now, 0
+                check = step % log_every == 0 or step == total_steps or \
+                    bool(ckpt_every and step % ckpt_every == 0)
+                signum = late = 0
+                if check:  # the one place the host waits, every rank at the same step
+                    now = time.time()
+                    flags = torch.stack([
+                        bad_step, torch.tensor(stop.signum, device=rt.device),
+                        torch.tensor(int(now - t_ckpt > 60 * ckpt_minutes), device=rt.device)])
+                    if rt.world > 1:
+                        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                    bad, signum, late = flags.tolist()
+                    if bad >= 0:
+                        raise UserError(
+                            f'loss is not finite at step {bad} (epoch '
+                            f'{bad // steps_per_epoch}); stopped. ' +
+                            (f'The last good checkpoint {ckpt_path} (step {saved_step}) is '
+                             f'intact; ' if saved_step >= 0 else 'No checkpoint yet; ') +
+                            'lower --lr, or try --precision fp32, then rerun to resume')
+                    if step % log_every == 0 or step == total_steps or signum:
+                        _log(rt, out, loss, optimizer, step, total_steps, steps_per_epoch,
+                             seen / max(now - t_log, 1e-9), global_batch)
+                        t_log, seen = now, 0
                 if epoch_fn and step % steps_per_epoch == 0:
                     rec = dict(step=step, **epoch_fn(step // steps_per_epoch))
                     if rt.is_main:
                         append_jsonl(os.path.join(out, 'log.jsonl'), rec)
-                if (args.ckpt_every and step % args.ckpt_every == 0) or signum or \
-                        now - t_ckpt > 60 * args.ckpt_minutes:
+                if check and ((ckpt_every and step % ckpt_every == 0) or late or signum):
                     save(step)
-                    t_ckpt = now
+                    saved_step, t_ckpt = step, now
                 if signum:
                     print0(f'stopped by signal {int(signum)} at step {step}; {ckpt_path} saved, '
                            f'run the same command to resume')
@@ -1862,7 +1987,7 @@ def fit(rt, args, model, raw, optimizer, loader, sampler, step_fn, out, total_st
                     break
     finally:
         stop.restore()
-    if step != last_step or not os.path.exists(ckpt_path):
+    if step != saved_step:
         save(step)
     return step
 
@@ -1895,7 +2020,6 @@ def write_handoff(rt, out, backbone, meta):
 
 
 def git_revision():
-    import subprocess
     try:
         return subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True,
                               text=True, cwd=os.path.dirname(os.path.abspath(__file__)),
@@ -1916,15 +2040,15 @@ def phase_lr(step, group, total, warmup, kind, head_steps=0):
 
 
 @torch.no_grad()
-def predict(rt, fn, index, rows, batch_size, views, softmax=False, seed=0, workers=0,
+def predict(rt, fn, cache, positions, batch_size, views, softmax=False, seed=0, workers=0,
             drawn=None):
-    """fn over cache rows in order, under autocast (the caller sets eval mode), averaged over
-    views (a list of augmentation params, one pass each; random views draw from a generator
-    seeded by (seed, batch, pass), or take their values from drawn: per view, draw_params
-    for all the rows). softmax=True averages probabilities (test-time augmentation).
-    Returns (outputs float32 on CPU, labels)."""
-    loader, _ = make_loader(index, rows, batch_size, shuffle=False, drop_last=False,
-                            workers=workers, pin=rt.device.type == 'cuda')
+    """fn over the cache images at `positions`, in order, under autocast (the caller sets
+    eval mode), averaged over views (a list of augmentation params, one pass each; random
+    views draw from a generator seeded by (seed, batch, pass), or take their values from
+    drawn: per view, draw_params for all the positions). softmax=True averages probabilities
+    (test-time augmentation). Returns (outputs float32 on CPU, labels)."""
+    loader = make_loader(cache, positions, batch_size, shuffle=False, drop_last=False,
+                         workers=workers, pin=rt.device.type == 'cuda')
     outs, labels = [], []
     for b, batch in enumerate(loader):
         x, y = to_device(batch, rt.device)
@@ -1945,32 +2069,17 @@ def predict(rt, fn, index, rows, batch_size, views, softmax=False, seed=0, worke
 
 
 # --------------------------------------------------------------------------- evaluation runs
-def add_eval_args(p):
-    """Flags shared by finetune.py and probe.py."""
-    g = p.add_argument_group('evaluation')
-    g.add_argument('--protocol', default='random', choices=['paper', 'random', 'official'],
-                   help='split rule when no --split file is given (made once, then reused)')
-    g.add_argument('--labels-per-class', type=int, default=None,
-                   help='labelled images per class drawn from the train part, per seed')
-    g.add_argument('--label-fraction', type=float, default=None,
-                   help='fraction of each class of the train part, per seed')
-    g.add_argument('--seeds', default='0', help='repeats, e.g. 0-4; finished seeds are skipped')
-    g.add_argument('--init-name', default=None,
-                   help='name of this initialisation in the results table (default: --init)')
-    g.add_argument('--results', default='results/results.jsonl', help='one row per seed')
-
-
-def get_split(rt, args, ds):
-    """(split, file): --split FILE when given (it must exist); else
+def get_split(ds, split_file=None, protocol='random', is_main=True):
+    """(split, file): split_file when given (it must exist); else
     splits/<dataset>-<protocol>.json, made once and reused by every later script (each rank
-    makes the same split, being seeded; rank 0 writes it)."""
-    if args.split:
-        return load_split(args.split, ds), args.split
-    path = split_path(ds, args.protocol)
+    makes the same split, being seeded; the main process writes it)."""
+    if split_file:
+        return load_split(split_file, ds), split_file
+    path = split_path(ds, protocol)
     if os.path.exists(path):
         return load_split(path, ds), path
-    split = make_split(ds, args.protocol, seed=0)
-    if rt.is_main:
+    split = make_split(ds, protocol, seed=0)
+    if is_main:
         save_split(path, split)
         print0(f'split: wrote {path}')
     return split, path
@@ -1994,19 +2103,20 @@ def check_held_out(init, ds, split):
                         f'split\'s test images; pretrain it with the same --split')
 
 
-def labels_rule(args):
-    """How the labelled set of a seed is drawn, as recorded in the result rows."""
-    if args.labels_per_class:
-        return f'per_class={args.labels_per_class}'
-    return f'fraction={args.label_fraction}' if args.label_fraction else 'all'
+def labels_rule(per_class=None, fraction=None):
+    """How the labelled set of a seed is drawn (labelled_subset's arguments), as recorded in
+    the result rows: 'per_class=K', 'fraction=F' or 'all'."""
+    if per_class:
+        return f'per_class={per_class}'
+    return f'fraction={fraction}' if fraction else 'all'
 
 
-def result_stub(args, ds, split, split_file, source, sha, protocol, seed):
+def result_stub(ds, split, split_file, seed, *, init, init_source, arch, backbone_sha,
+                labels_rule, protocol):
     """The fields that name a result row (result_key reads them); the metrics come later."""
-    return dict(init=args.init_name, init_source=source, arch=args.arch, backbone_sha=sha,
+    return dict(init=init, init_source=init_source, arch=arch, backbone_sha=backbone_sha,
                 dataset=dataset_name(ds), split=split['protocol'], split_sha=split_sha(split),
-                split_file=split_file, labels_rule=labels_rule(args), protocol=protocol,
-                seed=seed)
+                split_file=split_file, labels_rule=labels_rule, protocol=protocol, seed=seed)
 
 
 def result_key(row):
@@ -2029,17 +2139,16 @@ def done_keys(path):
     return keys
 
 
-def pending_rows(args, ds, split, split_file, source, sha, protocol):
-    """Result stubs of the --seeds whose rows are not in --results yet; each one that is
-    gets a 'skipped' line."""
-    done, rows = done_keys(args.results), []
-    for seed in parse_seeds(args.seeds):
-        row = result_stub(args, ds, split, split_file, source, sha, protocol, seed)
+def pending_rows(results, stubs):
+    """The result stubs whose rows are not in the results file yet; each one that is gets
+    a 'skipped' line."""
+    done, todo = done_keys(results), []
+    for row in stubs:
         if result_key(row) in done:
-            print0(f'seed {seed}: already in {args.results}, skipped')
+            print0(f'seed {row["seed"]}: already in {results}, skipped')
         else:
-            rows.append(row)
-    return rows
+            todo.append(row)
+    return todo
 
 
 # --------------------------------------------------------------------------- metrics
@@ -2119,34 +2228,36 @@ def _cli(argv=None):
     """python common.py split --data PATH --protocol paper [--per-class 500] [--out FILE]
     python common.py cache --data PATH --cache-size 256    (decode once, ahead of training)"""
     p = argparse.ArgumentParser(prog='common.py', description=_cli.__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     sub = p.add_subparsers(dest='cmd', required=True)
     s = sub.add_parser('split', help='make a split file, once, for every script to reuse')
     c = sub.add_parser('cache', help='build the uint8 cache of a dataset')
     for q in (s, c):
         q.add_argument('--data', required=True)
-        q.add_argument('--format', default='auto')
+        q.add_argument('--format', default='auto', choices=['auto'] + list(READERS))
         q.add_argument('--drop-downsampled', action='store_true',
                        help='ISIC 2019: remove the downsampled duplicates, as the paper')
-    s.add_argument('--protocol', default='random', choices=['paper', 'random', 'official'])
-    s.add_argument('--per-class', type=int, default=500,
+    s.add_argument('--protocol', default='random', choices=list(SPLIT_RULES))
+    s.add_argument('--per-class', type=number(int, 1), default=500,
                    help='paper: labelled images kept per class')
-    s.add_argument('--test-fraction', type=float, default=0.2, help='random: test share')
-    s.add_argument('--val-fraction', type=float, default=0.1,
+    s.add_argument('--test-fraction', type=number(float, 0, 0.99), default=0.2,
+                   help='random: test share')
+    s.add_argument('--val-fraction', type=number(float, 0, 0.99), default=0.1,
                    help='validation share (paper: of the non-kept images)')
-    s.add_argument('--seed', type=int, default=0)
+    s.add_argument('--seed', type=number(int, 0), default=0)
     s.add_argument('--extra', action='append', default=[],
                    help='extra unlabelled folder for the pretraining pool (repeatable)')
     s.add_argument('--out', default=None, help='default: splits/<dataset>-<protocol>.json')
-    c.add_argument('--cache-size', type=int, default=256)
+    c.add_argument('--cache-size', type=number(int, 8), default=256)
     c.add_argument('--cache-dir', default='cache')
-    c.add_argument('--workers', type=int, default=2)
+    c.add_argument('--workers', type=number(int, 0), default=default_workers())
     c.add_argument('--skip-bad', action='store_true')
     args = p.parse_args(argv)
     ds = read_dataset(args.data, args.format, drop_downsampled=args.drop_downsampled)
     if args.cmd == 'cache':
-        index = build_cache(ds, args.cache_size, args.cache_dir, args.workers, args.skip_bad)
-        print(f'{index["file"]}: {len(index["ids"])} images of {args.cache_size} px')
+        cache = build_cache(ds, args.cache_size, args.cache_dir, args.workers, args.skip_bad)
+        print(f'{cache["file"]}: {len(cache["ids"])} images of {args.cache_size} px')
         return
     split = make_split(ds, args.protocol, args.seed, args.per_class, args.test_fraction,
                        args.val_fraction, args.extra)

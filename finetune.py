@@ -26,54 +26,51 @@ import shutil
 import time
 
 import torch
-import torch.nn as nn
 
 import common as C
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    C.add_common_args(p, epochs=40, batch_size=64, lr=4e-3, lr_auto=True, size=256,
-                      cache_size=256, out='runs/finetune')
+    C.add_data_args(p, size=256, cache_size=256)
+    C.add_model_args(p)
+    C.add_train_args(p, epochs=40, batch_size=64, lr=4e-3, lr_auto=True, out='runs/finetune',
+                     seed=False)
+    C.add_runtime_args(p)
     C.add_eval_args(p)
     g = p.add_argument_group('fine-tuning')
-    g.add_argument('--head-epochs', type=float, default=1,
+    g.add_argument('--head-epochs', type=C.number(float, 0), default=1,
                    help='epochs training the head alone first (BN stays trainable)')
-    g.add_argument('--weight-decay', type=float, default=0.0)
+    g.add_argument('--weight-decay', type=C.number(float, 0), default=0.0)
     g.add_argument('--optimizer', default='adamw', choices=['adamw', 'sgd', 'lars'])
-    g.add_argument('--tta', type=int, default=3,
+    g.add_argument('--tta', type=C.number(int, 1), default=3,
                    help='test-time passes (1: the eval view alone); the mean softmax is used')
     g.add_argument('--class-weights', action='store_true',
                    help='weight the loss by inverse class frequency of the labelled set')
-    g.add_argument('--aug', default='finetune_skin', help='training augmentation preset')
-    args = C.parse_args(p, None, argv)
-    if args.tta < 1:
-        p.error(f'--tta {args.tta}: at least 1')
-    return args
+    g.add_argument('--aug', default='finetune_skin', choices=list(C.AUG_PRESETS),
+                   help='training augmentation preset')
+    return C.parse_args(p, None, argv)
 
 
-def lr_range_test(rt, model, raw, loader, sampler, step_fn, optimizer, seed, steps=100):
+def lr_range_test(rt, model, raw, loader, step_fn, optimizer, seed, steps=100):
     """fastai's lr_find: the lr grows exponentially from 1e-7 to 10 over up to `steps`
     batches, stopping when the smoothed loss passes 4x its minimum; returns the lr at the
-    minimum of the smoothed loss / 10. Weights and optimizer state are restored after."""
+    minimum of the smoothed loss / 10. Each step is the loop's own (C.train_step, the
+    precision's loss scaler included). Weights and optimizer state are restored after."""
     saved = {k: v.clone() for k, v in raw.state_dict().items()}
     opt_state = optimizer.state_dict()
+    scaler = C.grad_scaler(rt)
     lrs, losses, avg, step, epoch = [], [], 0.0, 0, 0
     while step < steps:
-        sampler.set_epoch(10_000 + epoch)
+        loader.sampler.set_epoch(10_000 + epoch)
         for batch in loader:
             lr = 1e-7 * (10 / 1e-7) ** (step / (steps - 1))
             for g in optimizer.param_groups:
                 g['lr'] = lr
-            x, y = C.to_device(batch, rt.device)
-            with torch.autocast(rt.device.type, dtype=rt.dtype,
-                                enabled=rt.dtype != torch.float32):
-                loss = step_fn(x, y, C.step_generator(seed, step, rt.rank))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            mean = loss.detach().float()
+            loss = C.train_step(rt, step_fn, optimizer, scaler, batch,
+                                C.step_generator(seed, step, rt.rank))
+            mean = loss.float()
             if rt.world > 1:  # every rank must take the same decisions
                 torch.distributed.all_reduce(mean)
                 mean /= rt.world
@@ -96,40 +93,36 @@ def lr_range_test(rt, model, raw, loader, sampler, step_fn, optimizer, seed, ste
     return lrs[losses.index(min(losses))] / 10
 
 
-def run_seed(rt, args, row, ds, split, index, backbone_sd, width):
+def run_seed(rt, args, row, ds, split, cache, backbone_sd, width):
     """Train one seed (row['seed']) from the given init; return its result row."""
     t0, seed = time.time(), row['seed']
-    args = argparse.Namespace(**{**vars(args), 'seed': seed})  # augmentation RNG per seed
     torch.manual_seed(seed)
     labelled = C.labelled_subset(ds, split['train'], seed, args.labels_per_class,
                                  args.label_fraction)
-    rows, test_rows = C.rows_of(index, labelled), C.rows_of(index, split['test'])
-    classes = len(ds['classes'])
-    batch = min(args.batch_size, len(rows) - len(rows) % rt.world)
+    train, test = C.cache_positions(cache, labelled), C.cache_positions(cache, split['test'])
+    classes = len(cache['classes'])
+    batch = min(args.batch_size, len(train) - len(train) % rt.world)
     if batch < rt.world:
-        raise C.UserError(f'{len(rows)} labelled images cannot make a batch on {rt.world} '
+        raise C.UserError(f'{len(train)} labelled images cannot make a batch on {rt.world} '
                           f'ranks; label more or use fewer processes')
-    loader, sampler = C.make_loader(index, rows, batch // rt.world, rt.rank, rt.world,
-                                    seed=seed, workers=args.workers, pin=rt.device.type == 'cuda')
-    spe = len(sampler)
+    loader = C.make_loader(cache, train, batch // rt.world, rt.rank, rt.world, seed=seed,
+                           workers=args.workers, pin=rt.device.type == 'cuda')
+    spe = len(loader)
 
     backbone, _ = C.make_backbone(args.arch)
     backbone.load_state_dict(backbone_sd)
     # one folder per result key: an interrupted seed resumes only into the same experiment
     tag = hashlib.sha1(repr(C.result_key(row)).encode()).hexdigest()[:10]
     out = os.path.join(args.out, re.sub(r'[^\w.+-]', '_', f'{args.init_name}-seed{seed}-{tag}'))
-    model, raw = C.wrap_model(rt, C.Classifier(backbone, width, classes), args.compile)
     view = C.preset_params(args.aug, size=args.size)[0]
-    eval_view = C.preset_params('eval', size=args.size)[0]
     weight = None
-    if args.class_weights:
-        counts = torch.bincount(torch.tensor([index['labels'][r] for r in rows]),
+    if args.class_weights:  # inverse class frequency of the labelled set
+        counts = torch.bincount(torch.tensor([cache['labels'][k] for k in train]),
                                 minlength=classes)
-        weight = (counts.sum() / (classes * counts.clamp(min=1))).float().to(rt.device)
-    criterion = nn.CrossEntropyLoss(weight=weight)
-
-    def step_fn(x, y, gen):
-        return criterion(model(C.augment(x, view, gen)), y)
+        weight = counts.sum() / (classes * counts.clamp(min=1))
+    model, raw, step_fn = C.classifier_task(rt, backbone, width, classes, view,
+                                            class_weight=weight, compile=args.compile)
+    eval_view = C.preset_params('eval', size=args.size)[0]
 
     def optimizer_at(lr):
         return C.make_optimizer({'backbone': raw.backbone, 'head': raw.head}, args.optimizer,
@@ -139,7 +132,7 @@ def run_seed(rt, args, row, ds, split, index, backbone_sd, width):
     if lr == 'auto' and os.path.exists(chosen):  # a resumed seed keeps its choice
         lr = C.read_json(chosen)['lr']
     elif lr == 'auto':
-        lr = lr_range_test(rt, model, raw, loader, sampler, step_fn, optimizer_at(1.0), seed)
+        lr = lr_range_test(rt, model, raw, loader, step_fn, optimizer_at(1.0), seed)
         lr = lr * 256 / batch  # as every lr flag: per 256 images
         C.print0(f'seed {seed}: lr range test chose {lr:.3g} per 256 images')
         if rt.is_main:
@@ -149,12 +142,16 @@ def run_seed(rt, args, row, ds, split, index, backbone_sd, width):
     total = head + args.epochs * spe
     lr_fn = lambda step, g: C.phase_lr(step, g, total, int(0.25 * (total - head)), 'onecycle',
                                        head)
-    step = C.fit(rt, args, model, raw, optimizer, loader, sampler, step_fn, out, total, lr_fn,
-                 spe)
+    config = dict(arch=args.arch, batch_size=batch, size=args.size, epochs=args.epochs,
+                  seed=seed)
+    step = C.fit(rt, model, raw, optimizer, loader, step_fn, out, total, lr_fn, config=config,
+                 seed=seed, max_steps=args.max_steps, log_every=args.log_every,
+                 ckpt_every=args.ckpt_every, ckpt_minutes=args.ckpt_minutes,
+                 nan_at_step=args.nan_at_step)
 
     raw.eval()
     views = [eval_view] + [view] * (args.tta - 1)
-    probs, labels = C.predict(rt, raw, index, test_rows, max(1, args.batch_size), views,
+    probs, labels = C.predict(rt, raw, cache, test, max(1, args.batch_size), views,
                               softmax=True, seed=seed, workers=0)
     if rt.is_main:
         shutil.rmtree(out, ignore_errors=True)  # the result row is the artifact; drop ckpt.pt
@@ -166,18 +163,21 @@ def run_seed(rt, args, row, ds, split, index, backbone_sd, width):
 def main():
     args = get_args()
     args.init_name = args.init_name or args.init
-    rt = C.setup_runtime(args)
+    rt = C.setup_runtime(args.device, args.precision)
     ds = C.read_dataset(args.data, args.format)
-    split, split_file = C.get_split(rt, args, ds)
-    index = C.prepare_cache(rt, args, ds)
+    split, split_file = C.get_split(ds, args.split, args.protocol, rt.is_main)
+    cache = C.prepare_cache(rt, ds, args.cache_size, args.cache_dir, args.workers, args.skip_bad)
     backbone, width = C.make_backbone(args.arch)
     source = C.load_backbone(backbone, args.arch, args.init, args.offline)
     C.check_held_out(args.init, ds, split)
     backbone_sd = {k: v.clone() for k, v in backbone.state_dict().items()}
-    sha = C.state_fingerprint(backbone_sd)
-    for row in C.pending_rows(args, ds, split, split_file, source, sha, 'finetune'):
+    rule = C.labels_rule(args.labels_per_class, args.label_fraction)
+    stubs = [C.result_stub(ds, split, split_file, seed, init=args.init_name, init_source=source,
+                           arch=args.arch, backbone_sha=C.state_fingerprint(backbone_sd),
+                           labels_rule=rule, protocol='finetune') for seed in args.seeds]
+    for row in C.pending_rows(args.results, stubs):
         seed = row['seed']
-        row = run_seed(rt, args, row, ds, split, index, backbone_sd, width)
+        row = run_seed(rt, args, row, ds, split, cache, backbone_sd, width)
         m = row['metrics']
         C.print0(f'{args.init_name} seed {seed}: accuracy {m["accuracy"]:.4f} balanced '
                  f'{m["balanced_accuracy"]:.4f} macro-F1 {m["macro_f1"]:.4f} '

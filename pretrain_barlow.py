@@ -34,26 +34,28 @@ PRESETS = {  # the paper's further-pretraining settings (PAPER.md); explicit fla
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    C.add_common_args(p, epochs=1000, batch_size=2048, lr=0.2, size=224, cache_size=256,
-                      out='runs/barlow')
+    C.add_data_args(p, size=224, cache_size=256)
+    C.add_model_args(p)
+    C.add_train_args(p, epochs=1000, batch_size=2048, lr=0.2, out='runs/barlow')
+    C.add_runtime_args(p)
     g = p.add_argument_group('Barlow Twins')
     g.add_argument('--preset', choices=list(PRESETS),
                    help='skin: the paper\'s further-pretraining recipe (batch 128, Adam '
                         'one-cycle, lambda 1/8192, 1 projector-only epoch, its views)')
     g.add_argument('--projector', default='8192-8192-8192',
                    help='projector widths; 2048-2048 or narrower for small runs')
-    g.add_argument('--lambd', type=float, default=0.0051,
+    g.add_argument('--lambd', type=C.number(float, 0), default=0.0051,
                    help='weight of the off-diagonal term (1/projector width is the paper\'s)')
-    g.add_argument('--lr-biases', type=float, default=0.0048,
+    g.add_argument('--lr-biases', type=C.number(float, 0), default=0.0048,
                    help='peak lr of biases and BN parameters, per 256 images')
-    g.add_argument('--weight-decay', type=float, default=1e-6)
+    g.add_argument('--weight-decay', type=C.number(float, 0), default=1e-6)
     g.add_argument('--optimizer', default='lars', choices=['lars', 'sgd', 'adamw'],
                    help='lars for big batches; adamw (lr ~1e-3) for small-batch users')
     g.add_argument('--schedule', default='cosine', choices=['cosine', 'onecycle', 'constant'])
-    g.add_argument('--warmup-epochs', type=float, default=10)
-    g.add_argument('--head-warmup-epochs', type=float, default=0,
+    g.add_argument('--warmup-epochs', type=C.number(float, 0), default=10)
+    g.add_argument('--head-warmup-epochs', type=C.number(float, 0), default=0,
                    help='train the projector alone this long first, before --epochs '
                         '(backbone BN stays trainable)')
     g.add_argument('--train-blocks', default='all', choices=['all', 'layer4', 'last'],
@@ -61,7 +63,7 @@ def get_args(argv=None):
                         'residual block (the paper\'s BT_ variant)')
     g.add_argument('--aug', default='barlow_imagenet', choices=['barlow_imagenet', 'barlow_skin'],
                    help='the two views: Facebook\'s ImageNet ones or the paper\'s skin ones')
-    g.add_argument('--min-scale', type=float, default=None,
+    g.add_argument('--min-scale', type=C.number(float, 1e-3, 1), default=None,
                    help='smallest crop area fraction of the views (preset: 0.08 ImageNet, '
                         '0.7 skin)')
     g.add_argument('--extra-data', action='append', default=[],
@@ -85,7 +87,7 @@ def freeze(backbone, train_blocks):
 
 def main():
     args = get_args()
-    rt = C.setup_runtime(args)
+    rt = C.setup_runtime(args.device, args.precision, args.seed)
     t0 = time.time()
 
     # --- data: the unlabelled pool (labels ignored), never the split's test images
@@ -107,13 +109,14 @@ def main():
         ds = C.make_dataset('mixed', f'{ds["root"]}+{extra["root"]}', [], ds['ids'] + extra_ids,
                             ds['paths'] + extra['paths'], [-1] * (len(ds['ids']) + len(extra_ids)))
         ids = ids + extra_ids
-    index = C.prepare_cache(rt, args, ds)
-    rows = C.rows_of(index, ids)
-    local_batch = args.batch_size // rt.world
-    loader, sampler = C.make_loader(index, rows, local_batch, rt.rank, rt.world, seed=args.seed,
-                                    workers=args.workers, pin=rt.device.type == 'cuda')
-    steps_per_epoch = len(sampler)
-    C.print0(f'pool: {len(rows)} images, {steps_per_epoch} steps/epoch of {args.batch_size}')
+    cache = C.prepare_cache(rt, ds, args.cache_size, args.cache_dir, args.workers, args.skip_bad)
+    positions = C.cache_positions(cache, ids)
+    loader = C.make_loader(cache, positions, C.local_batch(args.batch_size, rt.world), rt.rank,
+                           rt.world, seed=args.seed, workers=args.workers,
+                           pin=rt.device.type == 'cuda')
+    steps_per_epoch = len(loader)
+    C.print0(f'pool: {len(positions)} images, {steps_per_epoch} steps/epoch of '
+             f'{args.batch_size}')
 
     # --- model
     backbone, width = C.make_backbone(args.arch)
@@ -136,12 +139,20 @@ def main():
     def step_fn(x, y, gen):  # (B, 3, S, S) uint8 -> two augmented views -> loss
         return model(*C.augment_views(x, views, gen))
 
-    # --- train (resumes from <out>/ckpt.pt), then the hand-off
-    step = C.fit(rt, args, model, raw, optimizer, loader, sampler, step_fn, args.out, total,
-                 lr_fn, steps_per_epoch)
+    # --- train (resumes from <out>/ckpt.pt when it was made with the same settings and pool)
+    config = dict(arch=args.arch, batch_size=args.batch_size, size=args.size,
+                  epochs=args.epochs, seed=args.seed, projector=args.projector,
+                  train_blocks=args.train_blocks, data_root=root, held_out=held_out,
+                  pool_fingerprint=cache['fingerprint'], pool_images=len(positions))
+    step = C.fit(rt, model, raw, optimizer, loader, step_fn, args.out, total, lr_fn,
+                 config=config, seed=args.seed, max_steps=args.max_steps,
+                 log_every=args.log_every, ckpt_every=args.ckpt_every,
+                 ckpt_minutes=args.ckpt_minutes, nan_at_step=args.nan_at_step)
+
+    # --- hand-off
     C.write_handoff(rt, args.out, raw.backbone, dict(
         script='pretrain_barlow', args=vars(args), init=source, steps=step, data_root=root,
-        held_out=held_out, pool_images=len(rows), data_fingerprint=index['fingerprint'],
+        held_out=held_out, pool_images=len(positions), data_fingerprint=cache['fingerprint'],
         wall_s=round(time.time() - t0, 1)))
     C.print0(f'done: {args.out}/backbone.pt after {step} steps')
     C.teardown(rt)

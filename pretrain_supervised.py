@@ -17,35 +17,34 @@ Validation: the --split file's val part, or else a seeded, stratified --val-frac
 import argparse
 import time
 
-import torch
-import torch.nn as nn
-
 import common as C
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    C.add_common_args(p, epochs=90, batch_size=1024, lr=0.1, size=224, cache_size=256,
-                      out='runs/supervised')
+    C.add_data_args(p, size=224, cache_size=256)
+    C.add_model_args(p)
+    C.add_train_args(p, epochs=90, batch_size=1024, lr=0.1, out='runs/supervised')
+    C.add_runtime_args(p)
     g = p.add_argument_group('supervised')
-    g.add_argument('--label-smoothing', type=float, default=0.1)
-    g.add_argument('--weight-decay', type=float, default=5e-5)
+    g.add_argument('--label-smoothing', type=C.number(float, 0, 1), default=0.1)
+    g.add_argument('--weight-decay', type=C.number(float, 0), default=5e-5)
     g.add_argument('--optimizer', default='sgd', choices=['sgd', 'lars', 'adamw'],
                    help='sgd (nesterov momentum 0.9); lars for batches of 4096 and more')
-    g.add_argument('--warmup-epochs', type=float, default=5)
-    g.add_argument('--val-fraction', type=float, default=0.02,
+    g.add_argument('--warmup-epochs', type=C.number(float, 0), default=5)
+    g.add_argument('--val-fraction', type=C.number(float, 0, 0.99), default=0.02,
                    help='held out for validation when no --split is given')
-    g.add_argument('--aug', default='supervised',
+    g.add_argument('--aug', default='supervised', choices=list(C.AUG_PRESETS),
                    help='augmentation preset for training (crop and flip)')
-    g.add_argument('--min-scale', type=float, default=None,
+    g.add_argument('--min-scale', type=C.number(float, 1e-3, 1), default=None,
                    help='smallest crop area fraction (preset: 0.08); raise it for tiny images')
     return C.parse_args(p, None, argv)
 
 
 def main():
     args = get_args()
-    rt = C.setup_runtime(args)
+    rt = C.setup_runtime(args.device, args.precision, args.seed)
     t0 = time.time()
 
     # --- data: train and validation parts of a labelled dataset
@@ -58,23 +57,25 @@ def main():
     else:
         split = C.make_split(ds, 'random', seed=args.seed, test_fraction=0.0,
                              val_fraction=args.val_fraction)
-    index = C.prepare_cache(rt, args, ds)
-    train_rows, val_rows = C.rows_of(index, split['train']), C.rows_of(index, split['val'])
-    loader, sampler = C.make_loader(index, train_rows, args.batch_size // rt.world, rt.rank,
-                                    rt.world, seed=args.seed, workers=args.workers,
-                                    pin=rt.device.type == 'cuda')
-    steps_per_epoch = len(sampler)
-    C.print0(f'{len(ds["classes"])} classes, train {len(train_rows)}, val {len(val_rows)}, '
+    cache = C.prepare_cache(rt, ds, args.cache_size, args.cache_dir, args.workers, args.skip_bad)
+    train = C.cache_positions(cache, split['train'])
+    val = C.cache_positions(cache, split['val'])
+    loader = C.make_loader(cache, train, C.local_batch(args.batch_size, rt.world), rt.rank,
+                           rt.world, seed=args.seed, workers=args.workers,
+                           pin=rt.device.type == 'cuda')
+    steps_per_epoch = len(loader)
+    classes = cache['classes']
+    C.print0(f'{len(classes)} classes, train {len(train)}, val {len(val)}, '
              f'{steps_per_epoch} steps/epoch of {args.batch_size}')
 
     # --- model
     backbone, width = C.make_backbone(args.arch)
     source = C.load_backbone(backbone, args.arch, args.init, args.offline)
-    model, raw = C.wrap_model(rt, C.Classifier(backbone, width, len(ds['classes'])), args.compile)
     scale = (args.min_scale, 1.0) if args.min_scale else None
     view = C.preset_params(args.aug, size=args.size, scale=scale)[0]
+    model, raw, step_fn = C.classifier_task(rt, backbone, width, len(classes), view,
+                                            args.label_smoothing, compile=args.compile)
     eval_view = C.preset_params('eval', size=args.size)[0]
-    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
 
     # --- optimiser and schedule
     optimizer = C.make_optimizer({'backbone': raw.backbone, 'head': raw.head}, args.optimizer,
@@ -83,14 +84,11 @@ def main():
     warmup = int(args.warmup_epochs * steps_per_epoch)
     lr_fn = lambda step, g: g['peak_lr'] * C.lr_factor(step, total, warmup, 'cosine', 0.0)
 
-    def step_fn(x, y, gen):
-        return criterion(model(C.augment(x, view, gen)), y)
-
     figures = {}
 
     def validate(epoch):  # top-1 / top-5 on the validation part, on every rank
         raw.eval()
-        logits, labels = C.predict(rt, raw, index, val_rows, max(1, args.batch_size // rt.world),
+        logits, labels = C.predict(rt, raw, cache, val, max(1, args.batch_size // rt.world),
                                    [eval_view])
         raw.train()
         top5 = logits.topk(min(5, logits.shape[1]), 1).indices
@@ -99,16 +97,24 @@ def main():
         C.print0(f'epoch {epoch}: val top-1 {figures["top1"]:.4f} top-5 {figures["top5"]:.4f}')
         return figures
 
-    # --- train (resumes from <out>/ckpt.pt), then the hand-off
-    step = C.fit(rt, args, model, raw, optimizer, loader, sampler, step_fn, args.out, total,
-                 lr_fn, steps_per_epoch, epoch_fn=validate if val_rows else None)
-    if val_rows and not figures:
+    # --- train (resumes from <out>/ckpt.pt when it was made with the same settings and data)
+    config = dict(arch=args.arch, batch_size=args.batch_size, size=args.size,
+                  epochs=args.epochs, seed=args.seed, classes=classes,
+                  data_fingerprint=cache['fingerprint'], held_out=C.split_sha(split))
+    step = C.fit(rt, model, raw, optimizer, loader, step_fn, args.out, total, lr_fn,
+                 config=config, seed=args.seed, max_steps=args.max_steps,
+                 log_every=args.log_every, ckpt_every=args.ckpt_every,
+                 ckpt_minutes=args.ckpt_minutes, nan_at_step=args.nan_at_step,
+                 epoch_fn=validate if val else None)
+    if val and not figures:
         validate(step / steps_per_epoch)
+
+    # --- hand-off
     C.write_handoff(rt, args.out, raw.backbone, dict(
         script='pretrain_supervised', args=vars(args), init=source, steps=step,
-        classes=ds['classes'], val=figures, data_root=ds['root'],
+        classes=classes, val=figures, data_root=ds['root'],
         held_out=C.split_sha(split) if split['test'] else None,
-        data_fingerprint=index['fingerprint'],
+        data_fingerprint=cache['fingerprint'],
         wall_s=round(time.time() - t0, 1)))
     C.print0(f'done: {args.out}/backbone.pt after {step} steps')
     C.teardown(rt)

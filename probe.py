@@ -33,32 +33,35 @@ L2_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    C.add_common_args(p, batch_size=256, size=256, cache_size=256)
+    C.add_data_args(p, size=256, cache_size=256)
+    C.add_model_args(p)
+    C.add_runtime_args(p)
     C.add_eval_args(p)
     g = p.add_argument_group('probe')
+    g.add_argument('--batch-size', type=C.number(int, 1), default=256,
+                   help='images per forward pass while extracting features')
     g.add_argument('--l2', type=l2_grid, default=L2_GRID,
                    help='L2 strengths tried on the val part (comma-separated)')
-    g.add_argument('--knn-k', type=int, default=20, help='neighbours of the kNN classifier')
-    g.add_argument('--max-iter', type=int, default=30,
+    g.add_argument('--knn-k', type=C.number(int, 1), default=20,
+                   help='neighbours of the kNN classifier')
+    g.add_argument('--max-iter', type=C.number(int, 1), default=30,
                    help='L-BFGS iterations per fit (warm-started along the L2 grid)')
-    g.add_argument('--aug-views', type=int, default=16,
+    g.add_argument('--aug-views', type=C.number(int, 0), default=16,
                    help='augmented passes over the labelled train images added to the '
                         'probe\'s training features (0: the eval view alone); each costs one '
                         'forward pass over them; 16 matched a 100-epoch probe in the README\'s '
                         'benchmark')
-    g.add_argument('--aug', default='finetune_skin', help='augmentation of those passes')
-    args = C.parse_args(p, None, argv)
-    if args.knn_k < 1 or args.max_iter < 1 or args.aug_views < 0:
-        p.error('--knn-k and --max-iter: at least 1; --aug-views: at least 0')
-    return args
+    g.add_argument('--aug', default='finetune_skin', choices=list(C.AUG_PRESETS),
+                   help='augmentation of those passes')
+    return C.parse_args(p, None, argv)
 
 
 def l2_grid(text):
     try:
         grid = tuple(float(v) for v in text.split(','))
-        assert grid and all(v >= 0 for v in grid)
+        assert grid and all(0 <= v < float('inf') for v in grid)
         return grid
     except (ValueError, AssertionError):
         raise argparse.ArgumentTypeError(f'{text}: comma-separated numbers >= 0, e.g. 1e-4,1e-2')
@@ -71,19 +74,19 @@ def labelled_ids(args, ds, split, seeds):
 
 
 @torch.no_grad()
-def features(rt, args, backbone, index, split, sha, train_ids):
+def features(rt, args, backbone, cache, split, sha, train_ids):
     """{part: {'ids', 'x', 'y'}} for the val and test parts and the train images of train_ids
     (the labelled subsets of the seeds to run; with few labels the rest would never be used),
     plus 'x_aug' (V, n, D) for those, cached in --cache-dir per (backbone, dataset, split,
     size, views). A later run extracts only the train images the file lacks and adds them."""
-    key = hashlib.sha1(f'{sha}|{index["file"]}|{index["fingerprint"]}|{args.size}|'
+    key = hashlib.sha1(f'{sha}|{cache["file"]}|{cache["fingerprint"]}|{args.size}|'
                        f'{rt.precision}|{args.aug_views}|{args.aug}|'
                        f'{json.dumps([split[p] for p in ("train", "val", "test")])}'.encode()
                        ).hexdigest()[:12]
     path = os.path.join(args.cache_dir, f'features-{key}.pt')
     out = C.load_checkpoint(path) if os.path.exists(path) else {}
     have = set(out['train']['ids']) if 'train' in out else set()
-    wanted, cached = set(train_ids), set(index['ids'])
+    wanted, cached = set(train_ids), set(cache['ids'])
     new = [i for i in split['train'] if i in wanted and i in cached and i not in have]
     if out and not new:
         return out
@@ -91,13 +94,13 @@ def features(rt, args, backbone, index, split, sha, train_ids):
     todo['train'] = new
     view = C.preset_params('eval', size=args.size)[0]
     for part, ids in todo.items():
-        rows = C.rows_of(index, ids)
-        if not rows:
+        positions = C.cache_positions(cache, ids)
+        if not positions:
             continue
-        f, y = C.predict(rt, backbone, index, rows, args.batch_size, [view])
-        got = {'ids': [index['ids'][r] for r in rows], 'x': f, 'y': y}
+        f, y = C.predict(rt, backbone, cache, positions, args.batch_size, [view])
+        got = {'ids': [cache['ids'][k] for k in positions], 'x': f, 'y': y}
         if part == 'train' and args.aug_views:
-            got['x_aug'] = augmented(rt, args, backbone, index, split['train'], rows)
+            got['x_aug'] = augmented(rt, args, backbone, cache, split['train'], positions)
         old = out.get(part)
         out[part] = got if old is None else {  # the train part grows by the new images
             k: old[k] + got[k] if k == 'ids' else
@@ -107,20 +110,21 @@ def features(rt, args, backbone, index, split, sha, train_ids):
     return out
 
 
-def augmented(rt, args, backbone, index, whole_train, rows):
-    """(V, n, D) features of --aug-views random views of cache rows of the train part, one
-    pass each. An image's views must not depend on which other images are extracted with it
-    (other seeds, earlier runs): pass v draws for the whole train part and takes these rows,
+def augmented(rt, args, backbone, cache, whole_train, positions):
+    """(V, n, D) features of --aug-views random views of the train images at cache
+    `positions`, one pass each. An image's views must not depend on which other images are
+    extracted with it (other seeds, earlier runs): pass v draws for the whole train part and
+    takes these images' draws,
     and the batch-wide antialiasing prefilter is off (it depends on the batch's crops; with a
     cache a little larger than --size, as the Makefile's 40 for 32, crops shrink little)."""
     view = C.preset_params(args.aug, size=args.size, antialias=False)[0]
     where = {i: k for k, i in enumerate(whole_train)}
-    pick = torch.tensor([where[index['ids'][r]] for r in rows], dtype=torch.long)
-    side = index['size']
+    pick = torch.tensor([where[cache['ids'][k]] for k in positions], dtype=torch.long)
+    side = cache['size']
     drawn = [C.take_params(C.draw_params(view, len(whole_train), side, side,
                                          torch.Generator().manual_seed(v + 1)), pick)
              for v in range(args.aug_views)]
-    return torch.stack([C.predict(rt, backbone, index, rows, args.batch_size, [view],
+    return torch.stack([C.predict(rt, backbone, cache, positions, args.batch_size, [view],
                                   drawn=[d])[0] for d in drawn])
 
 
@@ -198,10 +202,10 @@ def run_seed(args, row, labelled, feats, classes):
 def main():
     args = get_args()
     args.init_name = args.init_name or args.init
-    rt = C.setup_runtime(args)
+    rt = C.setup_runtime(args.device, args.precision)
     ds = C.read_dataset(args.data, args.format)
-    split, split_file = C.get_split(rt, args, ds)
-    index = C.prepare_cache(rt, args, ds)
+    split, split_file = C.get_split(ds, args.split, args.protocol, rt.is_main)
+    cache = C.prepare_cache(rt, ds, args.cache_size, args.cache_dir, args.workers, args.skip_bad)
     backbone, _ = C.make_backbone(args.arch)
     source = C.load_backbone(backbone, args.arch, args.init, args.offline)
     C.check_held_out(args.init, ds, split)
@@ -209,12 +213,16 @@ def main():
     for p in backbone.parameters():
         p.requires_grad_(False)
     sha = C.state_fingerprint(backbone.state_dict())
-    todo = C.pending_rows(args, ds, split, split_file, source, sha, 'probe')
+    rule = C.labels_rule(args.labels_per_class, args.label_fraction)
+    stubs = [C.result_stub(ds, split, split_file, seed, init=args.init_name, init_source=source,
+                           arch=args.arch, backbone_sha=sha, labels_rule=rule, protocol='probe')
+             for seed in args.seeds]
+    todo = C.pending_rows(args.results, stubs)
     if not todo:
         return C.teardown(rt)
     labelled = labelled_ids(args, ds, split, [row['seed'] for row in todo])
     t0 = time.time()
-    feats = features(rt, args, backbone, index, split, sha, set().union(*labelled.values()))
+    feats = features(rt, args, backbone, cache, split, sha, set().union(*labelled.values()))
     C.print0(f'features: {sum(len(v["ids"]) for v in feats.values())} images '
              f'(+{args.aug_views} augmented passes over the train ones) in '
              f'{time.time() - t0:.1f}s')
@@ -222,7 +230,7 @@ def main():
         raise RuntimeError('the backbone changed while extracting features')
     for row in todo:
         seed = row['seed']
-        row = run_seed(args, row, labelled[seed], feats, len(ds['classes']))
+        row = run_seed(args, row, labelled[seed], feats, len(cache['classes']))
         m = row['metrics']
         C.print0(f'{args.init_name} probe seed {seed}: accuracy {m["accuracy"]:.4f} balanced '
                  f'{m["balanced_accuracy"]:.4f} kNN {row["knn_accuracy"]:.4f} '

@@ -156,11 +156,11 @@ def bench_cache(args, dev):
         for p in ds['paths']:  # what a per-epoch PIL pipeline pays: decode + resize
             np.asarray(C.load_image(p).resize((256, 256), Image.BILINEAR))
         decode = time.perf_counter() - t
-        index = C.build_cache(ds, 256, f'{tmp}/cache', workers=0, verbose=False)
-        loader, sampler = C.make_loader(index, range(len(index['ids'])), 64, workers=0)
+        cache = C.build_cache(ds, 256, f'{tmp}/cache', workers=0, verbose=False)
+        loader = C.make_loader(cache, range(len(cache['ids'])), 64, workers=0)
 
         def epoch():
-            sampler.set_epoch(0)
+            loader.sampler.set_epoch(0)
             for x, _ in loader:
                 assert x.shape[0] == 64
         read = timed(epoch, 3)
@@ -223,19 +223,19 @@ def bench_probe(args, dev):
         return
     print(f'probe: {args.probe_backbone} on {args.probe_data}, {args.arch_probe} '
           f'{args.size_probe}px')
-    size, cache = args.size_probe, args.size_probe + args.size_probe // 4
+    size, cache_size = args.size_probe, args.size_probe + args.size_probe // 4
     ds = C.read_dataset(args.probe_data)
     split = C.make_split(ds, 'random', seed=0)
-    index = C.build_cache(ds, cache, args.cache_dir, workers=0, verbose=False)
+    cache = C.build_cache(ds, cache_size, args.cache_dir, workers=0, verbose=False)
     backbone, width = C.make_backbone(args.arch_probe)
     C.load_backbone(backbone, args.arch_probe, args.probe_backbone, offline=True)
     backbone = backbone.to(dev).eval().requires_grad_(False)
     classes = len(ds['classes'])
     labelled = C.labelled_subset(ds, split['train'], 0, per_class=args.probe_labels)
-    train_rows, test_rows = C.rows_of(index, labelled), C.rows_of(index, split['test'])
+    train, test = C.cache_positions(cache, labelled), C.cache_positions(cache, split['test'])
     eval_view = C.preset_params('eval', size=size)[0]
-    rt = argparse.Namespace(device=dev, dtype=torch.float32, precision='fp32', is_main=True)
-    tests = {'test part': (index, test_rows)}
+    rt = C.setup_runtime(dev.type, 'fp32')
+    tests = {'test part': (cache, test)}
     stamp = os.path.join(args.probe_data, '.synthetic.json')
     if os.path.exists(stamp) and args.probe_test_count:
         settings = C.read_json(stamp)['settings']  # the same generator, another seed
@@ -245,18 +245,19 @@ def bench_probe(args, dev):
                         '--seed', str(settings['seed'] + 1), '--size', str(settings['size'])],
                        check=True)
         other = C.read_dataset(os.path.join(root, 'skin'))
-        other_index = C.build_cache(other, cache, args.cache_dir, workers=0, verbose=False)
-        tests['independent'] = (other_index, list(range(len(other_index['ids']))))
+        other_cache = C.build_cache(other, cache_size, args.cache_dir, workers=0, verbose=False)
+        tests['independent'] = (other_cache, list(range(len(other_cache['ids']))))
 
     with tempfile.TemporaryDirectory() as tmp:  # --- probe.py: features once, then the fit
-        pargs = probe.get_args(['--size', str(size), '--cache-dir', tmp])
+        pargs = probe.get_args(['--data', args.probe_data, '--size', str(size),
+                                '--cache-dir', tmp])
         pargs.labels_per_class = args.probe_labels  # probe.py's defaults otherwise
         t = time.perf_counter()
-        feats = probe.features(rt, pargs, backbone, index, split, 'bench', labelled)
+        feats = probe.features(rt, pargs, backbone, cache, split, 'bench', labelled)
         extract_s = time.perf_counter() - t
     fast, fit_s = {}, []
-    for name, (ix, rows) in tests.items():  # the same fit, scored on each test set
-        x, y = C.predict(rt, backbone, ix, rows, 256, [eval_view])
+    for name, (c, positions) in tests.items():  # the same fit, scored on each test set
+        x, y = C.predict(rt, backbone, c, positions, 256, [eval_view])
         t = time.perf_counter()
         r = probe.run_seed(pargs, {'seed': 0}, labelled, dict(feats, test={'x': x, 'y': y}),
                            classes)
@@ -272,11 +273,11 @@ def bench_probe(args, dev):
     opt = torch.optim.SGD(head.parameters(), lr=0.3 * batch / 256, momentum=0.9,
                           weight_decay=1e-6)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
-    loader, sampler = C.make_loader(index, train_rows, batch, drop_last=False, workers=0)
+    loader = C.make_loader(cache, train, batch, drop_last=False, workers=0)
     view = C.preset_params('finetune_skin', size=size)[0]
     g = torch.Generator().manual_seed(0)
     for epoch in range(epochs):
-        sampler.set_epoch(epoch)
+        loader.sampler.set_epoch(epoch)
         for b in loader:
             x, y = C.to_device(b, dev)
             with torch.no_grad():
@@ -288,8 +289,9 @@ def bench_probe(args, dev):
         sched.step()
     slow_s = time.perf_counter() - t
     slow = {}
-    for name, (ix, rows) in tests.items():
-        logits, labels = C.predict(rt, lambda x: head(backbone(x)), ix, rows, 256, [eval_view])
+    for name, (c, positions) in tests.items():
+        logits, labels = C.predict(rt, lambda x: head(backbone(x)), c, positions, 256,
+                                   [eval_view])
         slow[name] = C.classification_metrics(torch.softmax(logits, 1), labels, classes)
 
     def scores(ms, ref=None):

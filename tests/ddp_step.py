@@ -10,7 +10,6 @@ common.make_optimizer('lars'). PROJECTOR (default 64-64) picks the loss's path: 
 outputs and a global batch of 8 it goes through the Gram matrices, with 8 (64-8) through C.
 Rank 0 saves the loss, the gradients and the updated parameters to OUTDIR/ddp.pt; the test
 computes the single-process reference."""
-import argparse
 import os
 import sys
 
@@ -52,8 +51,7 @@ def optimizer_for(raw):
 def main():
     out, projector = sys.argv[1], (sys.argv[2:] or [PROJECTOR])[0]
     torch.set_num_threads(1)
-    rt = C.setup_runtime(argparse.Namespace(device='cpu', precision='fp32',
-                                            batch_size=GLOBAL_BATCH, seed=0))
+    rt = C.setup_runtime('cpu', 'fp32', seed=0)
     assert rt.world == 2, 'run under torchrun with 2 processes'
     model, raw = C.wrap_model(rt, build_model(projector))
     optimizer = optimizer_for(raw)

@@ -158,13 +158,15 @@ def test_loader_batches_follow_the_sampler(tmp_path):
             a = np.full((8, 8, 3), c * 100 + i, np.uint8)  # the pixel value names the image
             Image.fromarray(a).save(src / f'c{c}' / f'{i}.png')
     ds = C.read_dataset(str(src))
-    index = C.build_cache(ds, 8, str(tmp_path / 'cache'), workers=0, verbose=False)
-    rows = list(range(20))
-    loader, sampler = C.make_loader(index, rows, 4, rank=0, world=2, seed=3, workers=0)
-    other, osampler = C.make_loader(index, rows, 4, rank=1, world=2, seed=3, workers=0)
+    cache = C.build_cache(ds, 8, str(tmp_path / 'cache'), workers=0, verbose=False)
+    positions = list(range(20))
+    loader = C.make_loader(cache, positions, 4, rank=0, world=2, seed=3, workers=0)
+    other = C.make_loader(cache, positions, 4, rank=1, world=2, seed=3, workers=0)
+    sampler = loader.sampler
+    assert len(loader) == 2  # 10 images per rank, batches of 4, the last one dropped
     seen = []
-    for ld, sm in ((loader, sampler), (other, osampler)):
-        sm.set_epoch(1)
+    for ld in (loader, other):
+        ld.sampler.set_epoch(1)
         for x, y in ld:
             assert x.dtype == torch.uint8 and x.shape == (4, 8, 8, 3)
             values = x[:, 0, 0, 0].tolist()
@@ -181,4 +183,4 @@ def test_loader_batches_follow_the_sampler(tmp_path):
     xd, _ = C.to_device((x, torch.zeros(4, dtype=torch.long)), torch.device('cpu'))
     assert xd.shape == (4, 3, 8, 8) and xd.is_contiguous(memory_format=torch.channels_last)
     with pytest.raises(C.UserError, match='batch'):
-        C.make_loader(index, rows[:3], 4, workers=0)
+        C.make_loader(cache, positions[:3], 4, workers=0)

@@ -261,23 +261,61 @@ def test_finetune_refuses_checkpoint_of_another_arch(evals, work):
 SCRIPTS = ['pretrain_barlow', 'pretrain_supervised', 'finetune', 'probe']
 
 
-@pytest.mark.parametrize('flag', ['--epochs', '--batch-size'])
-@pytest.mark.parametrize('script', SCRIPTS)
-def test_bad_flag_values(script, flag, capsys):
+BAD_VALUES = [(s, f, v) for s in SCRIPTS for f, v in [('--batch-size', '0'), ('--size', '4'),
+                                                       ('--workers', '-1')]]
+BAD_VALUES += [(s, f, v) for s in SCRIPTS[:3] for f, v in [
+    ('--epochs', '0'), ('--lr', 'nan'), ('--lr', '-1'), ('--log-every', '0'),
+    ('--ckpt-minutes', 'inf'), ('--max-steps', '-2')]]
+BAD_VALUES += [('finetune', '--seeds', '3-x'), ('probe', '--seeds', '-1'),
+               ('probe', '--label-fraction', '1.5'), ('pretrain_barlow', '--lambd', '-0.1'),
+               ('pretrain_supervised', '--label-smoothing', '2')]
+
+
+@pytest.mark.parametrize('script, flag, value', BAD_VALUES)
+def test_bad_flag_values(script, flag, value, capsys):
     mod = __import__(script)
     with pytest.raises(SystemExit) as e:
-        mod.get_args(['--data', 'x', flag, '0'])
+        mod.get_args(['--data', 'x', '--out', 'y', flag, value] if script != 'probe' else
+                     ['--data', 'x', flag, value])
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert 'Traceback' not in err
     errors = [l for l in err.splitlines() if 'error' in l]
-    assert len(errors) == 1 and f'{flag} 0' in errors[0], err
+    assert len(errors) == 1 and f'argument {flag}: {value}:' in errors[0], err
+
+
+# every script takes only the flags it uses: one it would ignore is an argparse error
+UNUSED = [('probe', f) for f in ('--epochs 3', '--lr 0.1', '--max-steps 5', '--out x',
+                                  '--compile', '--log-every 2', '--ckpt-every 2',
+                                  '--ckpt-minutes 1', '--seed 1')]
+UNUSED += [('finetune', '--seed 1'), ('pretrain_barlow', '--seeds 0-3'),
+           ('pretrain_supervised', '--labels-per-class 5')]
+
+
+@pytest.mark.parametrize('script, flag', UNUSED)
+def test_flags_a_script_does_not_use_are_errors(script, flag, capsys):
+    mod = __import__(script)
+    with pytest.raises(SystemExit) as e:
+        mod.get_args(['--data', 'x', *flag.split()])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert 'unrecognized arguments' in err and flag.split()[0] in err, err
+
+
+def test_default_workers_fit_the_machine(monkeypatch):
+    import common as C
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.delenv('LOCAL_WORLD_SIZE', raising=False)
+    assert C.default_workers() == max(0, min(8, cores - 1))
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', str(cores))  # one rank per core: no room left
+    assert C.default_workers() == 0
 
 
 @pytest.mark.parametrize('script', SCRIPTS)
 def test_missing_data_folder(script, tmp_path, monkeypatch, capsys):
     missing = tmp_path / 'no-such-data'
-    code, out, err = run_main(script, ['--data', missing, *TINY, '--out', tmp_path / 'run',
+    out_flag = [] if script == 'probe' else ['--out', tmp_path / 'run']
+    code, out, err = run_main(script, ['--data', missing, *TINY, *out_flag,
                                        '--cache-dir', tmp_path / 'cache'],
                               monkeypatch, capsys, tmp_path)
     assert code == 2

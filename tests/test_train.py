@@ -82,10 +82,10 @@ def plain(x):
 
 def test_checkpoint_contents(base):
     ckpt = torch.load(base / 'a' / 'ckpt.pt', weights_only=True)
-    assert {'model', 'optimizer', 'scaler', 'step', 'args'} <= set(ckpt)
     assert ckpt['step'] == STEPS
-    assert plain(ckpt['args']) and ckpt['args']['arch'] == 'resnet18'
-    assert ckpt['args']['batch_size'] == 8 and ckpt['args']['projector'] == '32-32'
+    assert {'model', 'optimizer', 'scaler', 'step', 'config'} <= set(ckpt)
+    assert plain(ckpt['config']) and ckpt['config']['arch'] == 'resnet18'
+    assert ckpt['config']['batch_size'] == 8 and ckpt['config']['projector'] == '32-32'
     assert all(torch.is_tensor(v) for v in ckpt['model'].values())
     assert not [k for k in ckpt['model'] if k.startswith(('module.', '_orig_mod.'))]
     assert ckpt['optimizer']['state'], 'LARS momentum buffers are saved'
