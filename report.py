@@ -27,7 +27,10 @@ seeds. With fewer than 2 shared seeds it falls back to the unpaired permutation 
 difference of means (--test permutation forces it; 5 vs 5 runs: 252 relabellings, smallest p
 1/252). --test welch gives the paper's one-tailed Welch t-test, the right call with many runs
 (they used 35). Several inits are tested against one baseline in each table, so beside the raw
-p the table gives Holm's adjusted p (family-wise error over all the tests of that table).
+p the table gives Holm's adjusted p (family-wise error over all the tests of that table, both
+protocols). Every 95% interval is a t-interval over seeds (mean +- t_0.975,n-1 s / sqrt n; the
+t quantile by bisection of the t cdf): for a mean, for the mean paired difference, and Welch's
+interval for an unpaired difference of means.
 """
 import argparse
 import csv
@@ -48,6 +51,7 @@ METRIC_SHORT = {'accuracy': 'acc', 'balanced_accuracy': 'bal. acc', 'macro_f1': 
                 'weighted_f1': 'weighted-F1', 'auroc': 'AUROC', 'knn_accuracy': 'kNN acc'}
 EXACT_MAX = 20000  # enumerate every relabelling / sign pattern up to this many, else sample
 LEVEL = 0.95       # of every interval
+LOSS_TERMS = {'loss': 'total', 'loss_inv': 'invariance', 'loss_red': 'redundancy'}
 NO_PLOTS = ('no plots: matplotlib is not installed (`make install` installs it; or pip install '
             'matplotlib)')
 
@@ -138,6 +142,10 @@ def is_number(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def is_count(budget):  # a budget given as a label count (rows without labels_rule)
+    return budget.replace('.', '', 1).isdigit()
+
+
 def budget_of(row):
     """The label budget of a row: its labels_rule when it has one, else its label count."""
     rule = row.get('labels_rule')
@@ -223,11 +231,7 @@ def t_cdf(t, df):
 
 def t_ppf(q, df):
     """The q quantile of Student's t: t_cdf (monotone) inverted by bisection, 0 < q < 1."""
-    lo, hi = -1.0, 1.0
-    while t_cdf(lo, df) > q and lo > -1e15:  # widen the bracket until it holds q
-        lo *= 2.0
-    while t_cdf(hi, df) < q and hi < 1e15:
-        hi *= 2.0
+    lo, hi = -1e8, 1e8  # holds 1e-8 < q < 1 - 1e-8 even for df = 1 (the Cauchy)
     for _ in range(200):
         mid = 0.5 * (lo + hi)
         lo, hi = (mid, hi) if t_cdf(mid, df) < q else (lo, mid)
@@ -259,9 +263,16 @@ def welch_p(a, b):
     """One-sided Welch t-test, H1: mean(a) > mean(b): p = P(T_df > (ma - mb) / se).
     Both samples constant: p = 0 if ma > mb, else 1."""
     diff, se, df = welch_parts(a, b)
-    if se == 0.0:
-        return 0.0 if diff > 0 else 1.0
-    return t_sf(diff / se, df)
+    return (0.0 if diff > 0 else 1.0) if se == 0.0 else t_sf(diff / se, df)
+
+
+def _count_ge(stat, observed):
+    """#{stat >= observed}; equal sums added in another order are still ties."""
+    return int((stat >= observed - 1e-9 * max(1.0, abs(observed))).sum())
+
+
+def _chunks(iters, size=5000):  # Monte Carlo draws in chunks: bounded memory
+    return [size] * (iters // size) + ([iters % size] if iters % size else [])
 
 
 def permutation_p(a, b, iters=EXACT_MAX, seed=0):
@@ -272,16 +283,12 @@ def permutation_p(a, b, iters=EXACT_MAX, seed=0):
     x = np.asarray(list(a) + list(b), dtype=np.float64)
     n, k = len(x), len(a)
     observed = x[:k].sum()
-    tol = 1e-9 * max(1.0, abs(observed))  # equal sums in another order are still ties
     if math.comb(n, k) <= EXACT_MAX:
         idx = np.array(list(itertools.combinations(range(n), k)), dtype=np.int64)
-        return float((x[idx].sum(1) >= observed - tol).mean())
-    rng, count, done = np.random.default_rng(seed), 0, 0
-    while done < iters:  # chunks of relabellings: (chunk, n) random keys, argsort = shuffles
-        chunk = min(5000, iters - done)
-        idx = np.argsort(rng.random((chunk, n)), axis=1)[:, :k]
-        count += int((x[idx].sum(1) >= observed - tol).sum())
-        done += chunk
+        return _count_ge(x[idx].sum(1), observed) / len(idx)
+    rng = np.random.default_rng(seed)  # (chunk, n) random keys, argsort = shuffles
+    count = sum(_count_ge(x[np.argsort(rng.random((c, n)), axis=1)[:, :k]].sum(1), observed)
+                for c in _chunks(iters))
     return (count + 1) / (iters + 1)
 
 
@@ -293,16 +300,12 @@ def sign_flip_p(d, iters=EXACT_MAX, seed=0):
     so patterns that differ only there tie, and the >= counts them all (d = 0, 0: p = 1)."""
     d = np.asarray(d, dtype=np.float64)
     n, observed = len(d), d.sum()
-    tol = 1e-9 * max(1.0, abs(observed))  # equal sums in another order are still ties
     if 2 ** n <= EXACT_MAX:
         signs = 1.0 - 2.0 * ((np.arange(2 ** n)[:, None] >> np.arange(n)) & 1)  # (2^n, n)
-        return float(((signs * d).sum(1) >= observed - tol).mean())
-    rng, count, done = np.random.default_rng(seed), 0, 0
-    while done < iters:
-        chunk = min(5000, iters - done)
-        signs = rng.choice([-1.0, 1.0], size=(chunk, n))
-        count += int(((signs * d).sum(1) >= observed - tol).sum())
-        done += chunk
+        return _count_ge(signs @ d, observed) / len(signs)
+    rng = np.random.default_rng(seed)
+    count = sum(_count_ge(rng.choice([-1.0, 1.0], size=(c, n)) @ d, observed)
+                for c in _chunks(iters))
     return (count + 1) / (iters + 1)
 
 
@@ -397,22 +400,23 @@ def layout(stats):
 
 
 def curves(summary, metric):
-    """{(dataset, split): [(budget, x, {(init, protocol): stats})]} for the (dataset, split)
-    pairs with 2+ budgets; x = labelled images per class (None: classes unknown)."""
-    by = {}
+    """{(dataset, split): (budgets, {protocol: {init: [stats per budget, None if not run]}})}
+    for the (dataset, split) pairs with 2+ budgets; budgets = [(budget, x)], x = labelled
+    images per class (None when the number of classes is unknown)."""
+    by, out = {}, {}
     for g in ordered(summary):
         info = summary[g]
-        x = per_class(g[2], info['labels'], info['classes'])
-        by.setdefault(g[:2], []).append(
-            (g[2], x, {k: v[metric] for k, v in info['cells'].items()}))
-    return {ds: pts for ds, pts in by.items() if len(pts) > 1}
+        by.setdefault(g[:2], []).append((g, per_class(g[2], info['labels'], info['classes'])))
+    for ds, gs in by.items():
+        if len(gs) > 1:
+            inits, protocols = layout({k for g, _ in gs for k in summary[g]['cells']})
+            got = lambda i, pr: [summary[g]['cells'].get((i, pr), {}).get(metric) for g, _ in gs]
+            out[ds] = ([(g[2], x) for g, x in gs],
+                       {pr: {i: got(i, pr) for i in inits if any(got(i, pr))} for pr in protocols})
+    return out
 
 
 # --------------------------------------------------------------------------- tables
-def f3(x, sign=''):
-    return f'{x:{sign}.3f}'
-
-
 def fmt_cell(mean, std, n, runs):
     if n == 0:
         return 'n/a'
@@ -422,9 +426,8 @@ def fmt_cell(mean, std, n, runs):
 
 def fmt_ci(mean, ci, sign=''):
     """'0.620 [0.600, 0.640]'; the mean alone when there is no interval (n = 1)."""
-    if mean is None:
-        return 'n/a'
-    return f3(mean, sign) + ('' if ci is None else f' [{f3(ci[0], sign)}, {f3(ci[1], sign)}]')
+    f = lambda x: f'{x:{sign}.3f}'
+    return 'n/a' if mean is None else f(mean) + ('' if ci is None else f' [{f(ci[0])}, {f(ci[1])}]')
 
 
 def fmt_p(p, note):
@@ -435,25 +438,11 @@ def fmt_p(p, note):
 
 def group_title(g, info):
     dataset, split, budget = g
-    if budget.replace('.', '', 1).isdigit() or info['span'] is None:
+    if is_count(budget) or info['span'] is None:
         return f'{dataset} / split {split} / {budget} labels'
     lo, hi = info['span']
     return f'{dataset} / split {split} / {budget} ({lo:g}' + ('' if lo == hi else f'-{hi:g}') \
         + ' labels)'
-
-
-def test_text(args):
-    perm = (f'exact over all relabellings when C(n1+n2, n1) <= {EXACT_MAX}, else '
-            f'{args.permutations} random ones, seed 0, p = (count+1)/(iters+1)')
-    if args.test == 'welch':
-        return 'Welch\'s unequal-variance t-test (Welch-Satterthwaite df), unpaired'
-    if args.test == 'permutation':
-        return f'unpaired permutation test of the difference of means ({perm})'
-    return (f'paired: exact sign-flip permutation test of the per-seed differences on the seeds '
-            f'both ran (all 2^n sign patterns when 2^n <= {EXACT_MAX}, else {args.permutations} '
-            f'random ones, seed 0, p = (count+1)/(iters+1); a zero difference ties, counted by '
-            f'the >=). (u) = fewer than 2 shared seeds: the unpaired permutation test of the '
-            f'difference of means instead ({perm})')
 
 
 def table_md(g, info, args):
@@ -498,10 +487,20 @@ def table_md(g, info, args):
 def notes_md(args):
     """What the table cells mean, written once under the tables."""
     pm, name = METRIC_SHORT.get(args.p_metric, args.p_metric), args.p_metric.replace('_', ' ')
-    diff = ('the mean per-seed difference init - baseline on the seeds both ran, with its paired '
-            't-interval ("k pairs" when fewer than the runs; (u): the difference of means with '
-            'Welch\'s interval)' if args.test == 'auto' else
-            'the difference of means init - baseline with Welch\'s interval')
+    perm = (f'exact over all relabellings when C(n1+n2, n1) <= {EXACT_MAX}, else '
+            f'{args.permutations} random ones, seed 0, p = (count+1)/(iters+1)')
+    test, diff = {
+        'welch': ('Welch\'s unequal-variance t-test (Welch-Satterthwaite df), unpaired', None),
+        'permutation': (f'unpaired permutation test of the difference of means ({perm})', None),
+        'auto': (f'paired: exact sign-flip permutation test of the per-seed differences on the '
+                 f'seeds both ran (all 2^n sign patterns when 2^n <= {EXACT_MAX}, else '
+                 f'{args.permutations} random ones, seed 0, p = (count+1)/(iters+1); a zero '
+                 f'difference ties, counted by the >=). (u) = fewer than 2 shared seeds: the '
+                 f'unpaired permutation test of the difference of means instead ({perm})',
+                 'the mean per-seed difference init - baseline on the seeds both ran, with its '
+                 'paired t-interval ("k pairs" when some seeds have no partner; (u): the '
+                 'difference of means with Welch\'s interval)')}[args.test]
+    diff = diff or 'the difference of means init - baseline with Welch\'s interval'
     return [f'n = runs (seeds); metric cells = mean +- sample std (ddof=1) over those runs on '
             f'the test set (std "-" when n = 1). ft = fine-tuning the whole network, probe = '
             f'linear probe on frozen features; acc = accuracy, bal. acc = balanced accuracy '
@@ -509,46 +508,38 @@ def notes_md(args):
             f'{pm} [95% CI] = mean with the t-interval over seeds (mean +- t_0.975,n-1 s / '
             f'sqrt n); diff = {diff}.',
             f'p = one-sided p-value of H1: mean {name} of the init > that of `{args.baseline}` '
-            f'in the same protocol; {test_text(args)}. p is not corrected for multiple '
-            f'comparisons; p Holm is (Holm step-down over the tests of one table: the '
-            f'family-wise error over all its inits and both protocols stays <= alpha). base = '
-            f'the baseline, n<2 = too few runs to test, no base = baseline not run.', '']
+            f'in the same protocol; {test}. p is not corrected for multiple comparisons; p Holm '
+            f'is (Holm step-down over the tests of one table: the family-wise error over all its '
+            f'inits and both protocols stays <= alpha). base = the baseline, n<2 = too few runs '
+            f'to test, no base = baseline not run.', '']
 
 
-def efficiency_md(summary, args):
+def efficiency_md(curve, args):
     """Label efficiency: the p-metric per init (rows) and budget (columns), per protocol."""
-    pm = args.p_metric.replace('_', ' ')
     lines = []
-    for (dataset, split), pts in curves(summary, args.p_metric).items():
-        protocols = sorted({p for *_, st in pts for _, p in st},
-                           key=lambda p: ranked(p, PROTOCOL_ORDER))
-        head = ['init'] + [b + ('' if x is None else f' ({x:.3g}/class)') for b, x, _ in pts]
-        for pr in protocols:
+    for (dataset, split), (budgets, by_protocol) in curve.items():
+        head = ['init'] + [b + (' labels' if is_count(b) else '')
+                           + ('' if x is None else f' ({x:.3g}/class)') for b, x in budgets]
+        for pr, by_init in by_protocol.items():
             lines += [f'### {dataset} / split {split}: {PROTOCOL_LONG.get(pr, pr)}', '',
                       '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
-            inits = sorted({i for *_, st in pts for i, p in st if p == pr},
-                           key=lambda i: ranked(i, INIT_ORDER))
-            for init in inits:
-                cells = [init]
-                for _, _, st in pts:
-                    s = st.get((init, pr))
-                    cells.append('-' if s is None or not s['n'] else
-                                 f'{fmt_ci(s["mean"], s["ci"])} ({s["n"]})')
-                lines.append('| ' + ' | '.join(cells) + ' |')
+            for init, ss in by_init.items():
+                lines.append('| ' + ' | '.join([init] + [
+                    f'{fmt_ci(s["mean"], s["ci"])} ({s["n"]})' if s and s['n'] else '-'
+                    for s in ss]) + ' |')
             lines.append('')
-    if not lines:
-        return []
+    pm = args.p_metric.replace('_', ' ')
     return ['## Label efficiency', '', f'Test {pm} against the label budget: mean [95% '
             f't-interval over seeds] (seeds); x/class = labelled images per class (for a '
-            f'fraction or all labels: mean labelled images / classes). curve.png plots it.',
-            ''] + lines
+            f'fraction or all labels: mean labelled images / classes); curve.png draws it.',
+            ''] + lines if lines else []
 
 
-def markdown(summary, args, source):
+def markdown(summary, curve, args, source):
     lines = ['# Results', '', source, '']
     for g in ordered(summary):
         lines += table_md(g, summary[g], args)
-    return '\n'.join(lines + notes_md(args) + efficiency_md(summary, args))
+    return '\n'.join(lines + notes_md(args) + efficiency_md(curve, args))
 
 
 def csv_text(summary, args):
@@ -656,10 +647,10 @@ def plot_summary(plt, summary, metric, path):
                 if not s or not s['n']:
                     continue
                 x = k + (j - (len(protocols) - 1) / 2) * width
-                lo, hi = s['ci'] or (s['mean'], s['mean'])
+                lo, hi = s['ci'] or (s['mean'], s['mean'])  # n = 1: a bar, no whiskers
                 label = PROTOCOL_LONG.get(pr, pr)
-                ax.bar(x, s['mean'], width, yerr=[[s['mean'] - lo], [hi - s['mean']]],
-                       capsize=3, color=f'C{j}',
+                ax.bar(x, s['mean'], width, capsize=3, color=f'C{j}',
+                       yerr=[[s['mean'] - lo], [hi - s['mean']]] if s['ci'] else None,
                        label=None if label in ax.get_legend_handles_labels()[1] else label)
                 ax.text(x, hi + 0.01, f'n={s["n"]}', ha='center', va='bottom', fontsize=7)
         ax.set_xticks(range(len(inits)))
@@ -676,30 +667,26 @@ def plot_summary(plt, summary, metric, path):
 def plot_curves(plt, curve, metric, path):
     """The metric against labelled images per class (log x), a line per init with its 95%
     band; fine-tuning and probe side by side; a row per (dataset, split)."""
-    protocols = sorted({p for pts in curve.values() for *_, st in pts for _, p in st},
+    protocols = sorted({pr for _, by in curve.values() for pr in by},
                        key=lambda p: ranked(p, PROTOCOL_ORDER))
     fig, axes = plt.subplots(len(curve), len(protocols), squeeze=False, sharey='row',
                              figsize=(5.5 * len(protocols), 4.2 * len(curve)))
-    for row, ((dataset, split), pts) in zip(axes, curve.items()):
+    for row, ((dataset, split), (budgets, by_protocol)) in zip(axes, curve.items()):
         for ax, pr in zip(row, protocols):
-            inits = sorted({i for *_, st in pts for i, p in st if p == pr},
-                           key=lambda i: ranked(i, INIT_ORDER))
-            for init in inits:
-                got = [(x, st[(init, pr)]) for _, x, st in pts
-                       if x is not None and st.get((init, pr), {}).get('n')]
+            for init, ss in by_protocol.get(pr, {}).items():
+                got = [(x, s) for (_, x), s in zip(budgets, ss) if x is not None and s and s['n']]
                 if not got:
                     continue
-                xs, ss = [x for x, _ in got], [s for _, s in got]
-                ns = sorted({s['n'] for s in ss})
+                ns = sorted({s['n'] for _, s in got})
                 n = f'n={ns[0]}' if len(ns) == 1 else f'n={ns[0]}-{ns[-1]}'
                 c = color(plt, init)
-                ax.plot(xs, [s['mean'] for s in ss], 'o-', color=c, label=f'{init} ({n})')
-                band = [(x, s['ci']) for x, s in zip(xs, ss) if s['ci']]
+                ax.plot([x for x, _ in got], [s['mean'] for _, s in got], 'o-', color=c,
+                        label=f'{init} ({n})')
+                band = [(x, *s['ci']) for x, s in got if s['ci']]
                 if band:
-                    ax.fill_between([b[0] for b in band], [b[1][0] for b in band],
-                                    [b[1][1] for b in band], color=c, alpha=0.15, lw=0)
+                    ax.fill_between(*zip(*band), color=c, alpha=0.15, lw=0)
             ax.set_xscale('log')
-            ticks = sorted({x for _, x, _ in pts if x is not None})  # the budgets, plainly
+            ticks = sorted({x for _, x in budgets if x is not None})  # the budgets, plainly
             ax.set_xticks(ticks, [f'{x:.3g}' for x in ticks])
             ax.minorticks_off()
             ax.set_xlabel('labelled images per class (log scale)')
@@ -716,6 +703,8 @@ def plot_pretrain(plt, runs, path):
     panels = [('loss', name) for name, recs in runs.items() if series(recs, 'loss')[0]]
     panels += [(k, None) for k in ('rankme', 'knn_bal_acc')
                if any(series(r, k)[0] for r in runs.values())]
+    if not panels:
+        return False
     cols = min(3, len(panels))
     rows = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
@@ -723,11 +712,10 @@ def plot_pretrain(plt, runs, path):
         ax.axis('off')
     for ax, (key, name) in zip(axes.flat, panels):
         if key == 'loss':
-            for k, style in (('loss', '-'), ('loss_inv', '--'), ('loss_red', ':')):
+            for k, style in zip(LOSS_TERMS, ('-', '--', ':')):
                 xs, ys = series(runs[name], k)
                 if xs:
-                    ax.plot(xs, ys, style, lw=1, label={'loss': 'total', 'loss_inv': 'invariance',
-                                                         'loss_red': 'redundancy'}[k])
+                    ax.plot(xs, ys, style, lw=1, label=LOSS_TERMS[k])
             ax.set_yscale('log')
             ax.set_ylabel('training loss (log scale)')
             ax.set_title(f'{name}: loss')
@@ -745,6 +733,7 @@ def plot_pretrain(plt, runs, path):
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     save_png(plt, fig, path)
+    return True
 
 
 # --------------------------------------------------------------------------- main
@@ -762,8 +751,8 @@ def main(argv=None):
               file=sys.stderr)
     summary = summarise(rows, args)
     curve = curves(summary, args.p_metric)
-    for (dataset, split), pts in curve.items():
-        left = [b for b, x, _ in pts if x is None]
+    for (dataset, split), (budgets, _) in curve.items():
+        left = [b for b, x in budgets if x is None]
         if left:
             print(f'warning: {dataset}/{split}: no per_class_recall in the rows, so the number '
                   f'of classes is unknown; {", ".join(left)} left off curve.png',
@@ -771,7 +760,7 @@ def main(argv=None):
     runs = read_logs(args.runs)
     source = (f'From `{args.results}`: {n_lines} lines, {len(rows)} runs after reruns '
               f'replaced earlier lines ({n_lines - len(rows)} replaced).')
-    md = markdown(summary, args, source)
+    md = markdown(summary, curve, args, source)
     os.makedirs(args.out, exist_ok=True)
     write_text(os.path.join(args.out, 'summary.md'), md)
     write_text(os.path.join(args.out, 'summary.csv'), csv_text(summary, args))
@@ -783,11 +772,11 @@ def main(argv=None):
         return
     plot_summary(plt, summary, args.p_metric, os.path.join(args.out, 'summary.png'))
     made.append('summary.png')
-    if curve:
-        plot_curves(plt, curve, args.p_metric, os.path.join(args.out, 'curve.png'))
+    drawable = {ds: c for ds, c in curve.items() if sum(x is not None for _, x in c[0]) > 1}
+    if drawable:
+        plot_curves(plt, drawable, args.p_metric, os.path.join(args.out, 'curve.png'))
         made.append('curve.png')
-    if runs:
-        plot_pretrain(plt, runs, os.path.join(args.out, 'pretrain.png'))
+    if runs and plot_pretrain(plt, runs, os.path.join(args.out, 'pretrain.png')):
         made.append('pretrain.png')
     print(f'wrote {args.out}/{", ".join(made)}')
 
