@@ -86,8 +86,9 @@ def get_args(argv=None):
                          'the test set is imbalanced (ISIC 2019 ranks by it)')
     ap.add_argument('--test', default='auto', choices=['auto', 'permutation', 'welch'],
                     help='one-sided test of H1: init > baseline. auto: paired sign-flip test on '
-                         'the seeds both ran, else permutation; permutation: unpaired, no '
-                         'normality assumption; welch: the paper\'s t-test')
+                         'the seeds both ran (p < 0.01 needs 7+ of them), else permutation; '
+                         'permutation: unpaired, no normality assumption; welch: the paper\'s '
+                         't-test')
     ap.add_argument('--permutations', type=int, default=EXACT_MAX, metavar='N',
                     help='random relabellings / sign patterns when exact enumeration would '
                          f'exceed {EXACT_MAX} (fixed seed 0, so the report is reproducible)')
