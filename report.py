@@ -431,6 +431,10 @@ def fmt_ci(mean, ci, sign=''):
     return 'n/a' if mean is None else f(mean) + ('' if ci is None else f' [{f(ci[0])}, {f(ci[1])}]')
 
 
+def fmt_x(x):  # images per class: 5, 20, 160, 1277
+    return f'{x:.0f}' if x >= 100 else f'{x:.3g}'
+
+
 def fmt_p(p, note):
     if p is None:
         return note or '-'
@@ -480,7 +484,8 @@ def table_md(g, info, args):
                       fmt_p(c['p_holm'], None)]
         lines.append('| ' + ' | '.join(cells) + ' |')
     n_tests = sum(s[args.p_metric]['p'] is not None for s in stats.values())
-    return lines + ['', f'p Holm: over the {n_tests} tests of this table (both protocols).'
+    return lines + ['', (f'p Holm: over the {n_tests} tests of this table.' if n_tests else
+                         'No test in this table (baseline only, or too few runs).')
                     + (' "(n=k)": the metric was null (undefined) in some runs.' if partial
                        else ''), '']
 
@@ -520,7 +525,7 @@ def efficiency_md(curve, args):
     lines = []
     for (dataset, split), (budgets, by_protocol) in curve.items():
         head = ['init'] + [b + (' labels' if is_count(b) else '')
-                           + ('' if x is None else f' ({x:.3g}/class)') for b, x in budgets]
+                           + ('' if x is None else f' ({fmt_x(x)}/class)') for b, x in budgets]
         for pr, by_init in by_protocol.items():
             lines += [f'### {dataset} / split {split}: {PROTOCOL_LONG.get(pr, pr)}', '',
                       '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
@@ -688,7 +693,7 @@ def plot_curves(plt, curve, metric, path):
                     ax.fill_between(*zip(*band), color=c, alpha=0.15, lw=0)
             ax.set_xscale('log')
             ticks = sorted({x for _, x in budgets if x is not None})  # the budgets, plainly
-            ax.set_xticks(ticks, [f'{x:.3g}' for x in ticks])
+            ax.set_xticks(ticks, [fmt_x(x) for x in ticks])
             ax.minorticks_off()
             ax.set_xlabel('labelled images per class (log scale)')
             ax.set_ylabel(f'test {metric.replace("_", " ")} (0-1)')
