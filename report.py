@@ -633,9 +633,10 @@ def save_png(plt, fig, path):
 
 
 def color(plt, init):
-    """One colour per init in every figure: the known inits first, the others after."""
-    k = INIT_ORDER.index(init) if init in INIT_ORDER else len(INIT_ORDER) + sum(map(ord, init))
-    return plt.get_cmap('tab10')(k % 10)
+    """One colour per init in every figure: the known inits their own, the others the rest."""
+    if init in INIT_ORDER:
+        return plt.get_cmap('tab10')(INIT_ORDER.index(init))
+    return plt.get_cmap('tab10')(len(INIT_ORDER) + sum(map(ord, init)) % (10 - len(INIT_ORDER)))
 
 
 def plot_summary(plt, summary, metric, path):
@@ -694,6 +695,7 @@ def plot_curves(plt, curve, metric, path):
             ax.set_xscale('log')
             ticks = sorted({x for _, x in budgets if x is not None})  # the budgets, plainly
             ax.set_xticks(ticks, [fmt_x(x) for x in ticks])
+            ax.set_xlim(ticks[0] / 1.3, ticks[-1] * 1.3)  # every panel the same budgets
             ax.minorticks_off()
             ax.set_xlabel('labelled images per class (log scale)')
             ax.set_ylabel(f'test {metric.replace("_", " ")} (0-1)')
