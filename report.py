@@ -1,22 +1,36 @@
-"""Results table: per init and protocol, mean +- std over seeds, n, and a p-value against a
-baseline init, in the shape of the paper's table.
+"""Results table: per init and protocol, mean +- std over seeds, n, 95% intervals and p-values
+against a baseline init, in the shape of the paper's table; label-efficiency curves; plots of
+the pretraining logs.
 
     python report.py                                  # results/results.jsonl -> results/summary.*
     python report.py --baseline barlow --test welch   # the paper's test, another baseline
-    python report.py --results runs/big/results.jsonl --out runs/big --p-metric accuracy
+    python report.py --results runs/big/results.jsonl --out runs/big --runs runs/big
     make all                                          # runs it as the last step of the chain
 
 Reads the JSON lines that finetune.py and probe.py append (one per init, protocol, dataset,
-split, label count and seed; a later line with the same key is a rerun and replaces the earlier
-one) and writes results/summary.md (also printed), results/summary.csv and, when matplotlib is
-installed, results/summary.png. One table per (dataset, split, labels). Needs only numpy, no
-torch and no GPU: run it wherever the results file is.
+split, label budget and seed; a later line with the same key is a rerun and replaces the
+earlier one) and writes results/summary.md (also printed) and results/summary.csv (every
+number). With matplotlib installed (`make install`, or pip install matplotlib) it also writes
+results/summary.png (the --p-metric per init with 95% intervals), results/curve.png (that metric
+against labelled images per class, when a dataset has 2+ label budgets) and results/pretrain.png
+(loss, RankMe and online kNN curves from --runs DIR/*/log.jsonl). One table per (dataset,
+split, label budget); the budget is the row's labels_rule (per_class=20, fraction=0.5, all), so
+per-class draws that keep lesions whole (a few images more or less per seed) share a table.
+Needs only numpy, no torch and no GPU: run it wherever the results file is.
 
-Why a permutation test by default: with 5 seeds per init nothing tells whether the runs are
-normal, and the permutation test of the difference of means assumes only that the runs are
-exchangeable under H0. With 5 vs 5 runs it is exact (252 relabellings) and its smallest p is
-1/252 = 0.004, so p < 0.01 stays reachable. --test welch gives the paper's one-tailed Welch
-t-test, the right call with many runs (they used 35).
+Why a paired test by default: seed s draws the same labelled images for every init, and which
+images get drawn moves every init up or down together. The per-seed difference init - baseline
+cancels that shared part, so --test auto tests those differences with an exact sign-flip
+permutation test (under H0 each difference is as likely + as -; no normality assumption). Its
+smallest p is 1/2^n: 1/16 with 4 seeds, 1/32 with 5, 1/128 with 7, so p < 0.01 needs 7+ paired
+seeds. With fewer than 2 shared seeds it falls back to the unpaired permutation test of the
+difference of means (--test permutation forces it; 5 vs 5 runs: 252 relabellings, smallest p
+1/252). --test welch gives the paper's one-tailed Welch t-test, the right call with many runs
+(they used 35). Several inits are tested against one baseline in each table, so beside the raw
+p the table gives Holm's adjusted p (family-wise error over all the tests of that table, both
+protocols). Every 95% interval is a t-interval over seeds (mean +- t_0.975,n-1 s / sqrt n; the
+t quantile by bisection of the t cdf): for a mean, for the mean paired difference, and Welch's
+interval for an unpaired difference of means.
 """
 import argparse
 import csv
@@ -32,9 +46,14 @@ import numpy as np
 INIT_ORDER = ['random', 'supervised', 'barlow', 'supervised+skinBT', 'barlow+skinBT', 'skinBT']
 PROTOCOL_ORDER = ['finetune', 'probe']
 PROTOCOL_SHORT = {'finetune': 'ft', 'probe': 'probe'}
+PROTOCOL_LONG = {'finetune': 'fine-tuning', 'probe': 'linear probe'}
 METRIC_SHORT = {'accuracy': 'acc', 'balanced_accuracy': 'bal. acc', 'macro_f1': 'macro-F1',
                 'weighted_f1': 'weighted-F1', 'auroc': 'AUROC', 'knn_accuracy': 'kNN acc'}
-EXACT_MAX = 20000  # enumerate every relabelling up to this many, else sample this many
+EXACT_MAX = 20000  # enumerate every relabelling / sign pattern up to this many, else sample
+LEVEL = 0.95       # of every interval
+LOSS_TERMS = {'loss': 'total', 'loss_inv': 'invariance', 'loss_red': 'redundancy'}
+NO_PLOTS = ('no plots: matplotlib is not installed (`make install` installs it; or pip install '
+            'matplotlib)')
 
 
 class UserError(Exception):
@@ -50,7 +69,10 @@ def get_args(argv=None):
     ap.add_argument('--results', default='results/results.jsonl', metavar='PATH',
                     help='JSON lines written by finetune.py / probe.py')
     ap.add_argument('--out', default='results', metavar='DIR',
-                    help='folder for summary.md, .csv and .png')
+                    help='folder for summary.md, .csv, .png, curve.png and pretrain.png')
+    ap.add_argument('--runs', default='runs', metavar='DIR',
+                    help='pretraining run folders: DIR/*/log.jsonl -> pretrain.png (skipped '
+                         'when there are none)')
     # what to compare
     ap.add_argument('--baseline', default='supervised', metavar='INIT',
                     help='init that every other init is tested against (the paper: ImageNet '
@@ -60,14 +82,16 @@ def get_args(argv=None):
                     help='comma-separated metrics to tabulate (keys of "metrics" in a row, or '
                          'a top-level key such as knn_accuracy)')
     ap.add_argument('--p-metric', default='balanced_accuracy', metavar='NAME',
-                    help='metric of the p column; balanced accuracy because the test set is '
-                         'imbalanced (ISIC 2019 ranks by it)')
-    ap.add_argument('--test', default='permutation', choices=['permutation', 'welch'],
-                    help='one-sided test of H1: init > baseline. permutation: no normality '
-                         'assumption, best for a few seeds; welch: the paper\'s t-test')
+                    help='metric of the p, interval and curve columns; balanced accuracy because '
+                         'the test set is imbalanced (ISIC 2019 ranks by it)')
+    ap.add_argument('--test', default='auto', choices=['auto', 'permutation', 'welch'],
+                    help='one-sided test of H1: init > baseline. auto: paired sign-flip test on '
+                         'the seeds both ran (p < 0.01 needs 7+ of them), else permutation; '
+                         'permutation: unpaired, no normality assumption; welch: the paper\'s '
+                         't-test')
     ap.add_argument('--permutations', type=int, default=EXACT_MAX, metavar='N',
-                    help='random relabellings when exact enumeration would exceed '
-                         f'{EXACT_MAX} (fixed seed 0, so the report is reproducible)')
+                    help='random relabellings / sign patterns when exact enumeration would '
+                         f'exceed {EXACT_MAX} (fixed seed 0, so the report is reproducible)')
     args = ap.parse_args(argv)
     args.metrics = [m.strip() for m in args.metric.split(',') if m.strip()]
     if not args.metrics:
@@ -79,7 +103,7 @@ def get_args(argv=None):
 
 # --------------------------------------------------------------------------- reading rows
 def read_results(path, metrics):
-    """Rows keyed by (dataset, split, labels, init, protocol, seed); later lines replace
+    """Rows keyed by (dataset, split, budget, init, protocol, seed); later lines replace
     earlier ones. Returns (rows, number of lines read)."""
     if not os.path.isfile(path):
         raise UserError(f'{path} does not exist; run finetune.py or probe.py first, or pass '
@@ -105,15 +129,28 @@ def read_results(path, metrics):
                 raise UserError(f'{where}: "metrics" must be an object')
             for m in metrics:
                 v = value(row, m)
-                if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
-                                      or not math.isfinite(v)):
+                if v is not None and not is_number(v):
                     raise UserError(f'{where}: {m} is {v!r}, expected a finite number or null')
-            key = tuple(str(row.get(k, '-')) for k in ('dataset', 'split', 'labels'))
+            key = (str(row.get('dataset', '-')), str(row.get('split', '-')), budget_of(row))
             row['_group'] = key
             rows[key + (str(row['init']), str(row['protocol']), str(row['seed']))] = row
     if not rows:
         raise UserError(f'{path} is empty: no result rows; run finetune.py or probe.py first')
     return list(rows.values()), n_lines
+
+
+def is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def is_count(budget):  # a budget given as a label count (rows without labels_rule)
+    return budget.replace('.', '', 1).isdigit()
+
+
+def budget_of(row):
+    """The label budget of a row: its labels_rule when it has one, else its label count."""
+    rule = row.get('labels_rule')
+    return str(rule) if rule not in (None, '') else str(row.get('labels', '-'))
 
 
 def value(row, metric):
@@ -126,12 +163,14 @@ def ranked(name, order):
     return (0, order.index(name), '') if name in order else (1, 0, name)
 
 
-def group_key(group):  # (dataset, split, labels), label counts sorted as numbers
-    dataset, split, labels = group
-    try:
-        return (dataset, split, 0, float(labels), '')
-    except ValueError:
-        return (dataset, split, 1, 0.0, labels)
+def per_class(budget, labels, classes):
+    """x of the label-efficiency curve: K of 'per_class=K', else mean labels / classes."""
+    if budget.startswith('per_class='):
+        try:
+            return float(budget.split('=', 1)[1])
+        except ValueError:
+            pass
+    return labels / classes if labels is not None and classes else None
 
 
 # --------------------------------------------------------------------------- statistics
@@ -178,8 +217,12 @@ def betai(a, b, x):
 
 def t_sf(t, df):
     """P(T > t) for Student's t with df (real, > 0) degrees of freedom:
-    P(|T| > |t|) = I_{df/(df+t^2)}(df/2, 1/2)."""
-    tail = 0.5 * betai(df / 2.0, 0.5, df / (df + t * t))
+    P(|T| > |t|) = I_{df/(df+t^2)}(df/2, 1/2) = 1 - I_{t^2/(df+t^2)}(1/2, df/2)."""
+    t2 = t * t
+    if t2 > df:  # far out: the first form, its x small and exact
+        tail = 0.5 * betai(df / 2.0, 0.5, df / (df + t2))
+    else:        # near 0 the second keeps t^2 (df/(df+t^2) rounds to 1 for |t| < 1e-8)
+        tail = 0.5 * (1.0 - betai(0.5, df / 2.0, t2 / (df + t2)))
     return tail if t > 0 else 1.0 - tail
 
 
@@ -187,17 +230,50 @@ def t_cdf(t, df):
     return 1.0 - t_sf(t, df)
 
 
-def welch_p(a, b):
-    """One-sided Welch t-test, H1: mean(a) > mean(b). t = (ma - mb) / sqrt(va/na + vb/nb),
-    Welch-Satterthwaite df = (va/na + vb/nb)^2 / ((va/na)^2/(na-1) + (vb/nb)^2/(nb-1)),
-    p = P(T_df > t). Both samples constant: p = 0 if ma > mb, else 1."""
+def t_ppf(q, df):
+    """The q quantile of Student's t: t_cdf (monotone) inverted by bisection, 0 < q < 1."""
+    lo, hi = -1e8, 1e8  # holds 1e-8 < q < 1 - 1e-8 even for df = 1 (the Cauchy)
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if t_cdf(mid, df) < q else (lo, mid)
+        if hi - lo <= 1e-14 * max(1.0, abs(mid)):
+            break
+    return 0.5 * (lo + hi)
+
+
+def t_interval(xs, level=LEVEL):
+    """(lo, hi) = mean +- t_{(1+level)/2, n-1} s / sqrt(n) over the seeds; None when n < 2."""
+    mean, std, n = mean_std(xs)
+    if n < 2:
+        return None
+    h = t_ppf((1 + level) / 2, n - 1) * std / math.sqrt(n)
+    return mean - h, mean + h
+
+
+def welch_parts(a, b):
+    """(mean(a) - mean(b), its standard error sqrt(va/na + vb/nb), Welch-Satterthwaite df
+    (va/na + vb/nb)^2 / ((va/na)^2/(na-1) + (vb/nb)^2/(nb-1)), None when the se is 0)."""
     (ma, sa, na), (mb, sb, nb) = mean_std(a), mean_std(b)
     ea, eb = sa * sa / na, sb * sb / nb
     if ea + eb == 0.0:
-        return 0.0 if ma > mb else 1.0
-    t = (ma - mb) / math.sqrt(ea + eb)
-    df = (ea + eb) ** 2 / (ea * ea / (na - 1) + eb * eb / (nb - 1))
-    return t_sf(t, df)
+        return ma - mb, 0.0, None
+    return ma - mb, math.sqrt(ea + eb), (ea + eb) ** 2 / (ea * ea / (na - 1) + eb * eb / (nb - 1))
+
+
+def welch_p(a, b):
+    """One-sided Welch t-test, H1: mean(a) > mean(b): p = P(T_df > (ma - mb) / se).
+    Both samples constant: p = 0 if ma > mb, else 1."""
+    diff, se, df = welch_parts(a, b)
+    return (0.0 if diff > 0 else 1.0) if se == 0.0 else t_sf(diff / se, df)
+
+
+def _count_ge(stat, observed):
+    """#{stat >= observed}; equal sums added in another order are still ties."""
+    return int((stat >= observed - 1e-9 * max(1.0, abs(observed))).sum())
+
+
+def _chunks(iters, size=5000):  # Monte Carlo draws in chunks: bounded memory
+    return [size] * (iters // size) + ([iters % size] if iters % size else [])
 
 
 def permutation_p(a, b, iters=EXACT_MAX, seed=0):
@@ -208,28 +284,67 @@ def permutation_p(a, b, iters=EXACT_MAX, seed=0):
     x = np.asarray(list(a) + list(b), dtype=np.float64)
     n, k = len(x), len(a)
     observed = x[:k].sum()
-    tol = 1e-9 * max(1.0, abs(observed))  # equal sums in another order are still ties
     if math.comb(n, k) <= EXACT_MAX:
         idx = np.array(list(itertools.combinations(range(n), k)), dtype=np.int64)
-        return float((x[idx].sum(1) >= observed - tol).mean())
-    rng, count, done = np.random.default_rng(seed), 0, 0
-    while done < iters:  # chunks of relabellings: (chunk, n) random keys, argsort = shuffles
-        chunk = min(5000, iters - done)
-        idx = np.argsort(rng.random((chunk, n)), axis=1)[:, :k]
-        count += int((x[idx].sum(1) >= observed - tol).sum())
-        done += chunk
+        return _count_ge(x[idx].sum(1), observed) / len(idx)
+    rng = np.random.default_rng(seed)  # (chunk, n) random keys, argsort = shuffles
+    count = sum(_count_ge(x[np.argsort(rng.random((c, n)), axis=1)[:, :k]].sum(1), observed)
+                for c in _chunks(iters))
     return (count + 1) / (iters + 1)
 
 
-def p_value(a, b, test, iters):
-    if len(a) < 2 or len(b) < 2:
-        return None
-    return welch_p(a, b) if test == 'welch' else permutation_p(a, b, iters)
+def sign_flip_p(d, iters=EXACT_MAX, seed=0):
+    """One-sided paired test, H1: mean(d) > 0, d = per-seed differences init - baseline.
+    Under H0 each difference is as likely -d_i as +d_i, so sum(d) is compared with sum(s * d)
+    over sign patterns s: all 2^n when 2^n <= EXACT_MAX, p = #{>= observed} / 2^n; else `iters`
+    random patterns (seeded), p = (count + 1) / (iters + 1). A zero difference flips to itself,
+    so patterns that differ only there tie, and the >= counts them all (d = 0, 0: p = 1)."""
+    d = np.asarray(d, dtype=np.float64)
+    n, observed = len(d), d.sum()
+    if 2 ** n <= EXACT_MAX:
+        signs = 1.0 - 2.0 * ((np.arange(2 ** n)[:, None] >> np.arange(n)) & 1)  # (2^n, n)
+        return _count_ge(signs @ d, observed) / len(signs)
+    rng = np.random.default_rng(seed)
+    count = sum(_count_ge(rng.choice([-1.0, 1.0], size=(c, n)) @ d, observed)
+                for c in _chunks(iters))
+    return (count + 1) / (iters + 1)
+
+
+def holm(ps):
+    """Holm step-down adjusted p-values (None stays None): with the m p-values sorted
+    ascending, adj_(i) = max over j <= i of min(1, (m - j + 1) p_(j)). Rejecting adj < alpha
+    keeps the family-wise error <= alpha whatever the dependence between the tests."""
+    order = sorted((i for i, p in enumerate(ps) if p is not None), key=lambda i: ps[i])
+    out, running = [None] * len(ps), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(order) - rank) * ps[i]))
+        out[i] = running
+    return out
+
+
+def compare(a, b, test, iters):
+    """An init against the baseline on one metric; a, b = {seed: value}. Returns test, p, the
+    difference to the baseline, its 95% interval and the number of pairs (None if unpaired)."""
+    shared = sorted(set(a) & set(b))
+    if test == 'auto' and len(shared) >= 2:  # paired: the t-interval of the differences
+        d = [a[s] - b[s] for s in shared]
+        return dict(test='paired', p=sign_flip_p(d, iters), diff=mean_std(d)[0],
+                    diff_ci=t_interval(d), pairs=len(d))
+    xs, ys = list(a.values()), list(b.values())
+    kind = 'welch' if test == 'welch' else 'permutation'
+    if len(xs) < 2 or len(ys) < 2:
+        diff = mean_std(xs)[0] - mean_std(ys)[0] if xs and ys else None
+        return dict(test=kind, p=None, diff=diff, diff_ci=None, pairs=None)
+    diff, se, df = welch_parts(xs, ys)  # unpaired: the difference of means, Welch's interval
+    h = 0.0 if df is None else t_ppf((1 + LEVEL) / 2, df) * se
+    p = welch_p(xs, ys) if kind == 'welch' else permutation_p(xs, ys, iters)
+    return dict(test=kind, p=p, diff=diff, diff_ci=(diff - h, diff + h), pairs=None)
 
 
 # --------------------------------------------------------------------------- summarise
 def summarise(rows, args):
-    """{group: {(init, protocol): {'_runs': rows, metric: (mean, std, n, p, note)}}}"""
+    """{group: {'cells': {(init, protocol): {'_runs': n, metric: stats}}, 'labels': mean
+    labelled images, 'span': (min, max), 'classes': number of classes or None}}."""
     metrics = args.metrics + [m for m in [args.p_metric] if m not in args.metrics]
     groups = {}
     for r in rows:
@@ -242,23 +357,41 @@ def summarise(rows, args):
             stats[(init, protocol)] = {'_runs': len(rs)}
             base = cells.get((args.baseline, protocol), [])
             for m in metrics:
-                xs = [value(r, m) for r in rs if value(r, m) is not None]
-                ys = [value(r, m) for r in base if value(r, m) is not None]
-                p = note = None
+                a = {str(r['seed']): value(r, m) for r in rs if value(r, m) is not None}
+                mean, std, n = mean_std(list(a.values()))
+                s = dict(mean=mean, std=std, n=n, ci=t_interval(list(a.values())), test=None,
+                         p=None, diff=None, diff_ci=None, pairs=None, note=None)
                 if init == args.baseline:
-                    note = 'base'
+                    s['note'] = 'base'
                 elif not base:
-                    note = 'no base'
+                    s['note'] = 'no base'
                 else:
-                    p = p_value(xs, ys, args.test, args.permutations)
-                    note = 'n<2' if p is None else None
-                stats[(init, protocol)][m] = mean_std(xs) + (p, note)
+                    b = {str(r['seed']): value(r, m) for r in base if value(r, m) is not None}
+                    s.update(compare(a, b, args.test, args.permutations))
+                    s['note'] = 'n<2' if s['p'] is None else None
+                stats[(init, protocol)][m] = s
             shas = {str(r['backbone_sha']) for r in rs if r.get('backbone_sha')}
             if len(shas) > 1:
                 print(f'warning: {"/".join(g)}: init {init} ({protocol}) mixes {len(shas)} '
                       f'backbones ({", ".join(sorted(s[:8] for s in shas))})', file=sys.stderr)
-        out[g] = stats
+        keys = sorted(stats)
+        for m in metrics:  # one Holm family per table and metric: both protocols together
+            for k, q in zip(keys, holm([stats[k][m]['p'] for k in keys])):
+                stats[k][m]['p_holm'] = q
+        rs = [r for c in cells.values() for r in c]
+        labels = [r['labels'] for r in rs if is_number(r.get('labels'))]
+        classes = [len(r['metrics']['per_class_recall']) for r in rs
+                   if isinstance(r['metrics'].get('per_class_recall'), list)]
+        out[g] = dict(cells=stats, labels=mean_std(labels)[0],
+                      span=(min(labels), max(labels)) if labels else None,
+                      classes=max(classes) if classes else None)
     return out
+
+
+def ordered(summary):
+    """Groups by dataset, split, then budget from the fewest labelled images to the most."""
+    return sorted(summary, key=lambda g: (g[0], g[1], summary[g]['labels'] is None,
+                                          summary[g]['labels'] or 0.0, g[2]))
 
 
 def layout(stats):
@@ -267,11 +400,39 @@ def layout(stats):
             sorted({p for _, p in stats}, key=lambda p: ranked(p, PROTOCOL_ORDER)))
 
 
+def curves(summary, metric):
+    """{(dataset, split): (budgets, {protocol: {init: [stats per budget, None if not run]}})}
+    for the (dataset, split) pairs with 2+ budgets; budgets = [(budget, x)], x = labelled
+    images per class (None when the number of classes is unknown)."""
+    by, out = {}, {}
+    for g in ordered(summary):
+        info = summary[g]
+        by.setdefault(g[:2], []).append((g, per_class(g[2], info['labels'], info['classes'])))
+    for ds, gs in by.items():
+        if len(gs) > 1:
+            inits, protocols = layout({k for g, _ in gs for k in summary[g]['cells']})
+            got = lambda i, pr: [summary[g]['cells'].get((i, pr), {}).get(metric) for g, _ in gs]
+            out[ds] = ([(g[2], x) for g, x in gs],
+                       {pr: {i: got(i, pr) for i in inits if any(got(i, pr))} for pr in protocols})
+    return out
+
+
+# --------------------------------------------------------------------------- tables
 def fmt_cell(mean, std, n, runs):
     if n == 0:
         return 'n/a'
     s = f'{mean:.3f} +- ' + ('-' if std is None else f'{std:.3f}')
     return s if n == runs else f'{s} (n={n})'
+
+
+def fmt_ci(mean, ci, sign=''):
+    """'0.620 [0.600, 0.640]'; the mean alone when there is no interval (n = 1)."""
+    f = lambda x: f'{x:{sign}.3f}'
+    return 'n/a' if mean is None else f(mean) + ('' if ci is None else f' [{f(ci[0])}, {f(ci[1])}]')
+
+
+def fmt_x(x):  # images per class: 5, 20, 160, 1277
+    return f'{x:.0f}' if x >= 100 else f'{x:.3g}'
 
 
 def fmt_p(p, note):
@@ -280,102 +441,135 @@ def fmt_p(p, note):
     return f'{p:.3f}' if p >= 0.001 else f'{p:.1e}'
 
 
-def markdown(summary, args, source):
-    test = ('Welch\'s unequal-variance t-test (Welch-Satterthwaite df)' if args.test == 'welch'
-            else f'permutation test of the difference of means (exact over all relabellings '
-                 f'when C(n1+n2, n1) <= {EXACT_MAX}, else {args.permutations} random ones, '
-                 f'seed 0, p = (count+1)/(iters+1); no normality assumption)')
-    lines = ['# Results', '', source, '']
-    for g in sorted(summary, key=group_key):
-        stats = summary[g]
-        inits, protocols = layout(stats)
-        head = ['init']
+def group_title(g, info):
+    dataset, split, budget = g
+    if is_count(budget) or info['span'] is None:
+        return f'{dataset} / split {split} / {budget} labels'
+    lo, hi = info['span']
+    return f'{dataset} / split {split} / {budget} ({lo:g}' + ('' if lo == hi else f'-{hi:g}') \
+        + ' labels)'
+
+
+def table_md(g, info, args):
+    stats, pm = info['cells'], METRIC_SHORT.get(args.p_metric, args.p_metric)
+    inits, protocols = layout(stats)
+    head = ['init']
+    for pr in protocols:
+        short = PROTOCOL_SHORT.get(pr, pr)
+        head += [f'{short} n'] + [f'{short} {METRIC_SHORT.get(m, m)}' for m in args.metrics]
+        head += [f'{short} {pm} [95% CI]', f'{short} diff [95% CI]', f'{short} p',
+                 f'{short} p Holm']
+    lines = [f'## {group_title(g, info)}', '', '| ' + ' | '.join(head) + ' |',
+             '|' + '---|' * len(head)]
+    partial = False
+    for init in inits:
+        cells = [init]
         for pr in protocols:
-            short = PROTOCOL_SHORT.get(pr, pr)
-            head += [f'{short} n'] + [f'{short} {METRIC_SHORT.get(m, m)}' for m in args.metrics]
-            head += [f'{short} p']
-        dataset, split, labels = g
-        lines += [f'## {dataset} / split {split} / {labels} labels', '',
-                  '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
-        partial = False
-        for init in inits:
-            cells = [init]
-            for pr in protocols:
-                s = stats.get((init, pr))
-                if s is None:
-                    cells += ['-'] + [''] * (len(args.metrics) + 1)
-                    continue
-                cells.append(str(s['_runs']))
-                for m in args.metrics:
-                    mean, std, n, _, _ = s[m]
-                    partial |= 0 < n < s['_runs']
-                    cells.append(fmt_cell(mean, std, n, s['_runs']))
-                cells.append(fmt_p(*s[args.p_metric][3:]))
-            lines.append('| ' + ' | '.join(cells) + ' |')
-        n_tests = sum(s[args.p_metric][3] is not None for s in stats.values())
-        lines += ['', f'n = runs (seeds); metric cells = mean +- sample std (ddof=1) over those '
-                  f'runs on the test set (std "-" when n = 1). ft = fine-tuning the whole '
-                  f'network, probe = linear probe on frozen features; acc = accuracy, bal. acc '
-                  f'= balanced accuracy (mean recall over the classes in the test labels), '
-                  f'AUROC = macro one-vs-rest.'
-                  + (' "(n=k)": the metric was null (undefined) in some runs.' if partial
-                     else ''),
-                  f'p = one-sided p-value of H1: mean {args.p_metric.replace("_", " ")} of the '
-                  f'init > that of `{args.baseline}` in the same protocol; {test}. Not corrected '
-                  f'for multiple comparisons ({n_tests} tests in this table). base = the '
-                  f'baseline, n<2 = too few runs to test, no base = baseline not run.', '']
-    return '\n'.join(lines)
+            s = stats.get((init, pr))
+            if s is None:
+                cells += ['-'] + [''] * (len(args.metrics) + 4)
+                continue
+            cells.append(str(s['_runs']))
+            for m in args.metrics:
+                partial |= 0 < s[m]['n'] < s['_runs']
+                cells.append(fmt_cell(s[m]['mean'], s[m]['std'], s[m]['n'], s['_runs']))
+            c = s[args.p_metric]
+            diff = fmt_ci(c['diff'], c['diff_ci'], '+') if c['diff'] is not None else '-'
+            most = max(s['_runs'], stats.get((args.baseline, pr), {}).get('_runs', 0))
+            if c['pairs'] is not None and c['pairs'] < most:  # some seeds left unpaired
+                diff += f' ({c["pairs"]} pairs)'
+            unpaired = args.test == 'auto' and c['p'] is not None and c['test'] != 'paired'
+            cells += [fmt_ci(c['mean'], c['ci']), 'base' if c['note'] == 'base' else diff,
+                      fmt_p(c['p'], c['note']) + (' (u)' if unpaired else ''),
+                      fmt_p(c['p_holm'], None)]
+        lines.append('| ' + ' | '.join(cells) + ' |')
+    n_tests = sum(s[args.p_metric]['p'] is not None for s in stats.values())
+    return lines + ['', (f'p Holm: over the {n_tests} tests of this table.' if n_tests else
+                         'No test in this table (baseline only, or too few runs).')
+                    + (' "(n=k)": the metric was null (undefined) in some runs.' if partial
+                       else ''), '']
+
+
+def notes_md(args):
+    """What the table cells mean, written once under the tables."""
+    pm, name = METRIC_SHORT.get(args.p_metric, args.p_metric), args.p_metric.replace('_', ' ')
+    perm = (f'exact over all relabellings when C(n1+n2, n1) <= {EXACT_MAX}, else '
+            f'{args.permutations} random ones, seed 0, p = (count+1)/(iters+1)')
+    test, diff = {
+        'welch': ('Welch\'s unequal-variance t-test (Welch-Satterthwaite df), unpaired', None),
+        'permutation': (f'unpaired permutation test of the difference of means ({perm})', None),
+        'auto': (f'paired: exact sign-flip permutation test of the per-seed differences on the '
+                 f'seeds both ran (all 2^n sign patterns when 2^n <= {EXACT_MAX}, else '
+                 f'{args.permutations} random ones, seed 0, p = (count+1)/(iters+1); a zero '
+                 f'difference ties, counted by the >=). (u) = fewer than 2 shared seeds: the '
+                 f'unpaired permutation test of the difference of means instead ({perm})',
+                 'the mean per-seed difference init - baseline on the seeds both ran, with its '
+                 'paired t-interval ("k pairs" when some seeds have no partner; (u): the '
+                 'difference of means with Welch\'s interval)')}[args.test]
+    diff = diff or 'the difference of means init - baseline with Welch\'s interval'
+    return [f'n = runs (seeds); metric cells = mean +- sample std (ddof=1) over those runs on '
+            f'the test set (std "-" when n = 1). ft = fine-tuning the whole network, probe = '
+            f'linear probe on frozen features; acc = accuracy, bal. acc = balanced accuracy '
+            f'(mean recall over the classes in the test labels), AUROC = macro one-vs-rest.',
+            f'{pm} [95% CI] = mean with the t-interval over seeds (mean +- t_0.975,n-1 s / '
+            f'sqrt n); diff = {diff}.',
+            f'p = one-sided p-value of H1: mean {name} of the init > that of `{args.baseline}` '
+            f'in the same protocol; {test}. p is not corrected for multiple comparisons; p Holm '
+            f'is (Holm step-down over the tests of one table: the family-wise error over all its '
+            f'inits and both protocols stays <= alpha). base = the baseline, n<2 = too few runs '
+            f'to test, no base = baseline not run.', '']
+
+
+def efficiency_md(curve, args):
+    """Label efficiency: the p-metric per init (rows) and budget (columns), per protocol."""
+    lines = []
+    for (dataset, split), (budgets, by_protocol) in curve.items():
+        head = ['init'] + [b + (' labels' if is_count(b) else '')
+                           + ('' if x is None else f' ({fmt_x(x)}/class)') for b, x in budgets]
+        for pr, by_init in by_protocol.items():
+            lines += [f'### {dataset} / split {split}: {PROTOCOL_LONG.get(pr, pr)}', '',
+                      '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+            for init, ss in by_init.items():
+                lines.append('| ' + ' | '.join([init] + [
+                    f'{fmt_ci(s["mean"], s["ci"])} ({s["n"]})' if s and s['n'] else '-'
+                    for s in ss]) + ' |')
+            lines.append('')
+    pm = args.p_metric.replace('_', ' ')
+    return ['## Label efficiency', '', f'Test {pm} against the label budget: mean [95% '
+            f't-interval over seeds] (seeds); x/class = labelled images per class (for a '
+            f'fraction or all labels: mean labelled images / classes); curve.png draws it.',
+            ''] + lines if lines else []
+
+
+def markdown(summary, curve, args, source):
+    lines = ['# Results', '', source, '']
+    for g in ordered(summary):
+        lines += table_md(g, summary[g], args)
+    return '\n'.join(lines + notes_md(args) + efficiency_md(curve, args))
 
 
 def csv_text(summary, args):
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator='\n')
-    w.writerow(['dataset', 'split', 'labels', 'init', 'protocol', 'metric', 'mean', 'std', 'n',
-                'p', 'note', 'test', 'baseline'])
+    w.writerow(['dataset', 'split', 'budget', 'init', 'protocol', 'metric', 'mean', 'std', 'n',
+                'p', 'note', 'test', 'baseline', 'p_holm', 'ci_lo', 'ci_hi', 'diff', 'diff_lo',
+                'diff_hi', 'pairs', 'labels_mean', 'per_class'])
     num = lambda x: '' if x is None else f'{x:.10g}'
-    for g in sorted(summary, key=group_key):
-        stats = summary[g]
-        for init, pr in sorted(stats, key=lambda k: (ranked(k[0], INIT_ORDER),
-                                                    ranked(k[1], PROTOCOL_ORDER))):
-            for m, v in stats[(init, pr)].items():
-                if m != '_runs':
-                    mean, std, n, p, note = v
-                    w.writerow([*g, init, pr, m, num(mean), num(std), n, num(p), note or '',
-                                args.test, args.baseline])
+    for g in ordered(summary):
+        info = summary[g]
+        x = per_class(g[2], info['labels'], info['classes'])
+        for init, pr in sorted(info['cells'], key=lambda k: (ranked(k[0], INIT_ORDER),
+                                                             ranked(k[1], PROTOCOL_ORDER))):
+            for m, s in info['cells'][(init, pr)].items():
+                if m == '_runs':
+                    continue
+                ci, dci = s['ci'] or (None, None), s['diff_ci'] or (None, None)
+                w.writerow([*g, init, pr, m, num(s['mean']), num(s['std']), s['n'],
+                            num(s['p']), s['note'] or '', s['test'] or '', args.baseline,
+                            num(s['p_holm']), num(ci[0]), num(ci[1]), num(s['diff']),
+                            num(dci[0]), num(dci[1]), s['pairs'] or '', num(info['labels']),
+                            num(x)])
     return buf.getvalue()
-
-
-def plot(summary, metric, path):
-    """Bar chart of metric mean +- std per init, protocols side by side; one panel per group.
-    Returns False when matplotlib is not installed."""
-    try:
-        import matplotlib
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    groups = sorted(summary, key=group_key)
-    fig, axes = plt.subplots(len(groups), 1, figsize=(9, 3.5 * len(groups)), squeeze=False)
-    for ax, g in zip(axes[:, 0], groups):
-        stats = summary[g]
-        inits, protocols = layout(stats)
-        width = 0.8 / len(protocols)
-        for j, pr in enumerate(protocols):
-            ms = [stats.get((i, pr), {}).get(metric, (None, None)) for i in inits]
-            xs = [k + (j - (len(protocols) - 1) / 2) * width for k in range(len(inits))]
-            ax.bar(xs, [m[0] or 0.0 for m in ms], width, yerr=[m[1] or 0.0 for m in ms],
-                   capsize=3, label=PROTOCOL_SHORT.get(pr, pr))
-        ax.set_xticks(range(len(inits)))
-        ax.set_xticklabels(inits, rotation=20, ha='right')
-        ax.set_ylabel(f'{metric} (mean +- std)')
-        ax.set_title(' / '.join(g))
-        ax.legend()
-    fig.tight_layout()
-    tmp = f'{path}.{os.getpid()}.tmp'
-    fig.savefig(tmp, format='png', dpi=120)
-    os.replace(tmp, path)
-    plt.close(fig)
-    return True
 
 
 def write_text(path, text):
@@ -384,6 +578,170 @@ def write_text(path, text):
     with open(tmp, 'w') as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- pretraining logs
+def read_logs(root):
+    """{run: [records]} from root/*/log.jsonl. Folders without one (runs/finetune) are not
+    pretraining runs; a torn line (a run killed mid-write) is skipped with a warning."""
+    runs = {}
+    if not os.path.isdir(root):
+        return runs
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name, 'log.jsonl')
+        if not os.path.isfile(path):
+            continue
+        recs = []
+        with open(path, encoding='utf-8', errors='replace') as f:
+            for lineno, line in enumerate(f, 1):
+                try:
+                    rec = json.loads(line) if line.strip() else None
+                except json.JSONDecodeError:
+                    print(f'warning: {path}:{lineno}: not valid JSON (torn line?), skipped',
+                          file=sys.stderr)
+                    continue
+                if isinstance(rec, dict) and is_number(rec.get('step')):
+                    recs.append(rec)
+        if recs:
+            runs[name] = recs
+    return runs
+
+
+def series(recs, key):
+    """(steps, values) of the records that carry a finite number under key."""
+    pts = [(r['step'], r[key]) for r in recs if is_number(r.get(key))]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+# --------------------------------------------------------------------------- plots
+def pyplot():
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def save_png(plt, fig, path):
+    fig.tight_layout()
+    tmp = f'{path}.{os.getpid()}.tmp'  # then rename, as every artifact
+    fig.savefig(tmp, format='png', dpi=110)
+    os.replace(tmp, path)
+    plt.close(fig)
+
+
+def color(plt, init):
+    """One colour per init in every figure: the known inits their own, the others the rest."""
+    if init in INIT_ORDER:
+        return plt.get_cmap('tab10')(INIT_ORDER.index(init))
+    return plt.get_cmap('tab10')(len(INIT_ORDER) + sum(map(ord, init)) % (10 - len(INIT_ORDER)))
+
+
+def plot_summary(plt, summary, metric, path):
+    """Bars of the metric's mean per init with the 95% t-interval, protocols side by side,
+    n over each bar; one panel per (dataset, split, budget)."""
+    groups = ordered(summary)
+    fig, axes = plt.subplots(len(groups), 1, figsize=(9, 3.8 * len(groups)), squeeze=False)
+    for ax, g in zip(axes[:, 0], groups):
+        stats = summary[g]['cells']
+        inits, protocols = layout(stats)
+        width = 0.8 / len(protocols)
+        for j, pr in enumerate(protocols):
+            for k, init in enumerate(inits):
+                s = stats.get((init, pr), {}).get(metric)
+                if not s or not s['n']:
+                    continue
+                x = k + (j - (len(protocols) - 1) / 2) * width
+                lo, hi = s['ci'] or (s['mean'], s['mean'])  # n = 1: a bar, no whiskers
+                label = PROTOCOL_LONG.get(pr, pr)
+                ax.bar(x, s['mean'], width, capsize=3, color=f'C{j}',
+                       yerr=[[s['mean'] - lo], [hi - s['mean']]] if s['ci'] else None,
+                       label=None if label in ax.get_legend_handles_labels()[1] else label)
+                ax.text(x, hi + 0.01, f'n={s["n"]}', ha='center', va='bottom', fontsize=7)
+        ax.set_xticks(range(len(inits)))
+        ax.set_xticklabels(inits, rotation=20, ha='right')
+        ax.set_ylim(0, 1.1)
+        ax.set_xlabel('initialisation')
+        ax.set_ylabel(f'test {metric.replace("_", " ")}\n(0-1, mean, 95% CI)')
+        ax.set_title(group_title(g, summary[g]))
+        ax.grid(axis='y', alpha=0.3)
+        ax.legend(loc='upper left', fontsize=8)
+    save_png(plt, fig, path)
+
+
+def plot_curves(plt, curve, metric, path):
+    """The metric against labelled images per class (log x), a line per init with its 95%
+    band; fine-tuning and probe side by side; a row per (dataset, split)."""
+    protocols = sorted({pr for _, by in curve.values() for pr in by},
+                       key=lambda p: ranked(p, PROTOCOL_ORDER))
+    fig, axes = plt.subplots(len(curve), len(protocols), squeeze=False, sharey='row',
+                             figsize=(5.5 * len(protocols), 4.2 * len(curve)))
+    for row, ((dataset, split), (budgets, by_protocol)) in zip(axes, curve.items()):
+        for ax, pr in zip(row, protocols):
+            for init, ss in by_protocol.get(pr, {}).items():
+                got = [(x, s) for (_, x), s in zip(budgets, ss) if x is not None and s and s['n']]
+                if not got:
+                    continue
+                ns = sorted({s['n'] for _, s in got})
+                n = f'n={ns[0]}' if len(ns) == 1 else f'n={ns[0]}-{ns[-1]}'
+                c = color(plt, init)
+                ax.plot([x for x, _ in got], [s['mean'] for _, s in got], 'o-', color=c,
+                        label=f'{init} ({n})')
+                band = [(x, *s['ci']) for x, s in got if s['ci']]
+                if band:
+                    ax.fill_between(*zip(*band), color=c, alpha=0.15, lw=0)
+            ax.set_xscale('log')
+            ticks = sorted({x for _, x in budgets if x is not None})  # the budgets, plainly
+            ax.set_xticks(ticks, [fmt_x(x) for x in ticks])
+            ax.set_xlim(ticks[0] / 1.3, ticks[-1] * 1.3)  # every panel the same budgets
+            ax.minorticks_off()
+            ax.set_xlabel('labelled images per class (log scale)')
+            ax.set_ylabel(f'test {metric.replace("_", " ")} (0-1)')
+            ax.set_title(f'{dataset} / split {split}: {PROTOCOL_LONG.get(pr, pr)}')
+            ax.grid(alpha=0.3, which='both')
+            ax.legend(fontsize=8, title='init (seeds); band: 95% CI', title_fontsize=8)
+    save_png(plt, fig, path)
+
+
+def plot_pretrain(plt, runs, path):
+    """A loss panel per run (log y; the invariance and redundancy terms when logged), then
+    RankMe and online-kNN panels over all runs when any run logged them."""
+    panels = [('loss', name) for name, recs in runs.items() if series(recs, 'loss')[0]]
+    panels += [(k, None) for k in ('rankme', 'knn_bal_acc')
+               if any(series(r, k)[0] for r in runs.values())]
+    if not panels:
+        return False
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis('off')
+    for ax, (key, name) in zip(axes.flat, panels):
+        if key == 'loss':
+            for k, style in zip(LOSS_TERMS, ('-', '--', ':')):
+                xs, ys = series(runs[name], k)
+                if xs:
+                    ax.plot(xs, ys, style, lw=1, label=LOSS_TERMS[k])
+            ax.set_yscale('log')
+            ax.set_ylabel('training loss (log scale)')
+            ax.set_title(f'{name}: loss')
+        else:
+            for name_, recs in runs.items():
+                xs, ys = series(recs, key)
+                if xs:
+                    ax.plot(xs, ys, 'o-' if len(xs) < 30 else '-', ms=3, lw=1,
+                            color=color(plt, name_), label=name_)
+            ax.set_ylabel('RankMe (effective rank, dims)' if key == 'rankme' else
+                          'online kNN balanced accuracy (0-1, val)')
+            ax.set_title('RankMe' if key == 'rankme' else 'kNN monitor')
+        ax.set_xlabel('optimizer step')
+        ax.grid(alpha=0.3, which='both')
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    save_png(plt, fig, path)
+    return True
 
 
 # --------------------------------------------------------------------------- main
@@ -400,19 +758,35 @@ def main(argv=None):
         print(f'warning: --baseline {args.baseline}: no row has that init; no p-values',
               file=sys.stderr)
     summary = summarise(rows, args)
+    curve = curves(summary, args.p_metric)
+    for (dataset, split), (budgets, _) in curve.items():
+        left = [b for b, x in budgets if x is None]
+        if left:
+            print(f'warning: {dataset}/{split}: no per_class_recall in the rows, so the number '
+                  f'of classes is unknown; {", ".join(left)} left off curve.png',
+                  file=sys.stderr)
+    runs = read_logs(args.runs)
     source = (f'From `{args.results}`: {n_lines} lines, {len(rows)} runs after reruns '
               f'replaced earlier lines ({n_lines - len(rows)} replaced).')
-    md = markdown(summary, args, source)
+    md = markdown(summary, curve, args, source)
     os.makedirs(args.out, exist_ok=True)
     write_text(os.path.join(args.out, 'summary.md'), md)
     write_text(os.path.join(args.out, 'summary.csv'), csv_text(summary, args))
     print(md)
-    png = os.path.join(args.out, 'summary.png')
-    if plot(summary, args.p_metric, png):
-        print(f'wrote {args.out}/summary.md, summary.csv, summary.png')
-    else:
-        print(f'wrote {args.out}/summary.md, summary.csv (no summary.png: matplotlib is not '
-              f'installed)')
+    made = ['summary.md', 'summary.csv']
+    plt = pyplot()
+    if plt is None:
+        print(f'wrote {args.out}/{", ".join(made)}; {NO_PLOTS}')
+        return
+    plot_summary(plt, summary, args.p_metric, os.path.join(args.out, 'summary.png'))
+    made.append('summary.png')
+    drawable = {ds: c for ds, c in curve.items() if sum(x is not None for _, x in c[0]) > 1}
+    if drawable:
+        plot_curves(plt, drawable, args.p_metric, os.path.join(args.out, 'curve.png'))
+        made.append('curve.png')
+    if runs and plot_pretrain(plt, runs, os.path.join(args.out, 'pretrain.png')):
+        made.append('pretrain.png')
+    print(f'wrote {args.out}/{", ".join(made)}')
 
 
 if __name__ == '__main__':
