@@ -1616,6 +1616,56 @@ def barlow_loss(z1, z2, lambd=0.0051, eps=1e-5):
             frob = (_all_reduce(z1.T @ z2) / n).pow(2).sum()
         return (1 - diag).pow(2).sum() + lambd * (frob - diag.pow(2).sum())
 
+def vicreg_loss(z1, z2, sim=25.0, var=25.0, cov=1.0, eps=1e-4):
+    """VICReg loss (Bardes et al. 2022, as Facebook's main_vicreg.py) on the global batch, in
+    fp32 whatever the autocast dtype. z1, z2: (B, D) local embeddings, B equal on every rank;
+    both are all-gathered with gradients into the global batch of N first, then
+        sim * mean_nj (z1_nj - z2_nj)^2                                      invariance
+      + var * (mean_j relu(1 - sqrt(Var(z1)_j + eps)) + the same for z2) / 2    variance
+      + cov * (sum_{i!=j} Cov(z1)_ij^2 + the same for z2) / D                 covariance
+    with the unbiased Var and Cov = zc^T zc / (N - 1) over the centred global batch zc.
+
+    sum_{i!=j} Cov_ij^2 = ||zc^T zc||_F^2 / (N - 1)^2 - sum_j Var_j^2, and ||zc^T zc||_F =
+    ||zc zc^T||_F: the (N, N) Gram matrix when N < D, O(N^2 D) instead of O(N D^2). Every rank
+    computes the same global loss; the gather's backward sums the ranks' gradients, so with
+    DDP's averaging the gradients equal those of one process on the whole batch."""
+    with torch.autocast(z1.device.type, enabled=False):
+        z1, z2 = _all_gather(z1.float()), _all_gather(z2.float())  # (N, D) each
+        n, d = z1.shape
+
+        def regularisers(z):  # (N, D) -> variance hinge, sum of squared off-diagonal Cov
+            z = z - z.mean(0)
+            v = z.pow(2).sum(0) / (n - 1)  # (D,) unbiased variance = Cov's diagonal
+            hinge = F.relu(1 - torch.sqrt(v + eps)).mean()
+            gram = z @ z.T if n < d else z.T @ z
+            return hinge, gram.pow(2).sum() / (n - 1) ** 2 - v.pow(2).sum()
+
+        (h1, c1), (h2, c2) = regularisers(z1), regularisers(z2)
+        return sim * F.mse_loss(z1, z2) + var * (h1 + h2) / 2 + cov * (c1 + c2) / d
+
+
+def simclr_loss(z1, z2, temperature=0.1):
+    """SimCLR's NT-Xent (Chen et al. 2020) on the global batch, in fp32 whatever the autocast
+    dtype. z1, z2: (B, D) local embeddings, B equal on every rank. Over the 2N L2-normalised
+    embeddings u of the global batch (both views), with s_ik = u_i . u_k / temperature,
+        loss = 1/(2N) sum_i -log(exp(s_i,p(i)) / sum_{k != i} exp(s_ik))
+    where p(i) is the other view of image i: a 2N-way cross-entropy, self-similarity excluded.
+    Each rank scores only its own 2B anchors against all 2N candidates (gathered with
+    gradients, so the negatives come from the global batch): a (2B, 2N) matrix, not (2N, 2N).
+    The autograd-aware sum over ranks makes the value the global loss on every rank and, with
+    DDP's averaging, the gradients those of one process on the whole batch."""
+    import torch.distributed as dist
+    with torch.autocast(z1.device.type, enabled=False):
+        b, n = z1.shape[0], z1.shape[0] * _world()
+        u1, u2 = F.normalize(z1.float(), dim=1), F.normalize(z2.float(), dim=1)
+        candidates = torch.cat([_all_gather(u1), _all_gather(u2)])  # (2N, D) views 1, then 2
+        logits = torch.cat([u1, u2]) @ candidates.T / temperature  # (2B, 2N) local anchors
+        i = torch.arange(b, device=z1.device) + b * (dist.get_rank() if _world() > 1 else 0)
+        own, other = torch.cat([i, i + n]), torch.cat([i + n, i])  # anchors' candidate columns
+        logits = logits.masked_fill(F.one_hot(own, 2 * n).bool(), float('-inf'))
+        return _all_reduce(F.cross_entropy(logits, other, reduction='sum')) / (2 * n)
+
+
 
 class Classifier(nn.Module):
     """backbone + Linear(width, classes): pretrain_supervised.py and finetune.py."""
