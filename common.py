@@ -1666,6 +1666,38 @@ def simclr_loss(z1, z2, temperature=0.1):
         return _all_reduce(F.cross_entropy(logits, other, reduction='sum')) / (2 * n)
 
 
+OBJECTIVES = {  # --objective name -> (loss on (z1, z2), its default settings, what it is)
+    'barlow': (barlow_loss, dict(lambd=0.0051),
+               'Barlow Twins: cross-correlation of the two views towards the identity'),
+    'vicreg': (vicreg_loss, dict(sim=25.0, var=25.0, cov=1.0),
+               'VICReg: view MSE + per-feature std hinge + covariance decorrelation'),
+    'simclr': (simclr_loss, dict(temperature=0.1),
+               'SimCLR: NT-Xent contrast against the rest of the global batch'),
+}
+
+
+class SSLModel(nn.Module):
+    """backbone + projector trained with one of OBJECTIVES; forward(y1, y2) returns the loss.
+    settings override the objective's defaults (SSLModel(b, w, p, 'simclr', temperature=0.2))."""
+
+    def __init__(self, backbone, width, projector='8192-8192-8192', objective='barlow',
+                 **settings):
+        import inspect
+        super().__init__()
+        if objective not in OBJECTIVES:
+            raise UserError(f'--objective {objective}: expected one of {" | ".join(OBJECTIVES)}')
+        self.loss_fn, defaults, _ = OBJECTIVES[objective]
+        self.objective, self.settings = objective, {**defaults, **settings}
+        # a misspelt setting fails here (TypeError), not at the first training step
+        inspect.signature(self.loss_fn).bind(None, None, **self.settings)
+        self.backbone, self.projector = backbone, make_projector(width, projector)
+
+    def forward(self, y1, y2):
+        z1 = self.projector(self.backbone(y1))  # (B, D) per view
+        z2 = self.projector(self.backbone(y2))
+        return self.loss_fn(z1, z2, **self.settings)
+
+
 
 class Classifier(nn.Module):
     """backbone + Linear(width, classes): pretrain_supervised.py and finetune.py."""

@@ -1,11 +1,16 @@
-"""The comparison objectives (VICReg, SimCLR), each loss against an independent float64
-reference written out here from the formula, plus the invariances the losses must have."""
+"""The comparison objectives (VICReg, SimCLR), common.OBJECTIVES and common.SSLModel, each loss
+against an independent float64 reference written out here from the formula, plus the
+invariances the losses must have and DDP equivalence under torchrun."""
+import inspect
 import math
+import os
 
 import pytest
 import torch
+import torch.nn as nn
 
-from common import simclr_loss, vicreg_loss
+import common
+from common import OBJECTIVES, SSLModel, UserError, barlow_loss, simclr_loss, vicreg_loss
 
 
 # --------------------------------------------------------------------------- references
@@ -219,3 +224,128 @@ def test_simclr_runs_in_float32_under_bf16_autocast():
     assert got.dtype == torch.float32
     assert got.item() == pytest.approx(simclr_loss(z1.float(), z2.float()).item(), rel=1e-5)
     assert got.item() == pytest.approx(reference_simclr(z1, z2).item(), rel=1e-5)
+
+
+# --------------------------------------------------------------------------- OBJECTIVES, SSLModel
+def test_objectives_table():
+    assert set(OBJECTIVES) == {'barlow', 'vicreg', 'simclr'}
+    assert OBJECTIVES['barlow'][0] is barlow_loss
+    assert OBJECTIVES['vicreg'][0] is vicreg_loss and OBJECTIVES['simclr'][0] is simclr_loss
+    for name, (fn, settings, about) in OBJECTIVES.items():
+        params = inspect.signature(fn).parameters
+        # the table's defaults are the function's own (the published recipes)
+        assert all(params[k].default == v for k, v in settings.items()), name
+        assert isinstance(about, str) and about and '\n' not in about
+    assert OBJECTIVES['vicreg'][1] == dict(sim=25.0, var=25.0, cov=1.0)
+
+
+def tiny(objective, projector='16-8', **settings):
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Flatten(), nn.Linear(12, 6))
+    return SSLModel(backbone, 6, projector, objective, **settings)
+
+
+@pytest.mark.parametrize('objective', list(OBJECTIVES))
+def test_ssl_model_projects_both_views_and_applies_its_loss(objective):
+    m = tiny(objective)
+    y1, y2 = torch.randn(8, 3, 2, 2), torch.randn(8, 3, 2, 2)
+    m.train()
+    got = m(y1, y2)
+    fn, settings, _ = OBJECTIVES[objective]
+    z1, z2 = m.projector(m.backbone(y1)), m.projector(m.backbone(y2))
+    assert got.item() == pytest.approx(fn(z1, z2, **settings).item(), rel=1e-6)
+    got.backward()
+    assert all(p.grad is not None for p in m.parameters())
+
+
+def test_ssl_model_settings_override_defaults():
+    m = tiny('simclr', temperature=0.5)
+    assert m.settings == dict(temperature=0.5)
+    y1, y2 = torch.randn(8, 3, 2, 2), torch.randn(8, 3, 2, 2)
+    m.train()
+    z1, z2 = m.projector(m.backbone(y1)), m.projector(m.backbone(y2))
+    assert m(y1, y2).item() == pytest.approx(simclr_loss(z1, z2, 0.5).item(), rel=1e-6)
+    assert tiny('vicreg', eps=1e-2).settings == dict(sim=25.0, var=25.0, cov=1.0, eps=1e-2)
+
+
+def test_ssl_model_barlow_equals_barlow_twins_module():
+    bt = common.BarlowTwins(nn.Sequential(nn.Flatten(), nn.Linear(12, 6)), 6, '16-8', 0.01)
+    m = tiny('barlow', lambd=0.01)
+    m.load_state_dict(bt.state_dict())  # same keys: backbone.*, projector.*
+    y1, y2 = torch.randn(8, 3, 2, 2), torch.randn(8, 3, 2, 2)
+    assert m(y1, y2).item() == pytest.approx(bt(y1, y2).item(), rel=1e-6)
+
+
+def test_ssl_model_refuses_unknown_objective_and_setting():
+    with pytest.raises(UserError, match='barlow | vicreg | simclr'):
+        tiny('byol')
+    with pytest.raises(TypeError):
+        tiny('vicreg', lambd=0.1)  # at construction, not at the first step
+
+
+# --------------------------------------------------------------------------- DDP equivalence
+@pytest.mark.slow
+@pytest.mark.parametrize('objective', list(OBJECTIVES))
+def test_ddp_objective_step_equals_single_process_step(tmp_path, torch_home, objective):
+    """As test_barlow.py's DDP test, for each objective through SSLModel: two gloo ranks, each
+    on half of a fixed global batch, vs one process on the whole of it. Without SyncBatchNorm
+    on CPU each rank's BatchNorm layers normalise its own half, so the reference embeds each
+    half separately, concatenates, and applies the loss to the whole batch in one process; the
+    loss's gathers and sums across ranks must make the DDP gradients equal these."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT, script_env
+    sys.path.insert(0, os.path.join(ROOT, 'tests'))
+    import ddp_objective as O
+    import ddp_step as D
+
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+           os.path.join(ROOT, 'tests', 'ddp_objective.py'), str(tmp_path), objective]
+    r = subprocess.run(cmd, cwd=str(tmp_path), capture_output=True, text=True, timeout=150,
+                       env=script_env(torch_home))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    ddp = torch.load(tmp_path / 'ddp.pt', weights_only=True)
+
+    model = O.build_model(objective)
+    model.train()
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    y1, y2 = D.global_views()
+    half = D.GLOBAL_BATCH // 2
+    embed = lambda y: torch.cat([model.projector(model.backbone(y[:half])),
+                                 model.projector(model.backbone(y[half:]))])
+    loss = model.loss_fn(embed(y1), embed(y2), **model.settings)
+    opt = D.optimizer_for(model)
+    opt.zero_grad()
+    loss.backward()
+    ref_grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    opt.step()
+    ref_params = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    # the tolerance of test_barlow.py's DDP test, for the same reason: float32 sums split
+    # over two ranks round differently from one process's, ~1e-6 of a tensor's largest entry;
+    # normwise 1e-4 * max |ref| + 1e-7 is 100x above that and far below a factor 2 (1/world)
+    close = lambda a, b: (a - b).abs().max().item() <= 1e-4 * b.abs().max().item() + 1e-7
+    # every rank holds the global loss, not its own half's
+    assert ddp['losses'][0].item() == ddp['losses'][1].item()
+    assert ddp['loss'].item() == pytest.approx(loss.item(), rel=1e-5)
+    assert set(ddp['grads']) == set(ref_grads) == set(ddp['params'])
+    bad = [n for n in ref_grads if not close(ddp['grads'][n], ref_grads[n])]
+    assert not bad, f'gradients differ: {bad[:5]}'
+    # an update is read back as (p + step) - p in float32: two steps a rounding apart can
+    # land one ulp of p apart (1.2e-7 at |p| ~ 1, against steps ~1e-4 of 1-d parameters at
+    # lr 1.5e-4), so the update check also allows 2 ulps of the parameter's largest entry
+    ulp = lambda n: 2 * torch.finfo(torch.float32).eps * initial[n].abs().max().item()
+    bad = [n for n in ref_params if (ddp['params'][n] - ref_params[n]).abs().max().item() >
+           1e-4 * (ref_params[n] - initial[n]).abs().max().item() + 1e-7 + ulp(n)]
+    assert not bad, f'updates differ: {bad[:5]}'
+    # sharp enough to catch gradients scaled by 1/world_size (or by world_size)
+    assert all(g.abs().max() > 1e-6 for g in ref_grads.values())  # every parameter learns
+    for factor in (0.5, 2.0):
+        assert not [n for n in ref_grads if close(ddp['grads'][n], factor * ref_grads[n])]
+    # ... and a reference that ignores per-rank BatchNorm (whole-batch statistics) differs
+    model2 = O.build_model(objective)
+    model2.train()
+    whole = lambda y: model2.projector(model2.backbone(y))
+    model2.loss_fn(whole(y1), whole(y2), **model2.settings).backward()
+    assert any(not close(ddp['grads'][n], p.grad) for n, p in model2.named_parameters())
