@@ -1301,7 +1301,7 @@ def add_common_args(p, **defaults):
     g.add_argument('--arch', default=d['arch'], choices=list(ARCHS),
                    help='backbone; resnet18/34 for small runs')
     g.add_argument('--init', default=d['init'],
-                   help='random | torchvision | barlowtwins | PATH to a checkpoint')
+                   help='random | torchvision | barlowtwins | vicreg | PATH to a checkpoint')
     g.add_argument('--offline', action='store_true',
                    help='never download named weights; say where to place them instead')
     g = p.add_argument_group('training')
@@ -1427,7 +1427,11 @@ NAMED_WEIGHTS = {  # --init name -> (arch, url); the file is looked up in the to
     ('torchvision', 'resnet18'): torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url,
     ('barlowtwins', 'resnet50'): 'https://dl.fbaipublicfiles.com/barlowtwins/'
                                  'ep1000_bs2048_lrw0.2_lrb0.0048_lambd0.0051/resnet50.pth',
+    ('vicreg', 'resnet50'): 'https://dl.fbaipublicfiles.com/vicreg/resnet50.pth',
 }
+# file names in the hub cache where the URL's own would collide: Facebook's Barlow Twins and
+# VICReg files are both called resnet50.pth
+HUB_NAMES = {('vicreg', 'resnet50'): 'vicreg_resnet50.pth'}
 
 
 def make_backbone(arch):
@@ -1471,7 +1475,8 @@ def load_checkpoint(path):
     """torch.load with weights_only=True: tensors and plain values only, never code."""
     import pickle
     if not os.path.isfile(path):
-        raise UserError(f'--init {path}: no such file (random | torchvision | barlowtwins | PATH)')
+        raise UserError(f'--init {path}: no such file '
+                        '(random | torchvision | barlowtwins | vicreg | PATH)')
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
@@ -1487,10 +1492,10 @@ def load_checkpoint(path):
                         f'{str(e)[:160]})')
 
 
-def hub_file(url, offline=False):
-    """The torch hub cache path for url ($TORCH_HOME/hub/checkpoints/NAME); downloaded when
-    absent unless offline."""
-    path = os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(url))
+def hub_file(url, offline=False, name=None):
+    """The torch hub cache path for url ($TORCH_HOME/hub/checkpoints/NAME, NAME the URL's
+    file name unless given); downloaded when absent unless offline."""
+    path = os.path.join(torch.hub.get_dir(), 'checkpoints', name or os.path.basename(url))
     if os.path.isfile(path):
         return path
     hint = f'place {os.path.basename(url)} from {url} at {path}'
@@ -1516,10 +1521,10 @@ def load_backbone(model, arch, init, offline=False):
     missing or extra, anything else is refused naming the keys. Returns a short description."""
     if init == 'random':
         return 'random'
-    if init in ('torchvision', 'barlowtwins'):
+    if init in ('torchvision', 'barlowtwins', 'vicreg'):
         if (init, arch) not in NAMED_WEIGHTS:
             raise UserError(f'--init {init}: no published {arch} weights; use --arch resnet50')
-        path = hub_file(NAMED_WEIGHTS[init, arch], offline)
+        path = hub_file(NAMED_WEIGHTS[init, arch], offline, HUB_NAMES.get((init, arch)))
     else:
         path = init_file(init)
     sd = clean_state_dict(load_checkpoint(path), path)
@@ -1616,6 +1621,7 @@ def barlow_loss(z1, z2, lambd=0.0051, eps=1e-5):
             frob = (_all_reduce(z1.T @ z2) / n).pow(2).sum()
         return (1 - diag).pow(2).sum() + lambd * (frob - diag.pow(2).sum())
 
+
 def vicreg_loss(z1, z2, sim=25.0, var=25.0, cov=1.0, eps=1e-4):
     """VICReg loss (Bardes et al. 2022, as Facebook's main_vicreg.py) on the global batch, in
     fp32 whatever the autocast dtype. z1, z2: (B, D) local embeddings, B equal on every rank;
@@ -1696,7 +1702,6 @@ class SSLModel(nn.Module):
         z1 = self.projector(self.backbone(y1))  # (B, D) per view
         z2 = self.projector(self.backbone(y2))
         return self.loss_fn(z1, z2, **self.settings)
-
 
 
 class Classifier(nn.Module):
