@@ -34,6 +34,7 @@ import argparse
 import collections
 import csv
 import hashlib
+import inspect
 import json
 import math
 import multiprocessing
@@ -1514,7 +1515,11 @@ NAMED_WEIGHTS = {  # --init name -> (arch, url); the file is looked up in the to
     ('torchvision', 'resnet18'): torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url,
     ('barlowtwins', 'resnet50'): 'https://dl.fbaipublicfiles.com/barlowtwins/'
                                  'ep1000_bs2048_lrw0.2_lrb0.0048_lambd0.0051/resnet50.pth',
+    ('vicreg', 'resnet50'): 'https://dl.fbaipublicfiles.com/vicreg/resnet50.pth',
 }
+# file names in the hub cache where the URL's own would collide: Facebook's Barlow Twins and
+# VICReg files are both called resnet50.pth
+HUB_NAMES = {('vicreg', 'resnet50'): 'vicreg_resnet50.pth'}
 
 
 def make_backbone(arch):
@@ -1559,7 +1564,8 @@ def clean_state_dict(obj, source='checkpoint'):
 def load_checkpoint(path):
     """torch.load with weights_only=True: tensors and plain values only, never code."""
     if not os.path.isfile(path):
-        raise UserError(f'--init {path}: no such file (random | torchvision | barlowtwins | PATH)')
+        raise UserError(f'--init {path}: no such file '
+                        '(random | torchvision | barlowtwins | vicreg | PATH)')
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
@@ -1575,10 +1581,10 @@ def load_checkpoint(path):
                         f'{str(e)[:160]})')
 
 
-def hub_file(url, offline=False):
-    """The torch hub cache path for url ($TORCH_HOME/hub/checkpoints/NAME); downloaded when
-    absent unless offline."""
-    path = os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(url))
+def hub_file(url, offline=False, name=None):
+    """The torch hub cache path for url ($TORCH_HOME/hub/checkpoints/NAME, NAME the URL's
+    file name unless given); downloaded when absent unless offline."""
+    path = os.path.join(torch.hub.get_dir(), 'checkpoints', name or os.path.basename(url))
     if os.path.isfile(path):
         return path
     hint = f'place {os.path.basename(url)} from {url} at {path}'
@@ -1604,10 +1610,10 @@ def load_backbone(model, arch, init, offline=False):
     missing or extra, anything else is refused naming the keys. Returns a short description."""
     if init == 'random':
         return 'random'
-    if init in ('torchvision', 'barlowtwins'):
+    if init in {name for name, _ in NAMED_WEIGHTS}:
         if (init, arch) not in NAMED_WEIGHTS:
             raise UserError(f'--init {init}: no published {arch} weights; use --arch resnet50')
-        path = hub_file(NAMED_WEIGHTS[init, arch], offline)
+        path = hub_file(NAMED_WEIGHTS[init, arch], offline, HUB_NAMES.get((init, arch)))
     else:
         path = init_file(init)
     sd = clean_state_dict(load_checkpoint(path), path)
@@ -1696,6 +1702,86 @@ def barlow_loss(z1, z2, lambd=0.0051, eps=1e-5):
         else:
             frob = (_all_reduce(z1.T @ z2) / n).pow(2).sum()
         return (1 - diag).pow(2).sum() + lambd * (frob - diag.pow(2).sum())
+
+
+def vicreg_loss(z1, z2, sim=25.0, var=25.0, cov=1.0, eps=1e-4):
+    """VICReg loss (Bardes et al. 2022, as Facebook's main_vicreg.py) on the global batch, in
+    fp32 whatever the autocast dtype. z1, z2: (B, D) local embeddings, B equal on every rank;
+    both are all-gathered with gradients into the global batch of N first, then
+        sim * mean_nj (z1_nj - z2_nj)^2                                      invariance
+      + var * (mean_j relu(1 - sqrt(Var(z1)_j + eps)) + the same for z2) / 2    variance
+      + cov * (sum_{i!=j} Cov(z1)_ij^2 + the same for z2) / D                 covariance
+    with the unbiased Var and Cov = zc^T zc / (N - 1) over the centred global batch zc.
+
+    sum_{i!=j} Cov_ij^2 = ||zc^T zc||_F^2 / (N - 1)^2 - sum_j Var_j^2, and ||zc^T zc||_F =
+    ||zc zc^T||_F: the (N, N) Gram matrix when N < D, O(N^2 D) instead of O(N D^2). Every rank
+    computes the same global loss; the gather's backward sums the ranks' gradients, so with
+    DDP's averaging the gradients equal those of one process on the whole batch."""
+    with torch.autocast(z1.device.type, enabled=False):
+        z1, z2 = _all_gather(z1.float()), _all_gather(z2.float())  # (N, D) each
+        n, d = z1.shape
+
+        def regularisers(z):  # (N, D) -> variance hinge, sum of squared off-diagonal Cov
+            z = z - z.mean(0)
+            v = z.pow(2).sum(0) / (n - 1)  # (D,) unbiased variance = Cov's diagonal
+            hinge = F.relu(1 - torch.sqrt(v + eps)).mean()
+            gram = z @ z.T if n < d else z.T @ z
+            return hinge, gram.pow(2).sum() / (n - 1) ** 2 - v.pow(2).sum()
+
+        (h1, c1), (h2, c2) = regularisers(z1), regularisers(z2)
+        return sim * F.mse_loss(z1, z2) + var * (h1 + h2) / 2 + cov * (c1 + c2) / d
+
+
+def simclr_loss(z1, z2, temperature=0.1):
+    """SimCLR's NT-Xent (Chen et al. 2020) on the global batch, in fp32 whatever the autocast
+    dtype. z1, z2: (B, D) local embeddings, B equal on every rank. Over the 2N L2-normalised
+    embeddings u of the global batch (both views), with s_ik = u_i . u_k / temperature,
+        loss = 1/(2N) sum_i -log(exp(s_i,p(i)) / sum_{k != i} exp(s_ik))
+    where p(i) is the other view of image i: a 2N-way cross-entropy, self-similarity excluded.
+    Each rank scores only its own 2B anchors against all 2N candidates (gathered with
+    gradients, so the negatives come from the global batch): a (2B, 2N) matrix, not (2N, 2N).
+    The autograd-aware sum over ranks makes the value the global loss on every rank and, with
+    DDP's averaging, the gradients those of one process on the whole batch."""
+    with torch.autocast(z1.device.type, enabled=False):
+        b, n = z1.shape[0], z1.shape[0] * _world()
+        u1, u2 = F.normalize(z1.float(), dim=1), F.normalize(z2.float(), dim=1)
+        candidates = torch.cat([_all_gather(u1), _all_gather(u2)])  # (2N, D) views 1, then 2
+        logits = torch.cat([u1, u2]) @ candidates.T / temperature  # (2B, 2N) local anchors
+        i = torch.arange(b, device=z1.device) + b * dist_info()[0]
+        own, other = torch.cat([i, i + n]), torch.cat([i + n, i])  # anchors' candidate columns
+        logits = logits.masked_fill(F.one_hot(own, 2 * n).bool(), float('-inf'))
+        return _all_reduce(F.cross_entropy(logits, other, reduction='sum')) / (2 * n)
+
+
+OBJECTIVES = {  # --objective name -> (loss on (z1, z2), its default settings, what it is)
+    'barlow': (barlow_loss, dict(lambd=0.0051),
+               'Barlow Twins: cross-correlation of the two views towards the identity'),
+    'vicreg': (vicreg_loss, dict(sim=25.0, var=25.0, cov=1.0),
+               'VICReg: view MSE + per-feature std hinge + covariance decorrelation'),
+    'simclr': (simclr_loss, dict(temperature=0.1),
+               'SimCLR: NT-Xent contrast against the rest of the global batch'),
+}
+
+
+class SSLModel(nn.Module):
+    """backbone + projector trained with one of OBJECTIVES; forward(y1, y2) returns the loss.
+    settings override the objective's defaults (SSLModel(b, w, p, 'simclr', temperature=0.2))."""
+
+    def __init__(self, backbone, width, projector='8192-8192-8192', objective='barlow',
+                 **settings):
+        super().__init__()
+        if objective not in OBJECTIVES:
+            raise UserError(f'--objective {objective}: expected one of {" | ".join(OBJECTIVES)}')
+        self.loss_fn, defaults, _ = OBJECTIVES[objective]
+        self.objective, self.settings = objective, {**defaults, **settings}
+        # a misspelt setting fails here (TypeError), not at the first training step
+        inspect.signature(self.loss_fn).bind(None, None, **self.settings)
+        self.backbone, self.projector = backbone, make_projector(width, projector)
+
+    def forward(self, y1, y2):
+        z1 = self.projector(self.backbone(y1))  # (B, D) per view
+        z2 = self.projector(self.backbone(y2))
+        return self.loss_fn(z1, z2, **self.settings)
 
 
 class Classifier(nn.Module):

@@ -258,3 +258,36 @@ def test_missing_file(tmp_path):
     model, _ = make_backbone('resnet18')
     with pytest.raises(UserError, match='no such file'):
         load_backbone(model, 'resnet18', str(tmp_path / 'nope.pt'))
+
+
+def test_vicreg_named_weights_facebook_resnet50_beside_barlowtwins(hub):
+    # Facebook's VICReg resnet50.pth (hubconf.py) is, like Barlow Twins', a torchvision
+    # ResNet-50 state dict without fc, under the same file name: in the cache it gets its own
+    url = NAMED_WEIGHTS['vicreg', 'resnet50']
+    assert url == 'https://dl.fbaipublicfiles.com/vicreg/resnet50.pth'
+    vicreg, barlow = no_fc(tv_resnet('resnet50', seed=3)), no_fc(tv_resnet('resnet50', seed=4))
+    torch.save(vicreg, hub / 'vicreg_resnet50.pth')
+    torch.save(barlow, hub / 'resnet50.pth')
+    model, _ = make_backbone('resnet50')
+    assert load_backbone(model, 'resnet50', 'vicreg', offline=True) == str(
+        hub / 'vicreg_resnet50.pth')
+    assert_loaded(model, vicreg)
+    model, _ = make_backbone('resnet50')
+    load_backbone(model, 'resnet50', 'barlowtwins', offline=True)
+    assert_loaded(model, barlow)
+
+
+def test_vicreg_named_weights_missing_offline_says_where_to_put_them(hub):
+    torch.save(no_fc(tv_resnet('resnet50', seed=4)), hub / 'resnet50.pth')  # Barlow Twins'
+    model, _ = make_backbone('resnet50')
+    with pytest.raises(UserError) as e:
+        load_backbone(model, 'resnet50', 'vicreg', offline=True)
+    msg = str(e.value)
+    assert 'place resnet50.pth from https://dl.fbaipublicfiles.com/vicreg/resnet50.pth' in msg
+    assert str(hub / 'vicreg_resnet50.pth') in msg and '\n' not in msg
+
+
+def test_vicreg_named_weights_need_resnet50(hub):
+    model, _ = make_backbone('resnet18')
+    with pytest.raises(UserError, match='--arch resnet50'):
+        load_backbone(model, 'resnet18', 'vicreg', offline=True)
