@@ -155,7 +155,7 @@ eval: $(DONE)  ## fine-tune and probe every init over the seeds
 
 report: $(DONE) | report.py  ## the comparison table: results/summary.md (+ .csv, .png)
 	@echo "==> report"
-	$(PY) report.py --results $(RESULTS)/results.jsonl --out $(RESULTS)
+	$(PY) report.py --results $(RESULTS)/results.jsonl --out $(RESULTS) --runs $(OUT)
 
 # --------------------------------------------------------------------------- the paper's setting
 paper:  ## the paper's experiment: ResNet-50, 256 px, published weights, 35 seeds (GPU; SKIN=...)

@@ -1671,7 +1671,7 @@ def _all_gather(t):
     return torch.cat(dist_nn.all_gather(t)) if _world() > 1 else t
 
 
-def barlow_loss(z1, z2, lambd=0.0051, eps=1e-5):
+def barlow_loss(z1, z2, lambd=0.0051, eps=1e-5, parts=False):
     """Barlow Twins loss on the global batch, in fp32 whatever the autocast dtype.
     z1, z2: (B, D) local embeddings of the two views, B equal on every rank. Each view is
     batch-normalised without affine parameters over the GLOBAL batch of N (biased variance, as
@@ -1683,7 +1683,11 @@ def barlow_loss(z1, z2, lambd=0.0051, eps=1e-5):
     materialises the Gram matrices and the Gram path never materialises C.
     Every cross-rank sum goes through the autograd-aware collectives, so with DDP's gradient
     averaging the gradients equal those of one process on the whole batch (Facebook's
-    version uses a plain all_reduce and gets them scaled by 1/world_size)."""
+    version uses a plain all_reduce and gets them scaled by 1/world_size).
+
+    parts=True returns (loss, parts): the invariance term sum_i (1 - C_ii)^2 (loss_inv) and
+    the redundancy term lambd * sum_{i!=j} C_ij^2 (loss_red), detached, and both divided by
+    D (inv_per_dim, red_per_dim) so that runs of different projector widths compare."""
     with torch.autocast(z1.device.type, enabled=False):
         z1, z2 = z1.float(), z2.float()
         (b, d), n = z1.shape, z1.shape[0] * _world()
@@ -1701,7 +1705,12 @@ def barlow_loss(z1, z2, lambd=0.0051, eps=1e-5):
             frob = ((z1 @ z1.T) * (z2 @ z2.T)).sum() / (n * n)
         else:
             frob = (_all_reduce(z1.T @ z2) / n).pow(2).sum()
-        return (1 - diag).pow(2).sum() + lambd * (frob - diag.pow(2).sum())
+        inv, red = (1 - diag).pow(2).sum(), lambd * (frob - diag.pow(2).sum())
+        if not parts:
+            return inv + red
+        inv, red = inv.detach(), red.detach()
+        return (1 - diag).pow(2).sum() + lambd * (frob - diag.pow(2).sum()), dict(
+            loss_inv=inv, loss_red=red, inv_per_dim=inv / d, red_per_dim=red / d)
 
 
 def vicreg_loss(z1, z2, sim=25.0, var=25.0, cov=1.0, eps=1e-4):
@@ -1764,8 +1773,10 @@ OBJECTIVES = {  # --objective name -> (loss on (z1, z2), its default settings, w
 
 
 class SSLModel(nn.Module):
-    """backbone + projector trained with one of OBJECTIVES; forward(y1, y2) returns the loss.
-    settings override the objective's defaults (SSLModel(b, w, p, 'simclr', temperature=0.2))."""
+    """backbone + projector trained with one of OBJECTIVES; forward(y1, y2) returns the loss,
+    forward(y1, y2, stats=True) returns (loss, stats): the view-1 backbone features (B,
+    width), detached, and for Barlow Twins the loss's parts (barlow_loss). settings override
+    the objective's defaults (SSLModel(b, w, p, 'simclr', temperature=0.2))."""
 
     def __init__(self, backbone, width, projector='8192-8192-8192', objective='barlow',
                  **settings):
@@ -1778,10 +1789,17 @@ class SSLModel(nn.Module):
         inspect.signature(self.loss_fn).bind(None, None, **self.settings)
         self.backbone, self.projector = backbone, make_projector(width, projector)
 
-    def forward(self, y1, y2):
-        z1 = self.projector(self.backbone(y1))  # (B, D) per view
+    def forward(self, y1, y2, stats=False):
+        h1 = self.backbone(y1)  # (B, width)
+        z1 = self.projector(h1)  # (B, D) per view
         z2 = self.projector(self.backbone(y2))
-        return self.loss_fn(z1, z2, **self.settings)
+        if not stats:
+            return self.loss_fn(z1, z2, **self.settings)
+        if self.loss_fn is barlow_loss:
+            loss, parts = barlow_loss(z1, z2, **self.settings, parts=True)
+        else:
+            loss, parts = self.loss_fn(z1, z2, **self.settings), {}
+        return loss, dict(parts, features=h1.detach())
 
 
 class Classifier(nn.Module):
@@ -1809,16 +1827,11 @@ def classifier_task(rt, backbone, width, classes, view, label_smoothing=0.0,
     return model, raw, step_fn
 
 
-class BarlowTwins(nn.Module):
-    def __init__(self, backbone, width, projector='8192-8192-8192', lambd=0.0051):
-        super().__init__()
-        self.backbone, self.lambd = backbone, lambd
-        self.projector = make_projector(width, projector)
+class BarlowTwins(SSLModel):
+    """SSLModel with the Barlow Twins objective, Facebook's module's signature."""
 
-    def forward(self, y1, y2):
-        z1 = self.projector(self.backbone(y1))
-        z2 = self.projector(self.backbone(y2))
-        return barlow_loss(z1, z2, self.lambd)
+    def __init__(self, backbone, width, projector='8192-8192-8192', lambd=0.0051):
+        super().__init__(backbone, width, projector, 'barlow', lambd=lambd)
 
 
 # --------------------------------------------------------------------------- optimisers, schedule
@@ -1940,21 +1953,23 @@ def grad_scaler(rt):
 
 def train_step(rt, step_fn, optimizer, scaler, batch, generator):
     """One optimisation step, the loop's and the lr range test's: the batch to the device,
-    step_fn under autocast, backward through the scaler, the optimizer step. Returns the
-    detached loss, still on the device: reading it waits for the step to finish."""
+    step_fn under autocast (it returns the loss, or (loss, stats): a dict of detached tensors
+    for the log), backward through the scaler, the optimizer step. Returns (loss detached,
+    stats), still on the device: reading them waits for the step to finish."""
     x, y = to_device(batch, rt.device)
     with torch.autocast(rt.device.type, dtype=rt.dtype, enabled=rt.dtype != torch.float32):
-        loss = step_fn(x, y, generator)
+        out = step_fn(x, y, generator)
+    loss, stats = out if isinstance(out, tuple) else (out, {})
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
     scaler.update()
-    return loss.detach()
+    return loss.detach(), stats
 
 
 def fit(rt, model, raw, optimizer, loader, step_fn, out, total_steps, lr_fn, *, config=None,
         seed=0, max_steps=0, log_every=10, ckpt_every=0, ckpt_minutes=10.0, epoch_fn=None,
-        nan_at_step=-1):
+        log_fn=None, nan_at_step=-1):
     """The one training loop over `loader` (make_loader's; len(loader) steps per epoch).
     step_fn(x_uint8 (B,3,S,S), y, generator) -> scalar loss runs under autocast; lr_fn(step,
     group) -> lr; `model` is what runs, `raw` what is saved (wrap_model's pair). `config`: the
@@ -1967,9 +1982,11 @@ def fit(rt, model, raw, optimizer, loader, step_fn, out, total_steps, lr_fn, *, 
     since the last check stops the run (checkpoints are written only right after a check
     passed, so the last one is intact), a pending SIGTERM/SIGINT checkpoints and exits, and a
     checkpoint is written when ckpt_every or ckpt_minutes says so. Under DDP every rank takes
-    these decisions at the same step. epoch_fn(epoch) -> dict runs after each full epoch
-    (validation) and goes to the log. nan_at_step poisons that step's loss (for tests).
-    Returns the final step."""
+    these decisions at the same step. A step_fn may return (loss, stats): the 0-d tensors of
+    stats go to each log record, and log_fn(stats) -> dict adds figures computed from the
+    rest (collapse signals from features). epoch_fn(epoch) -> dict runs after each full
+    epoch (validation) and what it returns goes to the log.
+    nan_at_step poisons that step's loss (for tests). Returns the final step."""
     steps_per_epoch, sampler = len(loader), loader.sampler
     total_steps = min(total_steps, max_steps) if max_steps else total_steps
     config = dict(config or {})
@@ -2013,6 +2030,10 @@ def fit(rt, model, raw, optimizer, loader, step_fn, out, total_steps, lr_fn, *, 
                 state['rng_cuda'] = torch.cuda.get_rng_state(rt.device)
             torch_save(state, ckpt_path)
 
+    def poisoned(*a):  # the testing hook: this step's loss becomes NaN
+        out = step_fn(*a)
+        return (out[0] * float('nan'), out[1]) if isinstance(out, tuple) else out * float('nan')
+
     saved_step = step if os.path.exists(ckpt_path) else -1
     bad_step = torch.full((), -1, dtype=torch.long, device=rt.device)  # first non-finite
     global_batch = sampler.batch_size * rt.world
@@ -2027,10 +2048,9 @@ def fit(rt, model, raw, optimizer, loader, step_fn, out, total_steps, lr_fn, *, 
             for batch in loader:
                 for g in optimizer.param_groups:
                     g['lr'] = lr_fn(step, g)
-                fn = step_fn if step != nan_at_step else \
-                    (lambda *a: step_fn(*a) * float('nan'))
-                loss = train_step(rt, fn, optimizer, scaler, batch,
-                                  step_generator(seed, step, rt.rank))
+                loss, stats = train_step(rt, step_fn if step != nan_at_step else poisoned,
+                                         optimizer, scaler, batch,
+                                         step_generator(seed, step, rt.rank))
                 # remember the first non-finite step on the device: no wait here
                 bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step, bad_step)
                 step += 1
@@ -2054,13 +2074,16 @@ def fit(rt, model, raw, optimizer, loader, step_fn, out, total_steps, lr_fn, *, 
                              f'intact; ' if saved_step >= 0 else 'No checkpoint yet; ') +
                             'lower --lr, or try --precision fp32, then rerun to resume')
                     if step % log_every == 0 or step == total_steps or signum:
+                        extra = {k: v.item() for k, v in stats.items() if v.ndim == 0}
+                        extra.update(log_fn(stats) if log_fn else {})
                         _log(rt, out, loss, optimizer, step, total_steps, steps_per_epoch,
-                             seen / max(now - t_log, 1e-9), global_batch)
+                             seen / max(now - t_log, 1e-9), global_batch, extra)
                         t_log, seen = now, 0
                 if epoch_fn and step % steps_per_epoch == 0:
-                    rec = dict(step=step, **epoch_fn(step // steps_per_epoch))
-                    if rt.is_main:
-                        append_jsonl(os.path.join(out, 'log.jsonl'), rec)
+                    rec = epoch_fn(step // steps_per_epoch)
+                    if rec and rt.is_main:
+                        append_jsonl(os.path.join(out, 'log.jsonl'),
+                                     dict(step=step, epoch=step // steps_per_epoch, **rec))
                 if check and ((ckpt_every and step % ckpt_every == 0) or late or signum):
                     save(step)
                     saved_step, t_ckpt = step, now
@@ -2078,14 +2101,15 @@ def fit(rt, model, raw, optimizer, loader, step_fn, out, total_steps, lr_fn, *, 
     return step
 
 
-def _log(rt, out, loss, optimizer, step, total, steps_per_epoch, rate, batch):
-    """One console line and one log.jsonl record (rank 0 writes)."""
+def _log(rt, out, loss, optimizer, step, total, steps_per_epoch, rate, batch, extra):
+    """One console line and one log.jsonl record (rank 0 writes); extra: more figures."""
     rec = dict(step=step, epoch=round(step / steps_per_epoch, 3), loss=loss.item(),
                lr=max(g['lr'] for g in optimizer.param_groups), img_s=round(rate, 1),
-               eta_s=round((total - step) * batch / max(rate, 1e-9)))
+               eta_s=round((total - step) * batch / max(rate, 1e-9)), **extra)
     if rt.device.type == 'cuda':
         rec['mem_gb'] = round(torch.cuda.max_memory_allocated(rt.device) / 2**30, 2)
     print0(f'step {step}/{total} ep {rec["epoch"]:.2f} loss {rec["loss"]:.4g} '
+           + ''.join(f'{k} {v:.3g} ' for k, v in extra.items()) +
            f'lr {rec["lr"]:.3g} img/s {rate:.0f} eta {fmt_time(rec["eta_s"])}'
            + (f' mem {rec["mem_gb"]}G' if 'mem_gb' in rec else ''))
     if rt.is_main:
@@ -2225,11 +2249,11 @@ def done_keys(path):
     return keys
 
 
-def pending_rows(results, stubs):
-    """The result stubs whose rows are not in the results file yet; each one that is gets
-    a 'skipped' line."""
+def pending_rows(results, seeds, ds, split, split_file, **fields):
+    """Result stubs (result_stub with these fields) of the seeds whose rows are not in the
+    results file yet; each seed that is gets a 'skipped' line."""
     done, todo = done_keys(results), []
-    for row in stubs:
+    for row in (result_stub(ds, split, split_file, seed, **fields) for seed in seeds):
         if result_key(row) in done:
             print0(f'seed {row["seed"]}: already in {results}, skipped')
         else:
@@ -2295,6 +2319,31 @@ def classification_metrics(probs, labels, num_classes):
         'confusion_matrix': cm.tolist(),
         'n': int(n),
     }
+
+
+def knn_predict(train_x, train_y, x, classes, k=20, t=0.07):
+    """Cosine kNN with similarity-weighted votes exp(sim / t), as DINO's: class probabilities
+    (N, classes) of the rows of x from the k nearest rows of train_x (labels train_y)."""
+    a, q = F.normalize(train_x, dim=1), F.normalize(x, dim=1)
+    sim, idx = (q @ a.T).topk(min(k, len(a)), dim=1)
+    votes = torch.zeros(len(x), classes, dtype=sim.dtype, device=sim.device)
+    votes.scatter_add_(1, train_y[idx], (sim / t).exp())
+    return votes / votes.sum(1, keepdim=True)
+
+
+def feature_stats(h, eps=1e-7):
+    """Collapse signals of a batch of features h (B, D), as floats:
+      feat_std  mean over the D dimensions of the std over the batch of the L2-normalised
+                features: about 1/sqrt(D) when they spread over the sphere, 0 when every
+                image maps to one point
+      rankme    the effective rank of h (RankMe, Garrido et al. 2023): exp of the entropy of
+                p_k = s_k / sum(s) + eps over the singular values s of h, from 1 (one
+                direction) to min(B, D) (all directions used equally)."""
+    h = h.detach().float()
+    s = torch.linalg.svdvals(h)
+    p = s / s.sum().clamp_min(1e-30) + eps
+    return dict(feat_std=F.normalize(h, dim=1).std(0).mean().item(),
+                rankme=(-(p * p.log()).sum()).exp().item())
 
 
 def _auroc(score, positive):

@@ -68,8 +68,8 @@ def lr_range_test(rt, model, raw, loader, step_fn, optimizer, seed, steps=100):
             lr = 1e-7 * (10 / 1e-7) ** (step / (steps - 1))
             for g in optimizer.param_groups:
                 g['lr'] = lr
-            loss = C.train_step(rt, step_fn, optimizer, scaler, batch,
-                                C.step_generator(seed, step, rt.rank))
+            loss, _ = C.train_step(rt, step_fn, optimizer, scaler, batch,
+                                   C.step_generator(seed, step, rt.rank))
             mean = loss.float()
             if rt.world > 1:  # every rank must take the same decisions
                 torch.distributed.all_reduce(mean)
@@ -171,11 +171,11 @@ def main():
     source = C.load_backbone(backbone, args.arch, args.init, args.offline)
     C.check_held_out(args.init, ds, split)
     backbone_sd = {k: v.clone() for k, v in backbone.state_dict().items()}
-    rule = C.labels_rule(args.labels_per_class, args.label_fraction)
-    stubs = [C.result_stub(ds, split, split_file, seed, init=args.init_name, init_source=source,
-                           arch=args.arch, backbone_sha=C.state_fingerprint(backbone_sd),
-                           labels_rule=rule, protocol='finetune') for seed in args.seeds]
-    for row in C.pending_rows(args.results, stubs):
+    todo = C.pending_rows(args.results, args.seeds, ds, split, split_file, init=args.init_name,
+                          init_source=source, arch=args.arch,
+                          backbone_sha=C.state_fingerprint(backbone_sd), protocol='finetune',
+                          labels_rule=C.labels_rule(args.labels_per_class, args.label_fraction))
+    for row in todo:
         seed = row['seed']
         row = run_seed(rt, args, row, ds, split, cache, backbone_sd, width)
         m = row['metrics']

@@ -1,5 +1,7 @@
 """Barlow Twins self-supervised pretraining of a ResNet, from scratch or continued from any
-initialisation ("further SSL" on unlabelled skin images).
+initialisation ("further SSL" on unlabelled skin images). `--objective vicreg|simclr` trains
+the same backbone, projector, views, loop and hand-off with VICReg's or SimCLR's loss
+instead, for comparison runs (the study's method is Barlow Twins).
 
 One GPU, or the CPU:
     python pretrain_barlow.py --data /path/to/imagenet/train --out runs/barlow
@@ -17,6 +19,11 @@ In the experiment chain: `make all` (see the Makefile).
 
 Defaults are Facebook's ImageNet recipe; a killed run resumes when started again with the
 same command; the hand-off is <out>/backbone.pt (torchvision format, no fc).
+
+Is it learning? Each log line carries the loss's invariance and redundancy terms (also per
+projector dimension, comparable across widths), the effective rank (RankMe) and spread of the
+batch's backbone features, a warning when the rank collapses, and with --split a cosine kNN
+(k=20) of the split's val part on its labelled train part every --monitor-every epochs.
 """
 import argparse
 import os
@@ -41,6 +48,11 @@ def get_args(argv=None):
     C.add_train_args(p, epochs=1000, batch_size=2048, lr=0.2, out='runs/barlow')
     C.add_runtime_args(p)
     g = p.add_argument_group('Barlow Twins')
+    g.add_argument('--objective', default='barlow', choices=list(C.OBJECTIVES),
+                   help='barlow (the study\'s); vicreg or simclr for comparison runs, with '
+                        'their published coefficients')
+    g.add_argument('--temperature', type=C.number(float, 1e-3), default=0.1,
+                   help='simclr only: softmax temperature')
     g.add_argument('--preset', choices=list(PRESETS),
                    help='skin: the paper\'s further-pretraining recipe (batch 128, Adam '
                         'one-cycle, lambda 1/8192, 1 projector-only epoch, its views)')
@@ -66,6 +78,10 @@ def get_args(argv=None):
     g.add_argument('--min-scale', type=C.number(float, 1e-3, 1), default=None,
                    help='smallest crop area fraction of the views (preset: 0.08 ImageNet, '
                         '0.7 skin)')
+    g.add_argument('--monitor-every', type=C.number(int, 0), default=None,
+                   help='epochs between kNN scores of the --split val part (0: never; '
+                        'default: every epoch on pools under 20,000 images, else 4 times '
+                        'per run)')
     g.add_argument('--extra-data', action='append', default=[],
                    help='an extra folder of unlabelled images for the pool (repeatable); '
                         'refused if it holds images the --split marks as test')
@@ -83,6 +99,62 @@ def freeze(backbone, train_blocks):
         if not isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
             for p in m.parameters(recurse=False):
                 p.requires_grad_(id(p) in trained)
+
+
+def collapse_watch(width, every_logs=3, floor=0.01):
+    """log_fn for fit: feature_stats of the batch's features, and one warning line when the
+    effective rank stays below floor * width for every_logs logs in a row."""
+    low = [0]
+
+    def log_fn(stats):
+        if 'features' not in stats:
+            return {}
+        figures = C.feature_stats(stats['features'])
+        low[0] = low[0] + 1 if figures['rankme'] < floor * width else 0
+        if low[0] == every_logs:
+            C.print0(f'warning: the representation is collapsing (effective rank '
+                     f'{figures["rankme"]:.1f} of {width} for {every_logs} logs); try a lower '
+                     f'--lr, milder views (--min-scale), or a larger --batch-size')
+        return figures
+    return log_fn
+
+
+def knn_monitor(rt, backbone, ds, cache, split, size, per_class=25, k=20, batch=256):
+    """monitor(epoch) -> {'knn_bal_acc'}: balanced accuracy of a cosine kNN (k=20, the
+    probe's) that labels the split's val part from up to per_class labelled train images per
+    class (seeded), on the backbone's eval-mode features; never the test part. The eval-view
+    inputs are made once; rank 0 computes, the other ranks wait at one barrier."""
+    ref = C.labelled_subset(ds, split['train'], seed=0, per_class=per_class)
+    parts = [C.cache_positions(cache, ref), C.cache_positions(cache, split['val'])]
+    view, inputs = C.preset_params('eval', size=size)[0], []
+    for positions in parts:  # eval-view float16 inputs on the CPU, labels
+        loader = C.make_loader(cache, positions, batch, shuffle=False, drop_last=False,
+                               workers=0)
+        xs, ys = zip(*[(C.augment(x.permute(0, 3, 1, 2), view, None).half(), y)
+                       for x, y in loader])
+        inputs.append((torch.cat(xs), torch.cat(ys)))
+
+    @torch.no_grad()
+    def monitor(epoch):
+        out = {}
+        if rt.is_main:
+            was = backbone.training
+            backbone.eval()
+            with torch.autocast(rt.device.type, dtype=rt.dtype,
+                                enabled=rt.dtype != torch.float32):
+                feats = [torch.cat([backbone(xb.to(rt.device).float()).float().cpu()
+                                    for xb in x.split(batch)]) for x, _ in inputs]
+            backbone.train(was)
+            (fr, yr), (fv, yv) = zip(feats, [y for _, y in inputs])
+            probs = C.knn_predict(fr, yr, fv, len(cache['classes']), k)
+            out['knn_bal_acc'] = C.classification_metrics(probs, yv, len(cache['classes']))[
+                'balanced_accuracy']
+            C.print0(f'epoch {epoch}: kNN on the val part, balanced accuracy '
+                     f'{out["knn_bal_acc"]:.4f}')
+        if rt.world > 1:
+            torch.distributed.barrier()
+        return out
+    return monitor
 
 
 def main():
@@ -106,8 +178,10 @@ def main():
             raise C.UserError(f'--extra-data {folder}: {len(leak)} image(s) are test images of '
                               f'{args.split}: {C.few(leak)}; remove them from the folder')
         extra_ids = [f'{folder}:{i}' for i in extra['ids']]
-        ds = C.make_dataset('mixed', f'{ds["root"]}+{extra["root"]}', [], ds['ids'] + extra_ids,
-                            ds['paths'] + extra['paths'], [-1] * (len(ds['ids']) + len(extra_ids)))
+        # one dataset, one cache; the split's images keep their labels (for the kNN monitor)
+        ds = C.make_dataset('mixed', f'{ds["root"]}+{extra["root"]}', ds['classes'],
+                            ds['ids'] + extra_ids, ds['paths'] + extra['paths'],
+                            ds['labels'] + [-1] * len(extra_ids), ds['groups'] + extra_ids)
         ids = ids + extra_ids
     cache = C.prepare_cache(rt, ds, args.cache_size, args.cache_dir, args.workers, args.skip_bad)
     positions = C.cache_positions(cache, ids)
@@ -122,8 +196,10 @@ def main():
     backbone, width = C.make_backbone(args.arch)
     source = C.load_backbone(backbone, args.arch, args.init, args.offline)
     freeze(backbone, args.train_blocks)
-    model, raw = C.wrap_model(rt, C.BarlowTwins(backbone, width, args.projector, args.lambd),
-                              args.compile)
+    settings = {'barlow': dict(lambd=args.lambd), 'simclr': dict(temperature=args.temperature),
+                'vicreg': {}}[args.objective]
+    model, raw = C.wrap_model(rt, C.SSLModel(backbone, width, args.projector, args.objective,
+                                             **settings), args.compile)
     views = C.preset_params(args.aug, size=args.size,
                             scale=(args.min_scale, 1.0) if args.min_scale else None)
 
@@ -136,22 +212,37 @@ def main():
     warmup = int(args.warmup_epochs * steps_per_epoch)
     lr_fn = lambda step, g: C.phase_lr(step, g, total, warmup, args.schedule, head)
 
-    def step_fn(x, y, gen):  # (B, 3, S, S) uint8 -> two augmented views -> loss
-        return model(*C.augment_views(x, views, gen))
+    def step_fn(x, y, gen):  # (B, 3, S, S) uint8 -> two augmented views -> loss, stats
+        return model(*C.augment_views(x, views, gen), stats=True)
+
+    # --- monitors: the target task's kNN (with --split), on epochs that `every` divides
+    every = args.monitor_every
+    if every is None:
+        every = 1 if len(positions) < 20_000 else max(1, args.epochs // 4)
+    monitor = None
+    if args.split and every and cache['classes'] and split['val']:
+        knn = knn_monitor(rt, raw.backbone, ds, cache, split, args.size)
+        monitor = lambda epoch: knn(epoch) if epoch % every == 0 else {}
+        if not os.path.exists(os.path.join(args.out, 'ckpt.pt')):  # where training starts
+            rec = monitor(0)
+            if rt.is_main:
+                C.append_jsonl(os.path.join(args.out, 'log.jsonl'), dict(step=0, epoch=0, **rec))
 
     # --- train (resumes from <out>/ckpt.pt when it was made with the same settings and pool)
     config = dict(arch=args.arch, batch_size=args.batch_size, size=args.size,
                   epochs=args.epochs, seed=args.seed, projector=args.projector,
+                  objective=args.objective,
                   train_blocks=args.train_blocks, data_root=root, held_out=held_out,
                   pool_fingerprint=cache['fingerprint'], pool_images=len(positions))
     step = C.fit(rt, model, raw, optimizer, loader, step_fn, args.out, total, lr_fn,
                  config=config, seed=args.seed, max_steps=args.max_steps,
                  log_every=args.log_every, ckpt_every=args.ckpt_every,
-                 ckpt_minutes=args.ckpt_minutes, nan_at_step=args.nan_at_step)
+                 ckpt_minutes=args.ckpt_minutes, nan_at_step=args.nan_at_step,
+                 epoch_fn=monitor, log_fn=collapse_watch(width))
 
     # --- hand-off
     C.write_handoff(rt, args.out, raw.backbone, dict(
-        script='pretrain_barlow', args=vars(args), init=source, steps=step, data_root=root,
+        script='pretrain_barlow', objective=args.objective, args=vars(args), init=source, steps=step, data_root=root,
         held_out=held_out, pool_images=len(positions), data_fingerprint=cache['fingerprint'],
         wall_s=round(time.time() - t0, 1)))
     C.print0(f'done: {args.out}/backbone.pt after {step} steps')

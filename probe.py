@@ -153,15 +153,6 @@ def fit_logreg(x, y, classes, l2, max_iter, init=None, xt=None):
     return w, b
 
 
-def knn_predict(train_x, train_y, x, classes, k=20, t=0.07):
-    """Cosine kNN with similarity-weighted votes exp(sim / t), as DINO's; returns probs."""
-    a, q = F.normalize(train_x, dim=1), F.normalize(x, dim=1)
-    sim, idx = (q @ a.T).topk(min(k, len(a)), dim=1)
-    votes = torch.zeros(len(x), classes, dtype=sim.dtype)
-    votes.scatter_add_(1, train_y[idx], (sim / t).exp())
-    return votes / votes.sum(1, keepdim=True)
-
-
 def run_seed(args, row, labelled, feats, classes):
     """Fit the probe of one seed (row['seed']) on the cached features of its labelled train
     ids; return its result row."""
@@ -193,7 +184,7 @@ def run_seed(args, row, labelled, feats, classes):
     te = feats['test']
     metrics = C.classification_metrics(torch.softmax(norm(te['x']) @ w + b, 1), te['y'],
                                        classes)
-    knn = knn_predict(x, y, te['x'], classes, args.knn_k)
+    knn = C.knn_predict(x, y, te['x'], classes, args.knn_k)
     knn_acc = (knn.argmax(1) == te['y']).double().mean().item()
     return dict(row, labels=len(y), metrics=metrics, knn_accuracy=knn_acc, l2=best_l2,
                 epochs=0, size=args.size, wall_s=round(time.time() - t0, 2))
@@ -213,11 +204,9 @@ def main():
     for p in backbone.parameters():
         p.requires_grad_(False)
     sha = C.state_fingerprint(backbone.state_dict())
-    rule = C.labels_rule(args.labels_per_class, args.label_fraction)
-    stubs = [C.result_stub(ds, split, split_file, seed, init=args.init_name, init_source=source,
-                           arch=args.arch, backbone_sha=sha, labels_rule=rule, protocol='probe')
-             for seed in args.seeds]
-    todo = C.pending_rows(args.results, stubs)
+    todo = C.pending_rows(args.results, args.seeds, ds, split, split_file, init=args.init_name,
+                          init_source=source, arch=args.arch, backbone_sha=sha, protocol='probe',
+                          labels_rule=C.labels_rule(args.labels_per_class, args.label_fraction))
     if not todo:
         return C.teardown(rt)
     labelled = labelled_ids(args, ds, split, [row['seed'] for row in todo])

@@ -17,10 +17,10 @@ from conftest import TINY
 STEPS = 12  # 90 images / batch 8 = 11 steps per epoch: the runs cross an epoch boundary
 
 
-def barlow_args(data, out, cache, *extra):
+def barlow_args(data, out, cache, *extra, log_every=1):
     return ['--data', data, *TINY, '--projector', '32-32', '--batch-size', '8',
-            '--max-steps', str(STEPS), '--ckpt-every', '3', '--log-every', '1', '--seed', '0',
-            '--cache-dir', cache, '--out', out, *extra]
+            '--max-steps', str(STEPS), '--ckpt-every', '3', '--log-every', str(log_every),
+            '--seed', '0', '--cache-dir', cache, '--out', out, *extra]
 
 
 def read_log(path):
@@ -135,7 +135,7 @@ def test_cpu_runs_are_bitwise_reproducible(base):
 def test_sigkill_then_resume_equals_uninterrupted(base, imagefolder, start_script,
                                                   run_script):
     out = base / 'killed'
-    args = barlow_args(imagefolder, out, base / 'cache-a')
+    args = barlow_args(imagefolder, out, base / 'cache-a', log_every=2)
     p = start_script('pretrain_barlow.py', *args, cwd=base)
     # a checkpoint write is atomic (temp file + rename): whenever ckpt.pt exists it is whole
     wait_for(p, lambda: (out / 'ckpt.pt').exists() and last_step(out) >= 4,
@@ -160,7 +160,7 @@ def test_sigkill_then_resume_equals_uninterrupted(base, imagefolder, start_scrip
 @pytest.mark.slow
 def test_sigterm_checkpoints_exits_and_resumes(base, imagefolder, start_script, run_script):
     out = base / 'term'
-    args = barlow_args(imagefolder, out, base / 'cache-a')
+    args = barlow_args(imagefolder, out, base / 'cache-a', log_every=2)
     with open(base / 'term.txt', 'w') as log:
         p = start_script('pretrain_barlow.py', *args, cwd=base, stdout=log,
                          stderr=subprocess.STDOUT)
@@ -203,3 +203,23 @@ def test_non_finite_loss_stops_with_last_good_checkpoint(base, imagefolder, run_
     assert all(torch.isfinite(v).all() for v in ckpt['model'].values() if v.is_floating_point())
     assert not (out / 'backbone.pt').exists()
     assert last_step(out) == 5  # steps 0-4 ran (logged as 1-5); step 5 (the 6th) did not
+
+
+@pytest.mark.slow
+def test_non_finite_loss_between_two_checks_keeps_the_last_good_checkpoint(base, imagefolder,
+                                                                           run_script):
+    """The host reads the loss only at check steps (every --log-every and --ckpt-every
+    step): a NaN at step 4 is found at the check of step 6, after the poisoned update, and
+    the run stops without writing: the checkpoint of step 3 stays, finite."""
+    out = base / 'nan-between'
+    args = barlow_args(imagefolder, out, base / 'cache-a', log_every=3)
+    args[args.index('--max-steps') + 1] = '8'
+    r = run_script('pretrain_barlow.py', *args, '--nan-at-step', '4', cwd=base)
+    assert r.returncode == 2, r.stderr[-3000:]
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and 'not finite at step 4' in err[0] and '(step 3)' in err[0], err
+    ckpt = torch.load(out / 'ckpt.pt', weights_only=True)
+    assert ckpt['step'] == 3
+    assert all(torch.isfinite(v).all() for v in ckpt['model'].values() if v.is_floating_point())
+    assert [r['step'] for r in read_log(out / 'log.jsonl')] == [3]  # step 6 was never logged
+    assert not (out / 'backbone.pt').exists()
