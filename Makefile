@@ -15,7 +15,9 @@ SKIN_DIR  := $(patsubst %/,%,$(if $(SKIN),$(SKIN),$(DATA)/skin))
 PROTOCOL  ?= random#                  split rule: random | paper | official
 PER_CLASS ?= 40#                     paper rule: labelled pool kept per class (the rest is test)
 SPLIT_FLAGS ?=#                       e.g. --drop-downsampled (ISIC 2019, as the paper)
-LABELS    ?= 20#                     labelled images per class for each fine-tuning/probe seed
+LABELS    ?= 20#                     label budgets, fine-tuning and probe: images per class (20),
+#                                      a fraction of each class (0.5) or all; a list makes a curve
+PROBE_LABELS ?= 5 10 $(LABELS) 80#    the probe's budgets (seconds per seed): the curve's points
 SPLIT     ?= splits/$(notdir $(SKIN_DIR))-$(PROTOCOL)-$(PER_CLASS).json
 
 # --- model and machine
@@ -23,7 +25,7 @@ ARCH       ?= resnet18
 SIZE       ?= 32#                    training resolution
 CACHE_SIZE ?= 40#                    cached image side (room for crops)
 DEVICE     ?= auto
-NPROC      ?= 1#                     >1: every training step runs under torchrun
+NPROC      ?= 1#                     >1: pretraining under torchrun (DDP), evaluation one seed a rank
 WORKERS    ?= 0#                     loader processes per rank (0 is fastest for tiny images)
 MAX_STEPS  ?= 0#                     >0: cap every training run (smoke runs)
 SYN_FLAGS  ?=#                       extra make_synthetic.py flags (e.g. smaller sets)
@@ -62,8 +64,14 @@ endif
 SYS   := --arch $(ARCH) --size $(SIZE) --cache-size $(CACHE_SIZE) --device $(DEVICE) \
          --workers $(WORKERS) --cache-dir $(CACHE_DIR)
 TRAIN := $(SYS) --max-steps $(MAX_STEPS)
-EVAL  := $(SYS) --data $(SKIN_DIR) --split $(SPLIT) --labels-per-class $(LABELS) \
-         --seeds $(SEEDS) --results $(RESULTS)/results.jsonl
+EVAL  := $(SYS) --data $(SKIN_DIR) --split $(SPLIT) --seeds $(SEEDS) \
+         --results $(RESULTS)/results.jsonl $(if $(filter 1,$(NPROC)),,--parallel seeds)
+labels_flag = $(if $(filter all,$(1)),,$(if $(findstring .,$(1)),--label-fraction $(1),--labels-per-class $(1)))
+# each step's wall time goes to $(TIMES)/<step>; `make all` prints those of this run at its end
+START := $(shell date +%s)
+TIMES := $(RESULTS)/.times/$(START)
+T0    := t0=$$(date +%s);
+took   = && mkdir -p $(TIMES) && echo $$(( $$(date +%s) - t0 )) > "$(TIMES)/$(1)"
 
 SUP     := $(if $(SUP_INIT),$(SUP_INIT),$(OUT)/supervised/backbone.pt)
 BT      := $(if $(BT_INIT),$(BT_INIT),$(OUT)/barlow/backbone.pt)
@@ -75,8 +83,9 @@ SKIN_DEP := $(if $(SKIN),,$(DATA)/skin/.synthetic.json)
 INITS := random supervised barlow supervised+skinBT barlow+skinBT skinBT
 init_path = $(if $(filter random,$(1)),random,$(if $(filter supervised,$(1)),$(SUP),$(if $(filter barlow,$(1)),$(BT),$(OUT)/$(1)/backbone.pt)))
 init_dep  = $(if $(filter random,$(1)),,$(if $(filter supervised,$(1)),$(SUP_DEP),$(if $(filter barlow,$(1)),$(BT_DEP),$(OUT)/$(1)/backbone.pt)))
-TAG   := $(notdir $(SKIN_DIR))-$(PROTOCOL)-$(ARCH)-$(SIZE)px-$(LABELS)pc-s$(SEEDS)
-DONE  := $(foreach i,$(INITS),$(RESULTS)/.done/finetune-$(i)-$(TAG) $(RESULTS)/.done/probe-$(i)-$(TAG))
+TAG   := $(notdir $(SKIN_DIR))-$(PROTOCOL)-$(ARCH)-$(SIZE)px-s$(SEEDS)
+DONE  := $(foreach i,$(INITS),$(foreach l,$(LABELS),$(RESULTS)/.done/finetune-$(i)-$(l)-$(TAG)) \
+           $(foreach l,$(sort $(LABELS) $(PROBE_LABELS)),$(RESULTS)/.done/probe-$(i)-$(l)-$(TAG)))
 
 .PHONY: all help install test test-fast data split pretrain eval report paper bench clean distclean
 .DEFAULT_GOAL := help
@@ -103,65 +112,78 @@ all: install report  ## the whole study on the embedded default, ending with the
 data: $(SRC_DEP) $(SKIN_DEP)  ## the synthetic datasets (only when no dataset is given)
 $(DATA)/source/.synthetic.json $(DATA)/skin/.synthetic.json: | make_synthetic.py
 	@echo "==> synthetic $(@D)"
-	$(PY) make_synthetic.py --out $(DATA) --only $(notdir $(@D)) $(SYN_FLAGS)
+	$(T0) $(PY) make_synthetic.py --out $(DATA) --only $(notdir $(@D)) $(SYN_FLAGS) \
+	  $(call took,data-$(notdir $(@D)))
 
 split: $(SPLIT)  ## the split of the skin set, made once and reused by every step
 $(SPLIT): $(SKIN_DEP) | common.py
 	@echo "==> split $(SKIN_DIR) ($(PROTOCOL))"
-	$(PY) common.py split --data $(SKIN_DIR) --protocol $(PROTOCOL) --per-class $(PER_CLASS) \
-	  $(SPLIT_FLAGS) --out $@
+	$(T0) $(PY) common.py split --data $(SKIN_DIR) --protocol $(PROTOCOL) --per-class $(PER_CLASS) \
+	  $(SPLIT_FLAGS) --out $@ $(call took,split)
 
 pretrain: $(SUP_DEP) $(BT_DEP) $(foreach i,supervised+skinBT barlow+skinBT skinBT,$(OUT)/$(i)/backbone.pt)  ## every pretrained init
 
 $(OUT)/supervised/backbone.pt: $(SRC_DEP) | pretrain_supervised.py
 	@echo "==> supervised pretraining on $(SOURCE)"
-	$(RUN) pretrain_supervised.py $(TRAIN) --data $(SOURCE) --epochs $(SUP_EPOCHS) \
-	  --batch-size $(BATCH) $(SUP_FLAGS) --out $(@D)
+	$(T0) $(RUN) pretrain_supervised.py $(TRAIN) --data $(SOURCE) --epochs $(SUP_EPOCHS) \
+	  --batch-size $(BATCH) $(SUP_FLAGS) --out $(@D) $(call took,pretrain-supervised)
 
 $(OUT)/barlow/backbone.pt: $(SRC_DEP) | pretrain_barlow.py
 	@echo "==> Barlow Twins pretraining on $(SOURCE)"
-	$(RUN) pretrain_barlow.py $(TRAIN) --data $(SOURCE) --epochs $(BT_EPOCHS) \
-	  --batch-size $(BT_BATCH) --lr $(BT_LR) $(BT_FLAGS) --projector $(PROJECTOR) --out $(@D)
+	$(T0) $(RUN) pretrain_barlow.py $(TRAIN) --data $(SOURCE) --epochs $(BT_EPOCHS) \
+	  --batch-size $(BT_BATCH) --lr $(BT_LR) $(BT_FLAGS) --projector $(PROJECTOR) --out $(@D) \
+	  $(call took,pretrain-barlow)
 
 $(OUT)/supervised+skinBT/backbone.pt: $(SUP_DEP) $(SPLIT) | pretrain_barlow.py
 	@echo "==> further Barlow Twins on the skin pool, from supervised"
-	$(RUN) pretrain_barlow.py $(TRAIN) $(SKINBT_FLAGS) --data $(SKIN_DIR) --split $(SPLIT) \
-	  --init $(SUP) --train-blocks $(SKINBT_BLOCKS) --epochs $(SKINBT_EPOCHS) --out $(@D)
+	$(T0) $(RUN) pretrain_barlow.py $(TRAIN) $(SKINBT_FLAGS) --data $(SKIN_DIR) --split $(SPLIT) \
+	  --init $(SUP) --train-blocks $(SKINBT_BLOCKS) --epochs $(SKINBT_EPOCHS) --out $(@D) \
+	  $(call took,pretrain-supervised+skinBT)
 
 $(OUT)/barlow+skinBT/backbone.pt: $(BT_DEP) $(SPLIT) | pretrain_barlow.py
 	@echo "==> further Barlow Twins on the skin pool, from Barlow Twins"
-	$(RUN) pretrain_barlow.py $(TRAIN) $(SKINBT_FLAGS) --data $(SKIN_DIR) --split $(SPLIT) \
-	  --init $(BT) --train-blocks $(SKINBT_BLOCKS) --epochs $(SKINBT_EPOCHS) --out $(@D)
+	$(T0) $(RUN) pretrain_barlow.py $(TRAIN) $(SKINBT_FLAGS) --data $(SKIN_DIR) --split $(SPLIT) \
+	  --init $(BT) --train-blocks $(SKINBT_BLOCKS) --epochs $(SKINBT_EPOCHS) --out $(@D) \
+	  $(call took,pretrain-barlow+skinBT)
 
 $(OUT)/skinBT/backbone.pt: $(SPLIT) | pretrain_barlow.py
 	@echo "==> Barlow Twins on the skin pool only, from random init"
-	$(RUN) pretrain_barlow.py $(TRAIN) $(SKINRND_FLAGS) --data $(SKIN_DIR) --split $(SPLIT) \
-	  --init random --epochs $(SKINRND_EPOCHS) --out $(@D)
+	$(T0) $(RUN) pretrain_barlow.py $(TRAIN) $(SKINRND_FLAGS) --data $(SKIN_DIR) --split $(SPLIT) \
+	  --init random --epochs $(SKINRND_EPOCHS) --out $(@D) $(call took,pretrain-skinBT)
 
-define EVAL_RULES
-$(RESULTS)/.done/finetune-$(1)-$(TAG): $(call init_dep,$(1)) $(SPLIT) | finetune.py
-	@echo "==> fine-tune $(1), seeds $(SEEDS)"
-	$(RUN) finetune.py $(EVAL) --max-steps $(MAX_STEPS) --init $(call init_path,$(1)) \
-	  --init-name $(1) --epochs $(FT_EPOCHS) --batch-size $(FT_BATCH) --out $(OUT)/finetune
-	@mkdir -p $$(@D) && touch $$@
-$(RESULTS)/.done/probe-$(1)-$(TAG): $(call init_dep,$(1)) $(SPLIT) | probe.py
-	@echo "==> linear probe $(1), seeds $(SEEDS)"
-	$(PY) probe.py $(EVAL) --init $(call init_path,$(1)) --init-name $(1)
+define FINETUNE_RULE
+$(RESULTS)/.done/finetune-$(1)-$(2)-$(TAG): $(call init_dep,$(1)) $(SPLIT) | finetune.py
+	@echo "==> fine-tune $(1), $(2) labels, seeds $(SEEDS)"
+	$$(T0) $(RUN) finetune.py $(EVAL) $(call labels_flag,$(2)) \
+	  --max-steps $(MAX_STEPS) --init $(call init_path,$(1)) --init-name $(1) \
+	  --epochs $(FT_EPOCHS) --batch-size $(FT_BATCH) --out $(OUT)/finetune \
+	  $$(call took,finetune-$(1)-$(2))
 	@mkdir -p $$(@D) && touch $$@
 endef
-$(foreach i,$(INITS),$(eval $(call EVAL_RULES,$(i))))
+define PROBE_RULE
+$(RESULTS)/.done/probe-$(1)-$(2)-$(TAG): $(call init_dep,$(1)) $(SPLIT) | probe.py
+	@echo "==> linear probe $(1), $(2) labels, seeds $(SEEDS)"
+	$$(T0) $(RUN) probe.py $(EVAL) $(call labels_flag,$(2)) \
+	  --init $(call init_path,$(1)) --init-name $(1) $$(call took,probe-$(1)-$(2))
+	@mkdir -p $$(@D) && touch $$@
+endef
+$(foreach i,$(INITS),$(foreach l,$(LABELS),$(eval $(call FINETUNE_RULE,$(i),$(l)))))
+$(foreach i,$(INITS),$(foreach l,$(sort $(LABELS) $(PROBE_LABELS)),$(eval $(call PROBE_RULE,$(i),$(l)))))
 
 eval: $(DONE)  ## fine-tune and probe every init over the seeds
 
 report: $(DONE) | report.py  ## the comparison table: results/summary.md (+ .csv, .png)
 	@echo "==> report"
 	$(PY) report.py --results $(RESULTS)/results.jsonl --out $(RESULTS) --runs $(OUT)
+	@if [ -d $(TIMES) ]; then echo "==> wall time of each step (s):"; cd $(TIMES) && \
+	  for f in $$(ls -tr); do printf '  %-32s %5s\n' "$$f" "$$(cat $$f)"; done; fi
+	@echo "==> total: $$(( $$(date +%s) - $(START) )) s"
 
 # --------------------------------------------------------------------------- the paper's setting
 paper:  ## the paper's experiment: ResNet-50, 256 px, published weights, 35 seeds (GPU; SKIN=...)
 	@test -n "$(SKIN)" || { echo "make paper needs SKIN=/path/to/ISIC_2019 (see README)"; exit 2; }
 	$(MAKE) all ARCH=resnet50 SIZE=256 CACHE_SIZE=256 PROTOCOL=paper PER_CLASS=500 \
-	  LABELS=500 SEEDS=0-34 FT_EPOCHS=40 FT_BATCH=64 SUP_INIT=torchvision BT_INIT=barlowtwins \
+	  LABELS="all 0.5" PROBE_LABELS= SEEDS=0-34 FT_EPOCHS=40 FT_BATCH=64 SUP_INIT=torchvision BT_INIT=barlowtwins \
 	  SKINBT_EPOCHS=100 SKINRND_EPOCHS=1000 BT_BATCH=128 PROJECTOR=8192-8192-8192 \
 	  SKINBT_FLAGS="--preset skin --lambd 0.000122 --batch-size 128" SKINBT_BLOCKS=last \
 	  SKINRND_FLAGS="--preset skin --lambd 0.000122 --batch-size 128" \

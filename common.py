@@ -18,7 +18,7 @@ to bottom: each `# ---` banner is one topic, in this order.
                      augment_views
   command line       add_data_args, add_model_args, add_runtime_args, add_train_args,
                      add_eval_args, parse_args, parse_seeds, number, default_workers
-  runtime            dist_info, setup_runtime, local_batch, teardown, print0
+  runtime            dist_info, setup_runtime, seeds_of, local_batch, teardown, print0
   backbone, weights  make_backbone, load_backbone, load_checkpoint, clean_state_dict,
                      hub_file, init_file, state_fingerprint
   Barlow Twins       make_projector, barlow_loss, BarlowTwins, Classifier, classifier_task
@@ -26,8 +26,8 @@ to bottom: each `# ---` banner is one topic, in this order.
   training loop      wrap_model, step_generator, grad_scaler, train_step, fit,
                      write_handoff, git_revision, phase_lr, predict
   evaluation runs    get_split, split_sha, check_held_out, labels_rule, result_stub,
-                     result_key, done_keys, pending_rows
-  metrics            classification_metrics
+                     result_key, done_keys, pending_rows, run_seeds
+  metrics            classification_metrics, knn_predict, feature_stats
   command line tools `python common.py split|cache ...`
 """
 import argparse
@@ -937,12 +937,12 @@ def to_device(batch, device):
     return x, y.to(device, non_blocking=True)
 
 
-def prepare_cache(rt, ds, size, cache_dir='cache', workers=2, skip_bad=False):
-    """build_cache on rank 0; the other ranks poll for the finished cache rather than wait
-    at a barrier, which would time out while a large cache is built (if rank 0 fails,
-    torchrun stops them). With many nodes, cache_dir must be on a shared filesystem, or
-    build it first with `python common.py cache`."""
-    if rt.is_main:
+def prepare_cache(ds, size, cache_dir='cache', workers=2, skip_bad=False):
+    """build_cache on the job's rank 0 (dist_info); the other ranks poll for the finished
+    cache rather than wait at a barrier, which would time out while a large cache is built
+    (if rank 0 fails, torchrun stops them). With many nodes, cache_dir must be on a shared
+    filesystem, or build it first with `python common.py cache`."""
+    if dist_info()[0] == 0:
         return build_cache(ds, size, cache_dir, workers, skip_bad)
     while True:
         cache = find_cache(ds, size, cache_dir, skip_bad)
@@ -1418,6 +1418,10 @@ def add_eval_args(p):
                    help='fraction of each class of the train part, per seed')
     g.add_argument('--seeds', type=parse_seeds, default=[0],
                    help='repeats, e.g. 0-4 or 0,3,7; finished seeds are skipped')
+    g.add_argument('--parallel', default='none', choices=['none', 'seeds'],
+                   help='under torchrun: none, every seed uses all ranks (DDP); seeds, each '
+                        'rank runs its own seeds on its own device, no DDP between them '
+                        '(the fast way through many seeds)')
     g.add_argument('--init-name', default=None,
                    help='name of this initialisation in the results table (default: --init)')
     g.add_argument('--results', default='results/results.jsonl', help='one row per seed')
@@ -1464,11 +1468,17 @@ def dist_info():
             int(os.environ.get('WORLD_SIZE', 1)))
 
 
-def setup_runtime(device='auto', precision='auto', seed=0):
+def setup_runtime(device='auto', precision='auto', seed=0, parallel_seeds=False):
     """Device, distributed (detected from torchrun's environment), precision, seed.
     Returns a namespace: device, rank, local_rank, world, is_main, dtype (autocast),
-    precision ('bf16' | 'fp16' | 'fp32')."""
+    precision ('bf16' | 'fp16' | 'fp32'), seed_rank and seed_ranks.
+    parallel_seeds=True under torchrun: every process is a runtime of its own on its own
+    device (world 1, no process group, no DDP), and seed_rank / seed_ranks say which share
+    of the seeds it runs (seeds_of); without torchrun it changes nothing."""
     rank, local_rank, world = dist_info()
+    seed_rank, seed_ranks = (rank, world) if parallel_seeds else (0, 1)
+    if parallel_seeds:
+        rank, world = 0, 1
     cuda = torch.cuda.is_available() if device == 'auto' else device == 'cuda'
     if cuda and not torch.cuda.is_available():
         raise UserError('--device cuda: no CUDA device is visible; use --device cpu')
@@ -1486,7 +1496,15 @@ def setup_runtime(device='auto', precision='auto', seed=0):
     dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}[prec]
     torch.manual_seed(seed)
     return types.SimpleNamespace(device=dev, rank=rank, local_rank=local_rank, world=world,
-                                 is_main=rank == 0, dtype=dtype, precision=prec)
+                                 is_main=rank == 0, dtype=dtype, precision=prec,
+                                 seed_rank=seed_rank, seed_ranks=seed_ranks)
+
+
+def seeds_of(rt, seeds):
+    """This process's share of the seeds: all of them, or under parallel_seeds every
+    seed_ranks-th one from seed_rank on (dealt in turn: the load is even, and every process
+    computes the same deal without talking to the others)."""
+    return list(seeds)[rt.seed_rank::rt.seed_ranks]
 
 
 def local_batch(batch_size, world):
@@ -1658,7 +1676,9 @@ def make_projector(width, spec):
 
 
 def _world():
-    return dist_info()[2]
+    """The ranks the losses reduce over: the process group's, 1 when there is none (one
+    process, or one runtime per process under parallel_seeds)."""
+    return dist_info()[2] if dist.is_available() and dist.is_initialized() else 1
 
 
 def _all_reduce(t):
@@ -2179,17 +2199,17 @@ def predict(rt, fn, cache, positions, batch_size, views, softmax=False, seed=0, 
 
 
 # --------------------------------------------------------------------------- evaluation runs
-def get_split(ds, split_file=None, protocol='random', is_main=True):
+def get_split(ds, split_file=None, protocol='random'):
     """(split, file): split_file when given (it must exist); else
     splits/<dataset>-<protocol>.json, made once and reused by every later script (each rank
-    makes the same split, being seeded; the main process writes it)."""
+    makes the same split, being seeded; the job's rank 0 writes it)."""
     if split_file:
         return load_split(split_file, ds), split_file
     path = split_path(ds, protocol)
     if os.path.exists(path):
         return load_split(path, ds), path
     split = make_split(ds, protocol, seed=0)
-    if is_main:
+    if dist_info()[0] == 0:
         save_split(path, split)
         print0(f'split: wrote {path}')
     return split, path
@@ -2259,6 +2279,36 @@ def pending_rows(results, seeds, ds, split, split_file, **fields):
         else:
             todo.append(row)
     return todo
+
+
+def run_seeds(rt, rows, run, results, describe):
+    """Run run(row) -> finished row for each pending result stub, print describe(finished)
+    and append the finished row to `results` (each runtime's main process; one O_APPEND write
+    per row, so processes sharing the file keep their lines whole). Under parallel_seeds a
+    failing seed is reported with its rank and seed and the others go on; the command then
+    stops with one line naming them. Returns the finished rows."""
+    done, failed = [], []
+    for row in rows:
+        try:
+            row = run(row)
+        except Exception as e:  # noqa: BLE001 -- reported with its seed, then re-raised
+            if rt.seed_ranks == 1:
+                raise
+            failed.append(row['seed'])
+            print(f'error: rank {rt.seed_rank}, seed {row["seed"]}: {type(e).__name__}: {e}',
+                  file=sys.stderr, flush=True)
+            continue
+        if rt.seed_ranks > 1:  # every rank reports its own seeds
+            print(f'[rank {rt.seed_rank}] {describe(row)}', flush=True)
+        else:
+            print0(describe(row))
+        if rt.is_main:
+            append_jsonl(results, row)
+        done.append(row)
+    if failed:
+        raise UserError(f'rank {rt.seed_rank}: seed(s) {few(failed)} failed (reasons above); '
+                        f'the other rows are in {results}; rerun to retry them')
+    return done
 
 
 # --------------------------------------------------------------------------- metrics

@@ -160,30 +160,30 @@ def run_seed(rt, args, row, ds, split, cache, backbone_sd, width):
                 size=args.size, wall_s=round(time.time() - t0, 1))
 
 
+def describe(row):
+    m = row['metrics']
+    return (f'{row["init"]} seed {row["seed"]}: accuracy {m["accuracy"]:.4f} balanced '
+            f'{m["balanced_accuracy"]:.4f} macro-F1 {m["macro_f1"]:.4f} '
+            f'({row["labels"]} labels, {row["wall_s"]}s)')
+
+
 def main():
     args = get_args()
     args.init_name = args.init_name or args.init
-    rt = C.setup_runtime(args.device, args.precision)
+    rt = C.setup_runtime(args.device, args.precision, parallel_seeds=args.parallel == 'seeds')
     ds = C.read_dataset(args.data, args.format)
-    split, split_file = C.get_split(ds, args.split, args.protocol, rt.is_main)
-    cache = C.prepare_cache(rt, ds, args.cache_size, args.cache_dir, args.workers, args.skip_bad)
+    split, split_file = C.get_split(ds, args.split, args.protocol)
+    cache = C.prepare_cache(ds, args.cache_size, args.cache_dir, args.workers, args.skip_bad)
     backbone, width = C.make_backbone(args.arch)
     source = C.load_backbone(backbone, args.arch, args.init, args.offline)
     C.check_held_out(args.init, ds, split)
     backbone_sd = {k: v.clone() for k, v in backbone.state_dict().items()}
-    todo = C.pending_rows(args.results, args.seeds, ds, split, split_file, init=args.init_name,
-                          init_source=source, arch=args.arch,
+    todo = C.pending_rows(args.results, C.seeds_of(rt, args.seeds), ds, split, split_file,
+                          init=args.init_name, init_source=source, arch=args.arch,
                           backbone_sha=C.state_fingerprint(backbone_sd), protocol='finetune',
                           labels_rule=C.labels_rule(args.labels_per_class, args.label_fraction))
-    for row in todo:
-        seed = row['seed']
-        row = run_seed(rt, args, row, ds, split, cache, backbone_sd, width)
-        m = row['metrics']
-        C.print0(f'{args.init_name} seed {seed}: accuracy {m["accuracy"]:.4f} balanced '
-                 f'{m["balanced_accuracy"]:.4f} macro-F1 {m["macro_f1"]:.4f} '
-                 f'({row["labels"]} labels, {row["wall_s"]}s)')
-        if rt.is_main:
-            C.append_jsonl(args.results, row)
+    C.run_seeds(rt, todo, lambda row: run_seed(rt, args, row, ds, split, cache, backbone_sd,
+                                               width), args.results, describe)
     C.teardown(rt)
 
 

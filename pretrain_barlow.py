@@ -183,7 +183,7 @@ def main():
                             ds['ids'] + extra_ids, ds['paths'] + extra['paths'],
                             ds['labels'] + [-1] * len(extra_ids), ds['groups'] + extra_ids)
         ids = ids + extra_ids
-    cache = C.prepare_cache(rt, ds, args.cache_size, args.cache_dir, args.workers, args.skip_bad)
+    cache = C.prepare_cache(ds, args.cache_size, args.cache_dir, args.workers, args.skip_bad)
     positions = C.cache_positions(cache, ids)
     loader = C.make_loader(cache, positions, C.local_batch(args.batch_size, rt.world), rt.rank,
                            rt.world, seed=args.seed, workers=args.workers,

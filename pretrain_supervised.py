@@ -57,7 +57,7 @@ def main():
     else:
         split = C.make_split(ds, 'random', seed=args.seed, test_fraction=0.0,
                              val_fraction=args.val_fraction)
-    cache = C.prepare_cache(rt, ds, args.cache_size, args.cache_dir, args.workers, args.skip_bad)
+    cache = C.prepare_cache(ds, args.cache_size, args.cache_dir, args.workers, args.skip_bad)
     train = C.cache_positions(cache, split['train'])
     val = C.cache_positions(cache, split['val'])
     loader = C.make_loader(cache, train, C.local_batch(args.batch_size, rt.world), rt.rank,

@@ -190,13 +190,20 @@ def run_seed(args, row, labelled, feats, classes):
                 epochs=0, size=args.size, wall_s=round(time.time() - t0, 2))
 
 
+def describe(row):
+    m = row['metrics']
+    return (f'{row["init"]} probe seed {row["seed"]}: accuracy {m["accuracy"]:.4f} balanced '
+            f'{m["balanced_accuracy"]:.4f} kNN {row["knn_accuracy"]:.4f} '
+            f'(l2 {row["l2"]}, {row["labels"]} labels)')
+
+
 def main():
     args = get_args()
     args.init_name = args.init_name or args.init
-    rt = C.setup_runtime(args.device, args.precision)
+    rt = C.setup_runtime(args.device, args.precision, parallel_seeds=args.parallel == 'seeds')
     ds = C.read_dataset(args.data, args.format)
-    split, split_file = C.get_split(ds, args.split, args.protocol, rt.is_main)
-    cache = C.prepare_cache(rt, ds, args.cache_size, args.cache_dir, args.workers, args.skip_bad)
+    split, split_file = C.get_split(ds, args.split, args.protocol)
+    cache = C.prepare_cache(ds, args.cache_size, args.cache_dir, args.workers, args.skip_bad)
     backbone, _ = C.make_backbone(args.arch)
     source = C.load_backbone(backbone, args.arch, args.init, args.offline)
     C.check_held_out(args.init, ds, split)
@@ -204,7 +211,8 @@ def main():
     for p in backbone.parameters():
         p.requires_grad_(False)
     sha = C.state_fingerprint(backbone.state_dict())
-    todo = C.pending_rows(args.results, args.seeds, ds, split, split_file, init=args.init_name,
+    todo = C.pending_rows(args.results, C.seeds_of(rt, args.seeds), ds, split, split_file,
+                          init=args.init_name,
                           init_source=source, arch=args.arch, backbone_sha=sha, protocol='probe',
                           labels_rule=C.labels_rule(args.labels_per_class, args.label_fraction))
     if not todo:
@@ -217,15 +225,8 @@ def main():
              f'{time.time() - t0:.1f}s')
     if C.state_fingerprint(backbone.state_dict()) != sha:  # frozen means frozen
         raise RuntimeError('the backbone changed while extracting features')
-    for row in todo:
-        seed = row['seed']
-        row = run_seed(args, row, labelled[seed], feats, len(cache['classes']))
-        m = row['metrics']
-        C.print0(f'{args.init_name} probe seed {seed}: accuracy {m["accuracy"]:.4f} balanced '
-                 f'{m["balanced_accuracy"]:.4f} kNN {row["knn_accuracy"]:.4f} '
-                 f'(l2 {row["l2"]}, {row["labels"]} labels)')
-        if rt.is_main:
-            C.append_jsonl(args.results, row)
+    C.run_seeds(rt, todo, lambda row: run_seed(args, row, labelled[row['seed']], feats,
+                                               len(cache['classes'])), args.results, describe)
     C.teardown(rt)
 
 

@@ -18,7 +18,7 @@ def make(*args, timeout=600):
 
 
 def test_dry_run_with_published_weights_and_torchrun():
-    r = make('-n', 'all', 'SKIN=/somewhere/ISIC_2019', 'SUP_INIT=torchvision',
+    r = make('-n', 'all', 'SKIN=/somewhere/ISIC_2019', 'SUP_INIT=torchvision', 'PROBE_LABELS=',
              'BT_INIT=barlowtwins', 'NPROC=2', 'ARCH=resnet50', 'SIZE=256', 'SEEDS=0-4',
              'PROTOCOL=paper', 'PER_CLASS=500',
              'OUT=/tmp/never', 'RESULTS=/tmp/never-results', 'SPLIT=/tmp/never-split.json')
@@ -31,7 +31,10 @@ def test_dry_run_with_published_weights_and_torchrun():
         in out
     ft = [l for l in out.splitlines() if 'finetune.py' in l]
     assert len(ft) == 6                                    # one command per init
-    assert all(l.startswith('.venv/bin/torchrun --standalone --nproc_per_node=2') for l in ft)
+    # each command is timed (t0=...; CMD && ...): the command itself follows the first '; '
+    assert all(l.split('; ', 1)[1].startswith('.venv/bin/torchrun --standalone --nproc_per_node=2')
+               for l in ft)
+    assert all('--parallel seeds' in l for l in ft)         # one seed per rank, no DDP
     assert all('--arch resnet50' in l and '--size 256' in l and '--seeds 0-4' in l for l in ft)
     inits = {l.split('--init-name ')[1].split()[0]: l.split('--init ')[1].split()[0] for l in ft}
     assert inits == {'random': 'random', 'supervised': 'torchvision', 'barlow': 'barlowtwins',
@@ -57,7 +60,8 @@ def test_dry_run_default_pretrains_on_the_synthetic_source():
 def tiny(tmp, nproc=1):
     return ['all', f'DATA={tmp}/data', f'OUT={tmp}/runs', f'RESULTS={tmp}/results',
             f'CACHE_DIR={tmp}/cache', f'SPLIT={tmp}/split.json', f'NPROC={nproc}',
-            'DEVICE=cpu', 'MAX_STEPS=2', 'SEEDS=0', 'LABELS=2', 'PER_CLASS=4', 'FT_EPOCHS=1',
+            'DEVICE=cpu', 'MAX_STEPS=2', 'SEEDS=0', 'LABELS=2', 'PROBE_LABELS=1', 'PER_CLASS=4',
+            'FT_EPOCHS=1',
             'BATCH=8', 'BT_BATCH=8', 'FT_BATCH=8', 'PROJECTOR=32-32', 'SIZE=16',
             'CACHE_SIZE=20',
             'SYN_FLAGS=--size 24 --source-per-class 4 --skin-count 96 --workers 1']
@@ -74,6 +78,9 @@ def check_chain(tmp, r):
     for init in ('random', 'supervised+skinBT', 'skinBT'):
         assert f'| {init} |' in table
     assert r.stdout.count('==> ') >= 20                    # a progress line per step
+    budgets = {(r['init'], r['labels_rule']) for r in rows if r['protocol'] == 'probe'}
+    assert len(budgets) == 12                              # the probe at 2 budgets: a curve
+    assert 'wall time of each step' in r.stdout and '==> total:' in r.stdout
 
 
 def test_whole_chain_smoke(tmp_path):

@@ -1,0 +1,92 @@
+"""--parallel seeds under torchrun: each rank runs its own seeds on its own device, without
+DDP; the rows equal those of one process running the seeds in turn, and an interrupted
+parallel run completes on rerun."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, TINY, script_env
+
+SEEDS = '0-3'
+
+
+def rows_of(path):
+    with open(path) as f:
+        return {(r['protocol'], r['seed']): r for r in map(json.loads, f)}
+
+
+def evaluate(script, data, split, cache, results, nproc, torch_home, extra=(), wait=True):
+    launch = [sys.executable] if nproc == 1 else [
+        sys.executable, '-m', 'torch.distributed.run', '--standalone',
+        f'--nproc_per_node={nproc}']
+    args = ['--data', data, '--split', split, *TINY, '--cache-dir', cache, '--seeds', SEEDS,
+            '--labels-per-class', '3', '--results', results, '--init-name', 'random',
+            *(['--parallel', 'seeds'] if nproc > 1 else []), *extra]
+    if script == 'finetune.py':
+        args += ['--epochs', '1', '--batch-size', '8', '--out', os.path.dirname(results) + '/ft']
+    else:
+        args += ['--aug-views', '2']
+    cmd = launch + [os.path.join(ROOT, script)] + [str(a) for a in args]
+    env = script_env(torch_home)
+    if not wait:
+        return subprocess.Popen(cmd, cwd=os.path.dirname(results), env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+    return subprocess.run(cmd, cwd=os.path.dirname(results), env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.fixture(scope='module')
+def lesions(tmp_path_factory, imagefolder):
+    import common as C
+    d = tmp_path_factory.mktemp('par')
+    ds = C.read_dataset(imagefolder)
+    C.save_split(str(d / 'split.json'), C.make_split(ds, 'random', seed=0))
+    return d, imagefolder, str(d / 'split.json')
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('script', ['finetune.py', 'probe.py'])
+def test_parallel_seeds_give_the_rows_of_one_process(lesions, script, torch_home):
+    d, data, split = lesions
+    out = {}
+    for nproc in (1, 2):
+        os.makedirs(d / f'{script}-{nproc}', exist_ok=True)
+        results = str(d / f'{script}-{nproc}' / 'results.jsonl')
+        r = evaluate(script, data, split, d / 'cache', results, nproc, torch_home)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        out[nproc] = rows_of(results)
+    assert sorted(out[1]) == sorted(out[2]) and len(out[1]) == 4  # every seed, once
+    for key, row in out[1].items():  # bitwise: same metrics, same labels, same steps
+        other = out[2][key]
+        assert row['metrics'] == other['metrics'] and row['labels'] == other['labels'], key
+    text = r.stdout
+    assert '[rank 0]' in text and '[rank 1]' in text  # each rank reports its own seeds
+
+
+@pytest.mark.slow
+def test_interrupted_parallel_run_completes_on_rerun(lesions, torch_home):
+    d, data, split = lesions
+    os.makedirs(d / 'interrupted', exist_ok=True)
+    results = str(d / 'interrupted' / 'results.jsonl')
+    p = evaluate('finetune.py', data, split, d / 'cache', results, 2, torch_home, wait=False)
+    t0 = time.time()
+    while not (os.path.exists(results) and os.path.getsize(results)):  # a first row landed
+        assert p.poll() is None, p.stdout.read()[-2000:]
+        assert time.time() - t0 < 300, 'no row after 300 s'
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGKILL)  # torchrun and both ranks, mid-run
+    p.wait(timeout=60)
+    first = rows_of(results)
+    assert 1 <= len(first) < 4, 'killed after the end: nothing was tested'
+    r = evaluate('finetune.py', data, split, d / 'cache', results, 2, torch_home)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    with open(results) as f:
+        lines = [json.loads(line) for line in f]
+    assert sorted(row['seed'] for row in lines) == [0, 1, 2, 3]  # each seed exactly once
+    assert all(f'seed {row["seed"]}: already in' in r.stdout for row in first.values())
