@@ -28,7 +28,8 @@ to bottom: each `# ---` banner is one topic, in this order.
   evaluation runs    get_split, split_sha, check_held_out, labels_rule, result_stub,
                      result_key, done_keys, pending_rows, run_seeds
   metrics            classification_metrics, knn_predict, feature_stats
-  command line tools `python common.py split|cache ...`
+  using a model      save_classifier, load_classifier, classifier_views, predict_images
+  command line tools `python common.py split|cache|predict ...`
 """
 import argparse
 import collections
@@ -2408,17 +2409,137 @@ def _auroc(score, positive):
     return float(u / (n_pos * n_neg))
 
 
+# ------------------------------------------------------------------- using a fine-tuned model
+# finetune.py --save-model DIR keeps each seed's classifier as DIR/<init-name>-seed<N>.pt, a
+# dict of tensors and plain values (torch.load(weights_only=True) reads it):
+#   {'format': 'finetuned-classifier', 'version': 1, 'arch', 'classes': [names],
+#    'model': Classifier state dict (backbone.*, head.*), 'size' (eval pixels), 'cache_size',
+#    'mean', 'std' (the eval view's normalisation), 'tta', 'aug' (the fine-tuning view, drawn
+#    by the extra test-time passes), 'batch_size' and 'seed' (the test batches and seed the
+#    passes were drawn with), 'result' (the fields of its result row)}
+# `python common.py predict` scores any dataset with it the way fine-tuning scored the test part.
+CLASSIFIER_FORMAT = 'finetuned-classifier'
+
+
+def save_classifier(path, model, *, arch, classes, size, cache_size, aug, tta, batch_size,
+                    seed, mean=IMAGENET_MEAN, std=IMAGENET_STD, result=None):
+    """Write a fine-tuned Classifier (the raw module, not DDP or compiled) as a classifier
+    file, atomically."""
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    torch_save(dict(format=CLASSIFIER_FORMAT, version=1, arch=arch, classes=list(classes),
+                    model=sd, size=int(size), cache_size=int(cache_size), mean=list(mean),
+                    std=list(std), tta=int(tta), aug=aug, batch_size=int(batch_size),
+                    seed=int(seed), result=dict(result or {})), path)
+
+
+def load_classifier(path):
+    """(Classifier in eval mode on the CPU, the file's other fields) of a classifier file;
+    anything else (a backbone.pt, a ckpt.pt, weights of another architecture) is refused in
+    one line."""
+    if not os.path.isfile(path):
+        raise UserError(f'--model {path}: no such file')
+    if not zipfile.is_zipfile(path):  # what torch.save writes, so every classifier file
+        raise UserError(f'{path}: not a fine-tuned classifier, not even a PyTorch file')
+    obj = load_checkpoint(path)
+    if not isinstance(obj, dict) or obj.get('format') != CLASSIFIER_FORMAT:
+        what = 'not a dict'
+        if isinstance(obj, dict) and 'optimizer' in obj and 'step' in obj:
+            what = 'a resumable training checkpoint (ckpt.pt)'
+        elif isinstance(obj, dict) and obj and all(torch.is_tensor(v) for v in obj.values()):
+            what = 'a bare state dict (a backbone.pt or weights file)'
+        elif isinstance(obj, dict):
+            what = f'a dict with keys {few(obj, 4)}'
+        raise UserError(f'{path}: not a fine-tuned classifier, it looks like {what}; make one '
+                        f'with `finetune.py --save-model DIR`')
+    need = ['version', 'arch', 'classes', 'model', 'size', 'cache_size', 'mean', 'std', 'tta',
+            'aug', 'batch_size', 'seed']
+    missing = [k for k in need if k not in obj]
+    if missing or obj['version'] > 1:
+        raise UserError(f'{path}: a classifier file of an unknown version ({obj.get("version")}'
+                        f'; missing {few(missing) or "nothing"}); save it again')
+    if obj['arch'] not in ARCHS:
+        raise UserError(f'{path}: architecture {obj["arch"]!r} is not one of {", ".join(ARCHS)}')
+    backbone, width = make_backbone(obj['arch'])
+    model = Classifier(backbone, width, len(obj['classes']))
+    try:
+        model.load_state_dict(obj['model'])
+    except RuntimeError as e:
+        guess = _guess_arch([k[len('backbone.'):] for k in obj['model']
+                             if k.startswith('backbone.')])
+        lines = str(e).strip().splitlines()  # a heading, then one line per problem
+        detail = lines[min(1, len(lines) - 1)].strip()[:160]
+        why = f'its weights are a {guess}\'s' if guess and guess != obj['arch'] else detail
+        raise UserError(f'{path}: its weights do not fit a {obj["arch"]} classifier of '
+                        f'{len(obj["classes"])} classes ({why})')
+    return model.eval(), {k: v for k, v in obj.items() if k != 'model'}
+
+
+def classifier_views(info, tta=None):
+    """The views of a classifier file's test-time passes, as finetune.py's test: the eval view,
+    then tta - 1 passes of the fine-tuning view (tta: the file's unless given)."""
+    norm = dict(size=info['size'], mean=info['mean'], std=info['std'])
+    view = preset_params(info['aug'], **norm)[0]
+    return [preset_params('eval', **norm)[0]] + [view] * ((tta or info['tta']) - 1)
+
+
+def predict_images(rt, model, info, ds, out, *, ids=None, tta=None, batch_size=None,
+                   cache_dir='cache', workers=2, skip_bad=False):
+    """Classify the images of ds (those of `ids`, in that order, when given) with a
+    load_classifier pair and write the CSV `out`: id, predicted class, one probability column
+    per class. When the images are labelled with class names the model knows, the metrics
+    (classification_metrics) are printed and returned, else None. The random passes are drawn
+    as in fine-tuning (its seed and, unless given, its batch size), so the test part of the
+    split it was fine-tuned on gives its result row's metrics. Nothing is written on error."""
+    out, views = str(out), classifier_views(info, tta)
+    folder = os.path.dirname(os.path.abspath(out))
+    if os.path.isdir(out) or (os.path.isdir(folder) and not os.access(folder, os.W_OK)):
+        raise UserError(f'--out {out}: not a file that can be written; name one such as '
+                        f'preds.csv in a writable folder')
+    cache = build_cache(ds, info['cache_size'], cache_dir, workers, skip_bad)
+    positions = cache_positions(cache, ds['ids'] if ids is None else ids)
+    if not positions:
+        raise UserError(f'--data {ds["root"]}: no readable image to classify')
+    _, raw = wrap_model(rt, model)
+    raw.eval()
+    probs, labels = predict(rt, raw, cache, positions, batch_size or info['batch_size'], views,
+                            softmax=True, seed=info['seed'], workers=workers)
+    classes, labels = info['classes'], labels.tolist()
+    rows = [[cache['ids'][k], classes[c], *(f'{p:.9g}' for p in ps)]  # 9 digits: float32
+            for k, c, ps in zip(positions, probs.argmax(1).tolist(), probs.tolist())]
+    known = [k for k, l in enumerate(labels) if l >= 0]
+    names = {ds['classes'][labels[k]] for k in known}
+    metrics = None
+    if known and names <= set(classes):  # labels by class name: the model's order may differ
+        index = {c: k for k, c in enumerate(classes)}
+        y = torch.tensor([index[ds['classes'][labels[k]]] for k in known])
+        metrics = classification_metrics(probs[known], y, len(classes))
+    atomic_write(out, lambda f: csv.writer(f, lineterminator='\n').writerows(
+        [['id', 'predicted', *classes], *rows]))
+    print0(f'{out}: {len(rows)} images, {len(classes)} classes, {len(views)} test-time '
+           f'pass(es)')
+    if metrics:
+        print0(f'accuracy {metrics["accuracy"]:.4f} balanced {metrics["balanced_accuracy"]:.4f}'
+               f' macro-F1 {metrics["macro_f1"]:.4f} ({len(known)} labelled images)')
+    elif names:
+        print0(f'note: the classes {few(sorted(names - set(classes)))} of these images are not '
+               f'the model\'s ({few(classes)}): no metrics')
+    return metrics
+
+
 # --------------------------------------------------------------------------- command line tools
 def _cli(argv=None):
     """python common.py split --data PATH --protocol paper [--per-class 500] [--out FILE]
-    python common.py cache --data PATH --cache-size 256    (decode once, ahead of training)"""
+    python common.py cache --data PATH --cache-size 256    (decode once, ahead of training)
+    python common.py predict --model FILE --data PATH --out preds.csv [--tta N]
+        [--split FILE --part test]    (a finetune.py --save-model classifier on any images)"""
     p = argparse.ArgumentParser(prog='common.py', description=_cli.__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
     sub = p.add_subparsers(dest='cmd', required=True)
     s = sub.add_parser('split', help='make a split file, once, for every script to reuse')
     c = sub.add_parser('cache', help='build the uint8 cache of a dataset')
-    for q in (s, c):
+    r = sub.add_parser('predict', help='classify images with a fine-tuned model file')
+    for q in (s, c, r):
         q.add_argument('--data', required=True)
         q.add_argument('--format', default='auto', choices=['auto'] + list(READERS))
         q.add_argument('--drop-downsampled', action='store_true',
@@ -2438,8 +2559,30 @@ def _cli(argv=None):
     c.add_argument('--cache-dir', default='cache')
     c.add_argument('--workers', type=number(int, 0), default=default_workers())
     c.add_argument('--skip-bad', action='store_true')
+    r.add_argument('--model', required=True, help='DIR/<init-name>-seed<N>.pt of finetune.py '
+                   '--save-model DIR')
+    r.add_argument('--out', required=True, help='CSV: id, predicted, a probability per class')
+    r.add_argument('--split', default=None, help='score one part of this split file only')
+    r.add_argument('--part', default=None, choices=['train', 'val', 'test', 'pretrain'],
+                   help='with --split (default test): its fine-tuning test figures come back')
+    r.add_argument('--tta', type=number(int, 1), default=None,
+                   help='test-time passes (default: the fine-tuning run\'s)')
+    r.add_argument('--batch-size', type=number(int, 1), default=None,
+                   help='default: the fine-tuning run\'s (the random passes draw per batch)')
+    r.add_argument('--cache-dir', default='cache')
+    r.add_argument('--skip-bad', action='store_true', help='leave unreadable images out')
+    add_runtime_args(r)
     args = p.parse_args(argv)
+    if args.cmd == 'predict' and args.part and not args.split:
+        p.error('--part needs --split')
     ds = read_dataset(args.data, args.format, drop_downsampled=args.drop_downsampled)
+    if args.cmd == 'predict':
+        model, info = load_classifier(args.model)
+        ids = load_split(args.split, ds)[args.part or 'test'] if args.split else None
+        predict_images(setup_runtime(args.device, args.precision), model, info, ds, args.out,
+                       ids=ids, tta=args.tta, batch_size=args.batch_size,
+                       cache_dir=args.cache_dir, workers=args.workers, skip_bad=args.skip_bad)
+        return
     if args.cmd == 'cache':
         cache = build_cache(ds, args.cache_size, args.cache_dir, args.workers, args.skip_bad)
         print(f'{cache["file"]}: {len(cache["ids"])} images of {args.cache_size} px')

@@ -16,6 +16,8 @@ Tiny CPU smoke run:
         --batch-size 16 --epochs 1 --labels-per-class 4 --seeds 0-1 --out /tmp/ft
 In the experiment chain: `make all` (see the Makefile). Seeds already in the results file
 are skipped, so an interrupted command continues where it stopped.
+Keep the classifiers (--save-model models) and classify new images, or score a split's part:
+    python common.py predict --model models/barlow-seed0.pt --data NEW_IMAGES --out preds.csv
 """
 import argparse
 import hashlib
@@ -50,6 +52,10 @@ def get_args(argv=None):
                    help='weight the loss by inverse class frequency of the labelled set')
     g.add_argument('--aug', default='finetune_skin', choices=list(C.AUG_PRESETS),
                    help='training augmentation preset')
+    g.add_argument('--save-model', default=None, metavar='DIR',
+                   help='keep each trained seed\'s classifier as DIR/<init-name>-seed<N>.pt '
+                        'for `python common.py predict` (one DIR per labels setting: the '
+                        'name does not carry it)')
     return C.parse_args(p, None, argv)
 
 
@@ -153,6 +159,12 @@ def run_seed(rt, args, row, ds, split, cache, backbone_sd, width):
     views = [eval_view] + [view] * (args.tta - 1)
     probs, labels = C.predict(rt, raw, cache, test, max(1, args.batch_size), views,
                               softmax=True, seed=seed, workers=0)
+    if args.save_model and rt.is_main:  # the test's settings go along: predict reproduces it
+        name = re.sub(r'[^\w.+-]', '_', f'{args.init_name}-seed{seed}') + '.pt'
+        C.save_classifier(os.path.join(args.save_model, name), raw, arch=args.arch,
+                          classes=cache['classes'], size=args.size, cache_size=args.cache_size,
+                          aug=args.aug, tta=args.tta, batch_size=max(1, args.batch_size),
+                          seed=seed, mean=eval_view['mean'], std=eval_view['std'], result=row)
     if rt.is_main:
         shutil.rmtree(out, ignore_errors=True)  # the result row is the artifact; drop ckpt.pt
     return dict(row, labels=len(labelled), metrics=C.classification_metrics(probs, labels,
