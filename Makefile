@@ -80,14 +80,20 @@ BT_DEP  := $(if $(BT_INIT),,$(OUT)/barlow/backbone.pt)
 SRC_DEP := $(if $(and $(SUP_INIT),$(BT_INIT)),,$(if $(filter $(DATA)/source,$(SOURCE)),$(DATA)/source/.synthetic.json))
 SKIN_DEP := $(if $(SKIN),,$(DATA)/skin/.synthetic.json)
 
-INITS := random supervised barlow supervised+skinBT barlow+skinBT skinBT
+# OBJECTIVES="barlow vicreg simclr": each further objective adds its source-pretrained init
+# and its +skin variant (further pretraining with its own objective), for comparison
+OBJECTIVES ?= barlow
+MORE_SSL := $(filter-out barlow,$(OBJECTIVES))
+INITS := random supervised barlow supervised+skinBT barlow+skinBT skinBT \
+         $(foreach o,$(MORE_SSL),$(o) $(o)+skin)
 init_path = $(if $(filter random,$(1)),random,$(if $(filter supervised,$(1)),$(SUP),$(if $(filter barlow,$(1)),$(BT),$(OUT)/$(1)/backbone.pt)))
 init_dep  = $(if $(filter random,$(1)),,$(if $(filter supervised,$(1)),$(SUP_DEP),$(if $(filter barlow,$(1)),$(BT_DEP),$(OUT)/$(1)/backbone.pt)))
 TAG   := $(notdir $(SKIN_DIR))-$(PROTOCOL)-$(ARCH)-$(SIZE)px-s$(SEEDS)
 DONE  := $(foreach i,$(INITS),$(foreach l,$(LABELS),$(RESULTS)/.done/finetune-$(i)-$(l)-$(TAG)) \
            $(foreach l,$(sort $(LABELS) $(PROBE_LABELS)),$(RESULTS)/.done/probe-$(i)-$(l)-$(TAG)))
 
-.PHONY: all help install test test-fast data split pretrain eval report paper bench clean distclean
+.PHONY: all help install test test-fast data split pretrain eval report paper bench ablation \
+        clean distclean
 .DEFAULT_GOAL := help
 
 help:  ## this list
@@ -151,6 +157,21 @@ $(OUT)/skinBT/backbone.pt: $(SPLIT) | pretrain_barlow.py
 	$(T0) $(RUN) pretrain_barlow.py $(TRAIN) $(SKINRND_FLAGS) --data $(SKIN_DIR) --split $(SPLIT) \
 	  --init random --epochs $(SKINRND_EPOCHS) --out $(@D) $(call took,pretrain-skinBT)
 
+define SSL_RULES
+$(OUT)/$(1)/backbone.pt: $(SRC_DEP) | pretrain_barlow.py
+	@echo "==> $(1) pretraining on $(SOURCE)"
+	$$(T0) $(RUN) pretrain_barlow.py $(TRAIN) --objective $(1) --data $(SOURCE) \
+	  --epochs $(BT_EPOCHS) --batch-size $(BT_BATCH) --lr $(BT_LR) $(BT_FLAGS) \
+	  --projector $(PROJECTOR) --out $$(@D) $$(call took,pretrain-$(1))
+$(OUT)/$(1)+skin/backbone.pt: $(OUT)/$(1)/backbone.pt $(SPLIT) | pretrain_barlow.py
+	@echo "==> further $(1) on the skin pool, from $(1)"
+	$$(T0) $(RUN) pretrain_barlow.py $(TRAIN) $(SKINBT_FLAGS) --objective $(1) \
+	  --data $(SKIN_DIR) --split $(SPLIT) --init $(OUT)/$(1)/backbone.pt \
+	  --train-blocks $(SKINBT_BLOCKS) --epochs $(SKINBT_EPOCHS) --out $$(@D) \
+	  $$(call took,pretrain-$(1)+skin)
+endef
+$(foreach o,$(MORE_SSL),$(eval $(call SSL_RULES,$(o))))
+
 define FINETUNE_RULE
 $(RESULTS)/.done/finetune-$(1)-$(2)-$(TAG): $(call init_dep,$(1)) $(SPLIT) | finetune.py
 	@echo "==> fine-tune $(1), $(2) labels, seeds $(SEEDS)"
@@ -171,6 +192,28 @@ $(foreach i,$(INITS),$(foreach l,$(LABELS),$(eval $(call FINETUNE_RULE,$(i),$(l)
 $(foreach i,$(INITS),$(foreach l,$(sort $(LABELS) $(PROBE_LABELS)),$(eval $(call PROBE_RULE,$(i),$(l)))))
 
 eval: $(DONE)  ## fine-tune and probe every init over the seeds
+
+# --------------------------------------------------------------------------- how much unlabelled data
+# further Barlow Twins from the Barlow Twins init on a share of the skin pool (whole lesions),
+# each share fine-tuned and probed: the metric against the number of unlabelled images
+POOL_FRACTIONS ?= 0.1 0.3 1.0
+define ABLATION_RULES
+$(OUT)/barlow+skinBT@$(1)/backbone.pt: $(BT_DEP) $(SPLIT) | pretrain_barlow.py
+	@echo "==> further Barlow Twins on $(1) of the skin pool, from Barlow Twins"
+	$$(T0) $(RUN) pretrain_barlow.py $(TRAIN) $(SKINBT_FLAGS) --data $(SKIN_DIR) --split $(SPLIT) \
+	  --init $(BT) --train-blocks $(SKINBT_BLOCKS) --epochs $(SKINBT_EPOCHS) \
+	  --pool-fraction $(1) --out $$(@D) $$(call took,pretrain-barlow+skinBT@$(1))
+$(foreach l,$(LABELS),$(call FINETUNE_RULE,barlow+skinBT@$(1),$(l)))
+$(foreach l,$(LABELS),$(call PROBE_RULE,barlow+skinBT@$(1),$(l)))
+endef
+$(foreach f,$(POOL_FRACTIONS),$(eval $(call ABLATION_RULES,$(f))))
+ABLATION := $(foreach f,$(POOL_FRACTIONS),$(foreach l,$(LABELS),\
+              $(RESULTS)/.done/finetune-barlow+skinBT@$(f)-$(l)-$(TAG) \
+              $(RESULTS)/.done/probe-barlow+skinBT@$(f)-$(l)-$(TAG)))
+
+ablation: install $(ABLATION) | report.py  ## further pretraining on shares of the pool (POOL_FRACTIONS)
+	@echo "==> report"
+	$(PY) report.py --results $(RESULTS)/results.jsonl --out $(RESULTS) --runs $(OUT)
 
 report: $(DONE) | report.py  ## the comparison table: results/summary.md (+ .csv, .png)
 	@echo "==> report"

@@ -10,7 +10,8 @@ to bottom: each `# ---` banner is one topic, in this order.
                      append_jsonl, read_csv, few
   dataset readers    read_dataset (auto-detects ImageFolder, folder, ISIC 2019/2020,
                      HAM10000, DermaMNIST), make_dataset, load_image
-  splits             make_split, save_split, load_split, split_path, labelled_subset
+  splits             make_split, save_split, load_split, split_path, labelled_subset,
+                     pool_subset
   uint8 cache        build_cache, find_cache, fingerprint, fmt_time
   loader             make_loader, CachedImages, EpochBatches, prepare_cache,
                      cache_positions, to_device, dataset_name
@@ -732,6 +733,25 @@ def labelled_subset(ds, ids, seed, per_class=None, fraction=None):
         chosen = order
     keep = {k for g in chosen for k in members[g]}
     return [ds['ids'][k] for k in ks if k in keep]
+
+
+def pool_subset(ds, ids, fraction, seed=0):
+    """About `fraction` of the images ids (a pretraining pool), whole groups (lesions,
+    patients) at a time in a seeded order, in ds order: how much unlabelled data further
+    pretraining needs. fraction 1 returns ids as they are."""
+    if not 0 < fraction <= 1:
+        raise UserError(f'--pool-fraction {fraction}: must be in (0, 1]')
+    if fraction == 1:
+        return list(ids)
+    k_of = {i: k for k, i in enumerate(ds['ids'])}
+    _, members, _ = _group_table(ds, [k_of[i] for i in ids])
+    order = np.random.default_rng(seed).permutation(len(members)).tolist()
+    keep, target = set(), round(fraction * len(ids))
+    for g in order:
+        if len(keep) >= target:
+            break
+        keep.update(members[g])
+    return [i for i in ids if k_of[i] in keep]
 
 
 # --------------------------------------------------------------------------- uint8 cache
@@ -2221,6 +2241,15 @@ def split_sha(split):
     return hashlib.sha1('\n'.join(split['test']).encode()).hexdigest()[:10]
 
 
+def init_meta(init):
+    """What a pretraining run recorded about an --init PATH (its meta.json: objective, pool
+    images, ...); {} for named weights and files without one."""
+    path = init_file(init)
+    meta = os.path.join(os.path.dirname(os.path.abspath(path)), 'meta.json')
+    return read_json(meta, 'run metadata') if os.path.isfile(path) and \
+        os.path.isfile(meta) else {}
+
+
 def check_held_out(init, ds, split):
     """Refuse a backbone (--init PATH with a meta.json beside it) that was pretrained on this
     dataset without this split's test part held out: its features have seen the test set."""
@@ -2243,18 +2272,21 @@ def labels_rule(per_class=None, fraction=None):
 
 
 def result_stub(ds, split, split_file, seed, *, init, init_source, arch, backbone_sha,
-                labels_rule, protocol):
-    """The fields that name a result row (result_key reads them); the metrics come later."""
+                labels_rule, protocol, eval_part='test', **extra):
+    """The fields that name a result row (result_key reads them), and `extra` ones to
+    record; the metrics come later. eval_part: the part scored, test (results) or val
+    (choosing budgets)."""
     return dict(init=init, init_source=init_source, arch=arch, backbone_sha=backbone_sha,
                 dataset=dataset_name(ds), split=split['protocol'], split_sha=split_sha(split),
-                split_file=split_file, labels_rule=labels_rule, protocol=protocol, seed=seed)
+                split_file=split_file, labels_rule=labels_rule, protocol=protocol, seed=seed,
+                eval_part=eval_part, **extra)
 
 
 def result_key(row):
     """What makes two result rows the same run (a rerun replaces, a resume skips). Training
     settings (epochs, lr, size) are not part of it: change --results to compare those."""
     return (row['init'], row['backbone_sha'], row['dataset'], row['split_sha'],
-            row['labels_rule'], row['protocol'], row['seed'])
+            row['labels_rule'], row['protocol'], row['seed'], row.get('eval_part', 'test'))
 
 
 def done_keys(path):

@@ -52,6 +52,9 @@ def get_args(argv=None):
                    help='weight the loss by inverse class frequency of the labelled set')
     g.add_argument('--aug', default='finetune_skin', choices=list(C.AUG_PRESETS),
                    help='training augmentation preset')
+    g.add_argument('--eval-part', default='test', choices=['test', 'val'],
+                   help='the part scored: test for the results; val to choose budgets (epochs, '
+                        'lr) without looking at the test part (rows say eval_part: val)')
     g.add_argument('--save-model', default=None, metavar='DIR',
                    help='keep each trained seed\'s classifier as DIR/<init-name>-seed<N>.pt '
                         'for `python common.py predict` (one DIR per labels setting: the '
@@ -105,7 +108,8 @@ def run_seed(rt, args, row, ds, split, cache, backbone_sd, width):
     torch.manual_seed(seed)
     labelled = C.labelled_subset(ds, split['train'], seed, args.labels_per_class,
                                  args.label_fraction)
-    train, test = C.cache_positions(cache, labelled), C.cache_positions(cache, split['test'])
+    train = C.cache_positions(cache, labelled)
+    test = C.cache_positions(cache, split[args.eval_part])  # the val part to choose budgets
     classes = len(cache['classes'])
     batch = min(args.batch_size, len(train) - len(train) % rt.world)
     if batch < rt.world:
@@ -190,10 +194,15 @@ def main():
     source = C.load_backbone(backbone, args.arch, args.init, args.offline)
     C.check_held_out(args.init, ds, split)
     backbone_sd = {k: v.clone() for k, v in backbone.state_dict().items()}
+    if not split[args.eval_part]:
+        raise C.UserError(f'--eval-part {args.eval_part}: the split {split_file} has no '
+                          f'{args.eval_part} images')
     todo = C.pending_rows(args.results, C.seeds_of(rt, args.seeds), ds, split, split_file,
                           init=args.init_name, init_source=source, arch=args.arch,
                           backbone_sha=C.state_fingerprint(backbone_sd), protocol='finetune',
-                          labels_rule=C.labels_rule(args.labels_per_class, args.label_fraction))
+                          eval_part=args.eval_part,
+                          labels_rule=C.labels_rule(args.labels_per_class, args.label_fraction),
+                          pool_images=C.init_meta(args.init).get('pool_images'))
     C.run_seeds(rt, todo, lambda row: run_seed(rt, args, row, ds, split, cache, backbone_sd,
                                                width), args.results, describe)
     C.teardown(rt)

@@ -82,6 +82,9 @@ def get_args(argv=None):
                    help='epochs between kNN scores of the --split val part (0: never; '
                         'default: every epoch on pools under 20,000 images, else 4 times '
                         'per run)')
+    g.add_argument('--pool-fraction', type=C.number(float, 1e-6, 1), default=1.0,
+                   help='pretrain on this seeded share of the pool, whole lesion groups at a '
+                        'time (never test images): how much unlabelled data is needed')
     g.add_argument('--extra-data', action='append', default=[],
                    help='an extra folder of unlabelled images for the pool (repeatable); '
                         'refused if it holds images the --split marks as test')
@@ -184,7 +187,7 @@ def main():
                             ds['labels'] + [-1] * len(extra_ids), ds['groups'] + extra_ids)
         ids = ids + extra_ids
     cache = C.prepare_cache(ds, args.cache_size, args.cache_dir, args.workers, args.skip_bad)
-    positions = C.cache_positions(cache, ids)
+    positions = C.cache_positions(cache, C.pool_subset(ds, ids, args.pool_fraction, args.seed))
     loader = C.make_loader(cache, positions, C.local_batch(args.batch_size, rt.world), rt.rank,
                            rt.world, seed=args.seed, workers=args.workers,
                            pin=rt.device.type == 'cuda')
@@ -233,7 +236,8 @@ def main():
                   epochs=args.epochs, seed=args.seed, projector=args.projector,
                   objective=args.objective,
                   train_blocks=args.train_blocks, data_root=root, held_out=held_out,
-                  pool_fingerprint=cache['fingerprint'], pool_images=len(positions))
+                  pool_fingerprint=cache['fingerprint'], pool_images=len(positions),
+                  pool_fraction=args.pool_fraction)
     step = C.fit(rt, model, raw, optimizer, loader, step_fn, args.out, total, lr_fn,
                  config=config, seed=args.seed, max_steps=args.max_steps,
                  log_every=args.log_every, ckpt_every=args.ckpt_every,
@@ -243,7 +247,8 @@ def main():
     # --- hand-off
     C.write_handoff(rt, args.out, raw.backbone, dict(
         script='pretrain_barlow', objective=args.objective, args=vars(args), init=source, steps=step, data_root=root,
-        held_out=held_out, pool_images=len(positions), data_fingerprint=cache['fingerprint'],
+        held_out=held_out, pool_images=len(positions), pool_fraction=args.pool_fraction,
+        data_fingerprint=cache['fingerprint'],
         wall_s=round(time.time() - t0, 1)))
     C.print0(f'done: {args.out}/backbone.pt after {step} steps')
     C.teardown(rt)

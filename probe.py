@@ -214,7 +214,8 @@ def main():
     todo = C.pending_rows(args.results, C.seeds_of(rt, args.seeds), ds, split, split_file,
                           init=args.init_name,
                           init_source=source, arch=args.arch, backbone_sha=sha, protocol='probe',
-                          labels_rule=C.labels_rule(args.labels_per_class, args.label_fraction))
+                          labels_rule=C.labels_rule(args.labels_per_class, args.label_fraction),
+                          pool_images=C.init_meta(args.init).get('pool_images'))
     if not todo:
         return C.teardown(rt)
     labelled = labelled_ids(args, ds, split, [row['seed'] for row in todo])

@@ -131,7 +131,9 @@ def read_results(path, metrics):
                 v = value(row, m)
                 if v is not None and not is_number(v):
                     raise UserError(f'{where}: {m} is {v!r}, expected a finite number or null')
-            key = (str(row.get('dataset', '-')), str(row.get('split', '-')), budget_of(row))
+            split = str(row.get('split', '-'))  # rows scored on the val part: tables apart
+            split += ' (val part)' if row.get('eval_part', 'test') != 'test' else ''
+            key = (str(row.get('dataset', '-')), split, budget_of(row))
             row['_group'] = key
             rows[key + (str(row['init']), str(row['protocol']), str(row['seed']))] = row
     if not rows:
