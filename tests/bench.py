@@ -171,40 +171,49 @@ def bench_cache(args, dev):
 
 # --------------------------------------------------------------------------- bt
 def bench_bt(args, dev):
+    """The bare backbone against the full step of each objective (the same backbone, batch
+    and projector; augmentation, projector, loss, LARS), timed in alternating rounds."""
     for arch, size, batch, projector in args.bt_configs:
         print(f'bt: {arch} {size}px batch {batch}, projector {projector}')
         backbone, width = C.make_backbone(arch)
-        bt = C.BarlowTwins(backbone, width, projector).to(dev)
+        backbone = backbone.to(dev)
         if dev.type == 'cuda':
-            bt = bt.to(memory_format=torch.channels_last)
-        opt = C.make_optimizer({'backbone': bt.backbone, 'projector': bt.projector}, 'lars',
-                               0.2, 0.0048, 1e-6, batch)
+            backbone = backbone.to(memory_format=torch.channels_last)
         amp = dict(device_type=dev.type, dtype=torch.bfloat16, enabled=dev.type == 'cuda')
         x = C.augment(images(batch, size).to(dev).permute(0, 3, 1, 2),
                       C.preset_params('eval', size=size)[0], None)
-        plain = torch.optim.SGD(bt.backbone.parameters(), lr=0.0)
+        plain = torch.optim.SGD(backbone.parameters(), lr=0.0)
 
         def backbone_step():
             with torch.autocast(**amp):
-                loss = bt.backbone(x).float().square().mean()
+                loss = backbone(x).float().square().mean()
             plain.zero_grad(set_to_none=True)
             loss.backward()
         raw = images(batch, size + size // 8).to(dev).permute(0, 3, 1, 2)
         views = C.preset_params('barlow_imagenet', size=size)
         g = torch.Generator().manual_seed(0)
 
-        def bt_step():
-            with torch.autocast(**amp):
-                loss = bt(*C.augment_views(raw, views, g))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        t_backbone, t_bt = timed_together([backbone_step, bt_step], args.reps, device=dev.type)
-        img_s, pair_s = batch / t_backbone, batch / t_bt
+        def ssl_step(objective):  # one model per objective around the same backbone
+            model = C.SSLModel(backbone, width, projector, objective).to(dev)
+            opt = C.make_optimizer({'backbone': model.backbone, 'projector': model.projector},
+                                   'lars', 0.2, 0.0048, 1e-6, batch)
+
+            def step():
+                with torch.autocast(**amp):
+                    loss = model(*C.augment_views(raw, views, g))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            return step
+        objectives = args.objectives.split(',')
+        times = timed_together([backbone_step] + [ssl_step(o) for o in objectives], args.reps,
+                               device=dev.type)
+        img_s = batch / times[0]
         row(f'bare {arch} forward+backward, {size} px, batch {batch}', img_s, 'img/s')
-        row(f'full Barlow Twins step, projector {projector}, same batch', pair_s, 'pairs/s',
-            f'(ratio to backbone/2: {pair_s / (img_s / 2):.2f}; target >= 0.85)')
-        del bt, opt, plain
+        for objective, t in zip(objectives, times[1:]):
+            pair_s = batch / t
+            row(f'full {objective} step, projector {projector}, same batch', pair_s, 'pairs/s',
+                f'(ratio to backbone/2: {pair_s / (img_s / 2):.2f}; target >= 0.85)')
 
 
 # --------------------------------------------------------------------------- probe
@@ -304,7 +313,7 @@ def bench_probe(args, dev):
                       f'{100 * (bal - ref[name]["balanced_accuracy"]):+.1f} points)')
             out.append(s)
         return '; '.join(out)
-    n_train = len(train_rows)
+    n_train = len(train)
     row(f'{epochs}-epoch probe through the network, {n_train} labels, one seed', slow_s, 's',
         f'({scores(slow)})')
     row(f'probe.py features once ({n_train} x (1 + {pargs.aug_views} views), val, test)',
@@ -324,6 +333,8 @@ def main():
     p.add_argument('--size', type=int, help='bt: resolution (with --arch)')
     p.add_argument('--batch', type=int, help='bt: batch (with --arch)')
     p.add_argument('--projector', help='bt: projector (with --arch)')
+    p.add_argument('--objectives', default='barlow,vicreg,simclr',
+                   help='bt: the objectives timed next to the bare backbone')
     p.add_argument('--cache-images', type=int, default=400)
     p.add_argument('--cache-dir', default='cache')
     p.add_argument('--probe-backbone', default='runs/barlow/backbone.pt')

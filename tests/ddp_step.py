@@ -1,14 +1,15 @@
-"""One Barlow Twins + LARS step under DDP (gloo, CPU), for test_barlow.py's DDP test.
+"""One self-supervised step + LARS under DDP (gloo, CPU), for test_objectives.py's DDP test.
 Not collected by pytest; run as
 
     python -m torch.distributed.run --standalone --nproc_per_node=2 tests/ddp_step.py \\
-        OUTDIR [PROJECTOR]
+        OUTDIR [PROJECTOR [OBJECTIVE]]
 
 Every rank builds the same model (same seed), takes its contiguous share of a fixed global
 batch of two views, and takes one step through common.wrap_model (DDP) and
-common.make_optimizer('lars'). PROJECTOR (default 64-64) picks the loss's path: with 64
-outputs and a global batch of 8 it goes through the Gram matrices, with 8 (64-8) through C.
-Rank 0 saves the loss, the gradients and the updated parameters to OUTDIR/ddp.pt; the test
+common.make_optimizer('lars'). OBJECTIVE is a key of common.OBJECTIVES (default barlow).
+PROJECTOR (default 64-64) picks the Barlow Twins loss's path: with 64 outputs and a global
+batch of 8 it goes through the Gram matrices, with 8 (64-8) through C. Rank 0 saves the loss
+(and every rank's), the gradients and the updated parameters to OUTDIR/ddp.pt; the test
 computes the single-process reference."""
 import os
 import sys
@@ -29,7 +30,7 @@ def global_views():
             torch.randn(GLOBAL_BATCH, 3, SIZE, SIZE, generator=g))
 
 
-def build_model(projector=PROJECTOR):
+def build_model(projector=PROJECTOR, objective='barlow'):
     """The same model on every rank. The residual BN scales start at 1 +- 0.5 instead of
     zero_init_residual's 0, so that every parameter gets a gradient in the first step."""
     torch.manual_seed(0)
@@ -37,7 +38,8 @@ def build_model(projector=PROJECTOR):
     for m in backbone.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             torch.nn.init.uniform_(m.weight, 0.5, 1.5)
-    return C.BarlowTwins(backbone, width, projector, LAMBD)
+    settings = dict(lambd=LAMBD) if objective == 'barlow' else {}
+    return C.SSLModel(backbone, width, projector, objective, **settings)
 
 
 def optimizer_for(raw):
@@ -49,11 +51,11 @@ def optimizer_for(raw):
 
 
 def main():
-    out, projector = sys.argv[1], (sys.argv[2:] or [PROJECTOR])[0]
+    out, projector, objective = (sys.argv[1:] + [PROJECTOR, 'barlow'][len(sys.argv) - 2:])[:3]
     torch.set_num_threads(1)
     rt = C.setup_runtime('cpu', 'fp32', seed=0)
     assert rt.world == 2, 'run under torchrun with 2 processes'
-    model, raw = C.wrap_model(rt, build_model(projector))
+    model, raw = C.wrap_model(rt, build_model(projector, objective))
     optimizer = optimizer_for(raw)
     y1, y2 = global_views()
     local = GLOBAL_BATCH // rt.world
@@ -64,10 +66,12 @@ def main():
     loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in raw.named_parameters()}
     optimizer.step()
+    losses = [torch.zeros(()) for _ in range(rt.world)]  # every rank must report the same
+    torch.distributed.all_gather(losses, loss.detach())
     if rt.is_main:
         params = {n: p.detach().clone() for n, p in raw.named_parameters()}
-        C.torch_save(dict(loss=loss.detach(), grads=grads, params=params),
-                     os.path.join(out, 'ddp.pt'))
+        C.torch_save(dict(loss=loss.detach(), losses=torch.stack(losses), grads=grads,
+                          params=params), os.path.join(out, 'ddp.pt'))
     C.teardown(rt)
 
 

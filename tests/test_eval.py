@@ -1,7 +1,6 @@
 """Evaluation details the script tests leave out: finetune.py's --lr auto (the range test),
 --class-weights and a run folder whose checkpoint belongs to another model; probe.py's
 logistic regression (its written-out gradient) against autograd and hand-computed optima."""
-import os
 
 import pytest
 import torch

@@ -1,7 +1,6 @@
 """Seeing a pretraining run learn: the loss's parts, the collapse signals (RankMe, feature
 spread), the kNN monitor on the target task, and what a run writes to its log."""
 import json
-import os
 
 import pytest
 import torch

@@ -285,29 +285,31 @@ def test_ssl_model_refuses_unknown_objective_and_setting():
 
 # --------------------------------------------------------------------------- DDP equivalence
 @pytest.mark.slow
-@pytest.mark.parametrize('objective', list(OBJECTIVES))
-def test_ddp_objective_step_equals_single_process_step(tmp_path, torch_home, objective):
-    """As test_barlow.py's DDP test, for each objective through SSLModel: two gloo ranks, each
-    on half of a fixed global batch, vs one process on the whole of it. Without SyncBatchNorm
-    on CPU each rank's BatchNorm layers normalise its own half, so the reference embeds each
-    half separately, concatenates, and applies the loss to the whole batch in one process; the
-    loss's gathers and sums across ranks must make the DDP gradients equal these."""
+@pytest.mark.parametrize('objective, projector', [
+    ('barlow', '64-64'), ('barlow', '64-8'),  # the Barlow Twins loss's Gram and (D, D) paths
+    ('vicreg', '64-64'), ('simclr', '64-64')])
+def test_ddp_step_equals_single_process_step(tmp_path, torch_home, objective, projector):
+    """For each objective through SSLModel: two gloo ranks, each on half of a fixed global
+    batch, vs one process on the whole of it. Without SyncBatchNorm on CPU each rank's
+    BatchNorm layers normalise its own half, so the reference embeds each half separately,
+    concatenates, and applies the loss to the whole batch in one process; the loss's gathers
+    and sums across ranks must make the DDP gradients equal these (Facebook's Barlow Twins
+    code gets them scaled by 1/world_size: the check below catches that)."""
     import subprocess
     import sys
 
     from conftest import ROOT, script_env
     sys.path.insert(0, os.path.join(ROOT, 'tests'))
-    import ddp_objective as O
     import ddp_step as D
 
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-           os.path.join(ROOT, 'tests', 'ddp_objective.py'), str(tmp_path), objective]
+           os.path.join(ROOT, 'tests', 'ddp_step.py'), str(tmp_path), projector, objective]
     r = subprocess.run(cmd, cwd=str(tmp_path), capture_output=True, text=True, timeout=150,
                        env=script_env(torch_home))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     ddp = torch.load(tmp_path / 'ddp.pt', weights_only=True)
 
-    model = O.build_model(objective)
+    model = D.build_model(projector, objective)
     model.train()
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
     y1, y2 = D.global_views()
@@ -344,7 +346,7 @@ def test_ddp_objective_step_equals_single_process_step(tmp_path, torch_home, obj
     for factor in (0.5, 2.0):
         assert not [n for n in ref_grads if close(ddp['grads'][n], factor * ref_grads[n])]
     # ... and a reference that ignores per-rank BatchNorm (whole-batch statistics) differs
-    model2 = O.build_model(objective)
+    model2 = D.build_model(projector, objective)
     model2.train()
     whole = lambda y: model2.projector(model2.backbone(y))
     model2.loss_fn(whole(y1), whole(y2), **model2.settings).backward()
