@@ -1,0 +1,522 @@
+"""GPU throughput of the project's own training and evaluation code paths, as one table with
+the targets of a single H200 (`make bench-gpu`). A measurement, not a test: it exits 0 when a
+target is missed and says which.
+
+    python tests/bench_gpu.py --out results/bench-gpu.md     # one GPU, about 4-6 minutes
+    python tests/bench_gpu.py --skip-compile                 # without the torch.compile rows
+    python tests/bench_gpu.py --tiny --device cpu            # tiny shapes, seconds (the test)
+
+What is measured (ResNet-50, bf16 autocast, channels_last, each row for --seconds after
+warmup steps, the device waited for at both ends of a row, peak memory per row):
+  aug      batched two-view barlow_imagenet augmentation, 256 px uint8 -> 224 px, batch 256
+  bare     ResNet-50 forward + backward alone on ready inputs, 224 px, batch 256
+  barlow   the full Barlow Twins step through common.train_step (two augmented views,
+           projector 8192-8192-8192, fp32 loss, LARS) from a pinned uint8 batch, as
+           pretrain_barlow.py runs it; its ratio to bare / 2 (two backbone passes per pair);
+           the same with --compile (first call timed as compile)
+  e2e      the same eager step fed by make_loader from a uint8 cache on disk (8,192 images,
+           C.default_workers() processes), against the synthetic-input step
+  finetune the paper's fine-tuning step (finetune_skin view, 256 px, batch 64, AdamW) as
+           finetune.py runs it, eager and compiled
+  tta      common.predict with finetune.py's test-time augmentation (eval view + 2 random
+           finetune_skin views, batch 64, mean softmax)
+Targets (one H200): augmentation >= 20,000 pairs/s; Barlow Twins >= 2,500 pairs/s with the
+ratio >= 0.9; end to end >= 0.9 of the synthetic-input step; fine-tuning >= 2,500 img/s.
+On the CPU (or with --tiny) the shapes are tiny (resnet18, 32 px, batch 16, projector 64-64)
+and the targets are not judged: that run only proves the script works.
+"""
+import argparse
+import gc
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import common as C  # noqa: E402
+
+CONFIGS = {  # the paper's setting on one GPU, and tiny shapes that run in seconds on a CPU
+    'full': dict(arch='resnet50', cache=256, size=224, batch=256, projector='8192-8192-8192',
+                 ft_size=256, ft_batch=64, classes=8, tta=3, images=8192, seconds=8.0,
+                 warmup=5),
+    'tiny': dict(arch='resnet18', cache=40, size=32, batch=16, projector='64-64',
+                 ft_size=32, ft_batch=8, classes=3, tta=3, images=64, seconds=0.3, warmup=1),
+}
+NVIDIA_SMI = ['nvidia-smi', '--query-gpu=name,clocks.sm,clocks.max.sm,clocks.mem,driver_version',
+              '--format=csv,noheader']
+COMPILE_ESTIMATE_S = 150  # what one compiled model's first call may take on an H200
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'])
+    p.add_argument('--precision', default='auto', choices=['auto', 'bf16', 'fp16', 'fp32'],
+                   help='auto: bf16 autocast on CUDA, fp32 on CPU (as the scripts)')
+    p.add_argument('--tiny', action='store_true',
+                   help='tiny shapes (resnet18, 32 px, batch 16); the default on the CPU')
+    p.add_argument('--seconds', type=C.number(float, 0), default=None,
+                   help='timed seconds per row after warmup (default 8; tiny 0.3)')
+    p.add_argument('--warmup', type=C.number(int, 1), default=None,
+                   help='untimed steps before each row (default 5; tiny 1)')
+    p.add_argument('--skip-compile', action='store_true',
+                   help='leave out the torch.compile rows (about 1-2 minutes of compiling each)')
+    p.add_argument('--workers', type=C.number(int, 0), default=C.default_workers(),
+                   help='loader processes of the end-to-end row (default: as the scripts)')
+    p.add_argument('--images', type=C.number(int, 1), default=None,
+                   help='images in the on-disk uint8 cache (default 8192: 32 steps an epoch, '
+                        'so the loader\'s refill at each epoch start weighs little; tiny 64)')
+    p.add_argument('--tmp', default=None, help='folder for that cache (default: a temp dir)')
+    p.add_argument('--budget-minutes', type=C.number(float, 0), default=7.5,
+                   help='skip a row whose estimated cost would take the run past this')
+    p.add_argument('--out', default=None, help='also write the header and table to this file')
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- helpers
+def sync(rt):
+    if rt.device.type == 'cuda':
+        torch.cuda.synchronize(rt.device)
+
+
+def images(n, side, seed=0):
+    """(n, side, side, 3) uint8 with structure (smooth blobs plus grain), not noise or zeros."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(n, 3, 8, 8, generator=g)
+    x = F.interpolate(low, size=side, mode='bicubic') + 0.05 * torch.randn(
+        n, 3, side, side, generator=g)
+    return (x.clamp(0, 1) * 255).byte().permute(0, 2, 3, 1).contiguous()
+
+
+def host_batch(rt, n, side, classes, seed=0):
+    """(uint8 (n, S, S, 3), labels (n,)) as make_loader yields it: pinned when going to CUDA."""
+    x = images(n, side, seed)
+    y = torch.randint(0, classes, (n,), generator=torch.Generator().manual_seed(seed))
+    if rt.device.type == 'cuda':
+        x, y = x.pin_memory(), y.pin_memory()
+    return x, y
+
+
+def measure(rt, step, items, seconds, warmup, min_reps=2):
+    """(items per second, reps) of step() in the steady state: `warmup` untimed calls, then
+    calls until `seconds` of host time have passed (at least min_reps). The device is waited
+    for only at both ends, as the training loop waits only at its check steps; the host runs
+    at most a queue's depth ahead, which the final wait includes."""
+    for _ in range(warmup):
+        step()
+    sync(rt)
+    reps, t0 = 0, time.perf_counter()
+    while reps < min_reps or time.perf_counter() - t0 < seconds:
+        step()
+        reps += 1
+    sync(rt)
+    return reps * items / (time.perf_counter() - t0), reps
+
+
+def first_call(rt, step):
+    """Seconds of the first call (the torch.compile compilation, cudnn autotuning)."""
+    sync(rt)
+    t = time.perf_counter()
+    step()
+    sync(rt)
+    return time.perf_counter() - t
+
+
+def reset_peak(rt):
+    gc.collect()
+    if rt.device.type == 'cuda':
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(rt.device)
+
+
+def peak_gib(rt):
+    """CUDA: the row's peak of allocated memory. CPU: the process's peak resident set so
+    far (Linux reports KiB), which only grows from row to row."""
+    if rt.device.type == 'cuda':
+        return torch.cuda.max_memory_allocated(rt.device) / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+def release():
+    """Drop compiled code and cached blocks between rows, so each row starts clean."""
+    if hasattr(torch, '_dynamo'):
+        torch._dynamo.reset()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def nvidia_smi():
+    """name, clocks (SM, max SM, memory) and driver of each GPU, or why there is none."""
+    try:
+        r = subprocess.run(NVIDIA_SMI, capture_output=True, text=True, timeout=20)
+    except (FileNotFoundError, subprocess.TimeoutExpired) as e:
+        return f'(nvidia-smi unavailable: {type(e).__name__})'
+    if r.returncode:
+        return f'(nvidia-smi failed: {(r.stderr or r.stdout).strip()[:200]})'
+    return '; '.join(line.strip() for line in r.stdout.strip().splitlines())
+
+
+def nvidia_smi_later(delay):
+    """nvidia-smi's reading `delay` seconds from now, in a thread: the clocks under load."""
+    out = {}
+    timer = threading.Timer(delay, lambda: out.update(text=nvidia_smi()))
+    timer.daemon = True
+    timer.start()
+    return timer, out
+
+
+def environment(rt, args, cfg):
+    """The header lines: device, clocks, versions, host, settings."""
+    cuda = rt.device.type == 'cuda'
+    lines = []
+    if cuda:
+        prop = torch.cuda.get_device_properties(rt.device)
+        lines.append(f'device: {torch.cuda.get_device_name(rt.device)} ({rt.device}), '
+                     f'{prop.multi_processor_count} SMs, {prop.total_memory / 2 ** 30:.1f} GiB, '
+                     f'compute capability {prop.major}.{prop.minor}')
+        lines.append(f'nvidia-smi (name, SM clock, max SM clock, memory clock, driver) at the '
+                     f'start: {nvidia_smi()}')
+    else:
+        lines.append(f'device: CPU ({platform.processor() or platform.machine()}), '
+                     f'{torch.get_num_threads()} torch threads')
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    lines.append(f'versions: torch {torch.__version__}, torchvision {torchvision.__version__}, '
+                 f'CUDA {torch.version.cuda}, cuDNN {cudnn}, python {platform.python_version()}, '
+                 f'numpy {np.__version__}, git {C.git_revision()}')
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    lines.append(f'host: {cores} cores, loader workers {args.workers}')
+    lines.append(f'settings: {cfg["name"]} shapes, {cfg["arch"]}, precision {rt.precision}, '
+                 f'channels_last {"on (wrap_model)" if cuda else "off (CPU)"}, '
+                 f'{cfg["seconds"]:g} s per row after {cfg["warmup"]} warmup steps; peak memory '
+                 + ('per row (max_memory_allocated)' if cuda else
+                    'is the process\'s max resident set so far'))
+    return lines
+
+
+# --------------------------------------------------------------------------- the rows
+class Table:
+    """Rows of (measurement, value, unit, peak GiB, target); a row whose function fails or
+    is skipped keeps its place with the reason as its value, and the others still run."""
+
+    def __init__(self, rt, judge, budget_s):
+        self.rt, self.judge, self.rows = rt, judge, []
+        self.t0, self.budget_s = time.perf_counter(), budget_s
+
+    def add(self, what, value, unit, peak=None, target=None):
+        self.rows.append(dict(what=what, value=value, unit=unit, peak=peak, target=target))
+        v = f'{value:,.2f}' if isinstance(value, float) else value
+        print(f'[{time.perf_counter() - self.t0:4.0f} s] {what.strip()}: {v} {unit}'
+              + (f' (peak {peak:.2f} GiB)' if peak else ''), flush=True)
+
+    def run(self, names, fn, estimate_s, skip=None):
+        """fn() -> values for `names` (a list of (what, unit, target)); each row gets its peak
+        memory. skip: a reason to leave them out; so is a budget the estimate would overrun."""
+        left = self.budget_s - (time.perf_counter() - self.t0)
+        if skip is None and estimate_s > left:
+            skip = f'skipped (time budget: {left:.0f} s left, about {estimate_s:.0f} s needed)'
+        if skip:
+            for what, unit, target in names:
+                self.add(what, skip, unit, target=target)
+            return None
+        reset_peak(self.rt)
+        try:
+            values = fn()
+        except Exception as e:  # noqa: BLE001 -- one failed row must not lose the table
+            traceback.print_exc()
+            why = (str(e).strip().splitlines() or [''])[0][:120]
+            values = [f'failed ({type(e).__name__}: {why})'] * len(names)
+        finally:
+            release()
+        peak = peak_gib(self.rt)  # the group's peak, shown on its first row
+        for k, ((what, unit, target), v) in enumerate(zip(names, values)):
+            self.add(what, v, unit, peak if k == 0 and isinstance(v, float) else None, target)
+        return values
+
+    def markdown(self):
+        out = ['| measurement | value | unit | peak memory | target | met? |',
+               '|---|---|---|---|---|---|']
+        for r in self.rows:
+            v, t = r['value'], r['target']
+            value = (f'{v:,.2f}' if v < 100 else f'{v:,.0f}') if isinstance(v, float) else v
+            peak = f'{r["peak"]:.2f} GiB' if r['peak'] else ''
+            target = '' if t is None else f'>= {t:,g}'
+            met = self.met(r)
+            met = '' if met is None else 'not measured' if met == 'unmeasured' else \
+                'n/a (tiny)' if not self.judge else 'yes' if met else 'NO'
+            out.append(f'| {r["what"]} | {value} | {r["unit"]} | {peak} | {target} | {met} |')
+        return out
+
+    def met(self, r):
+        """None without a target, 'unmeasured' when skipped or failed, else a bool."""
+        if r['target'] is None:
+            return None
+        if not isinstance(r['value'], float):
+            return 'unmeasured'
+        return r['value'] >= r['target']
+
+    def missed(self):
+        return [r['what'].strip() for r in self.rows if self.met(r) is False]
+
+    def unmeasured(self):
+        return [r['what'].strip() for r in self.rows if self.met(r) == 'unmeasured']
+
+    def verdict(self):
+        if not self.judge:
+            return 'targets: not judged for tiny shapes'
+        missed, unmeasured = self.missed(), self.unmeasured()
+        parts = ([f'targets missed: {"; ".join(missed)}'] if missed else []) + \
+            ([f'not measured: {"; ".join(unmeasured)}'] if unmeasured else [])
+        return '. '.join(parts) if parts else 'targets: all met'
+
+
+def bench_aug(rt, cfg):
+    """pairs/s of C.augment_views on a uint8 batch already on the device, as a step gets it."""
+    x, _ = C.to_device(host_batch(rt, cfg['batch'], cfg['cache'], cfg['classes']), rt.device)
+    views = C.preset_params('barlow_imagenet', size=cfg['size'])
+    g = torch.Generator().manual_seed(0)
+    rate, _ = measure(rt, lambda: C.augment_views(x, views, g), cfg['batch'], cfg['seconds'],
+                      cfg['warmup'])
+    return [rate]
+
+
+def bench_bare(rt, cfg):
+    """img/s of the backbone's forward + backward alone on ready float inputs (no augmentation,
+    projector or optimizer step): the ceiling the Barlow Twins step is compared with."""
+    backbone, _ = C.make_backbone(cfg['arch'])
+    run, raw = C.wrap_model(rt, backbone)
+    x, _ = C.to_device(host_batch(rt, cfg['batch'], cfg['cache'], cfg['classes']), rt.device)
+    x = C.augment(x, C.preset_params('eval', size=cfg['size'])[0], None)  # (B, 3, S, S)
+
+    def step():
+        with torch.autocast(rt.device.type, dtype=rt.dtype, enabled=rt.dtype != torch.float32):
+            loss = run(x).float().square().mean()
+        raw.zero_grad(set_to_none=True)
+        loss.backward()
+    first_call(rt, step)
+    return [measure(rt, step, cfg['batch'], cfg['seconds'], cfg['warmup'])[0]]
+
+
+def barlow_step(rt, cfg, compile=False):
+    """pretrain_barlow.py's step: SSLModel (Barlow Twins) through wrap_model, LARS over the
+    backbone and projector groups, the two barlow_imagenet views, C.train_step with the
+    per-step generator. Returns step(batch)."""
+    backbone, width = C.make_backbone(cfg['arch'])
+    model, raw = C.wrap_model(rt, C.SSLModel(backbone, width, cfg['projector'], 'barlow'),
+                              compile)
+    optimizer = C.make_optimizer({'backbone': raw.backbone, 'projector': raw.projector},
+                                 'lars', 0.2, 0.0048, 1e-6, cfg['batch'])
+    for g in optimizer.param_groups:  # an early warmup step's lr (lr_fn's job in fit)
+        g['lr'] = g['peak_lr'] * C.lr_factor(1, 1000, 100)
+    views = C.preset_params('barlow_imagenet', size=cfg['size'])
+    scaler, count = C.grad_scaler(rt), [0]
+    model.train()
+
+    def step_fn(x, y, gen):  # (B, 3, S, S) uint8 -> two augmented views -> loss
+        return model(*C.augment_views(x, views, gen))
+
+    def step(batch):
+        loss = C.train_step(rt, step_fn, optimizer, scaler, batch,
+                            C.step_generator(0, count[0], rt.rank))
+        count[0] += 1
+        return loss
+    return step
+
+
+def bench_barlow(rt, cfg, compile, during=None):
+    """(pairs/s, compile s) of the step on one pinned host batch (no loader). during(s) is
+    called just before the timed part (to read the clocks under load)."""
+    step = barlow_step(rt, cfg, compile)
+    batch = host_batch(rt, cfg['batch'], cfg['cache'], cfg['classes'])
+    first = first_call(rt, lambda: step(batch))
+    if during:
+        during(cfg['seconds'])
+    rate, _ = measure(rt, lambda: step(batch), cfg['batch'], cfg['seconds'], cfg['warmup'])
+    return rate, first
+
+
+def write_cache(folder, n, side, classes):
+    """A uint8 cache as common.build_cache leaves it (the (N, S, S, 3) .npy and the dict)
+    without decoding any files: n structured images of side px (1,024 distinct ones at most,
+    repeated: the pixels do not change a timing)."""
+    file = os.path.join(folder, f'bench-{side}.npy')
+    arr = np.lib.format.open_memmap(file, mode='w+', dtype=np.uint8, shape=(n, side, side, 3))
+    chunks = [images(min(256, n - s), side, seed=s).numpy() for s in range(0, min(n, 1024), 256)]
+    for k, s in enumerate(range(0, n, 256)):
+        arr[s:s + 256] = chunks[k % len(chunks)][:n - s]
+    arr.flush()
+    del arr
+    labels = np.random.default_rng(0).integers(0, classes, n).tolist()
+    return {'file': file, 'size': side, 'format': 'folder', 'root': folder,
+            'classes': [f'c{k}' for k in range(classes)], 'ids': [f'{k:05d}' for k in range(n)],
+            'labels': labels, 'groups': [None] * n, 'fingerprint': 'bench', 'bad': []}
+
+
+def bench_e2e(rt, cfg, cache, workers):
+    """pairs/s of the eager step fed by make_loader from the cache on disk, epoch after
+    epoch as fit does (set_epoch, persistent workers, pinned batches)."""
+    step = barlow_step(rt, cfg)
+    loader = C.make_loader(cache, range(len(cache['ids'])), cfg['batch'], workers=workers,
+                           pin=rt.device.type == 'cuda')
+
+    def batches():
+        epoch = 0
+        while True:
+            loader.sampler.set_epoch(epoch)
+            yield from loader
+            epoch += 1
+    it = batches()
+    first_call(rt, lambda: step(next(it)))  # starts the workers
+    # warmup past the batches the workers buffer ahead (prefetch_factor 4 each): a full
+    # buffer would hide a loader slower than the step for as many steps
+    rate, _ = measure(rt, lambda: step(next(it)), cfg['batch'], cfg['seconds'],
+                      cfg['warmup'] + 4 * workers)
+    del it, loader
+    return rate
+
+
+def finetune_task(rt, cfg, compile=False):
+    """finetune.py's step: classifier_task on the finetune_skin view at ft_size, AdamW over
+    the backbone and head groups. Returns (step(batch), raw model)."""
+    backbone, width = C.make_backbone(cfg['arch'])
+    view = C.preset_params('finetune_skin', size=cfg['ft_size'])[0]
+    model, raw, step_fn = C.classifier_task(rt, backbone, width, cfg['classes'], view,
+                                            compile=compile)
+    optimizer = C.make_optimizer({'backbone': raw.backbone, 'head': raw.head}, 'adamw',
+                                 4e-3, 4e-3, 0.0, cfg['ft_batch'])
+    for g in optimizer.param_groups:
+        g['lr'] = g['peak_lr'] * C.lr_factor(1, 1000, 250, 'onecycle')
+    scaler, count = C.grad_scaler(rt), [0]
+    model.train()
+
+    def step(batch):
+        loss = C.train_step(rt, step_fn, optimizer, scaler, batch,
+                            C.step_generator(0, count[0], rt.rank))
+        count[0] += 1
+        return loss
+    return step, raw
+
+
+def bench_finetune(rt, cfg, compile):
+    """(img/s, compile s) of the fine-tuning step on one pinned host batch at ft_size."""
+    step, _ = finetune_task(rt, cfg, compile)
+    batch = host_batch(rt, cfg['ft_batch'], max(cfg['ft_size'], cfg['cache']), cfg['classes'])
+    first = first_call(rt, lambda: step(batch))
+    rate, _ = measure(rt, lambda: step(batch), cfg['ft_batch'], cfg['seconds'], cfg['warmup'])
+    return rate, first
+
+
+def bench_tta(rt, cfg, cache):
+    """img/s of common.predict as finetune.py calls it after training: the raw model in eval
+    mode, the eval view plus tta - 1 finetune_skin views, mean softmax, in-process loading."""
+    _, raw = finetune_task(rt, cfg)
+    raw.eval()
+    eval_view = C.preset_params('eval', size=cfg['ft_size'])[0]
+    view = C.preset_params('finetune_skin', size=cfg['ft_size'])[0]
+    views = [eval_view] + [view] * (cfg['tta'] - 1)
+    positions = list(range(len(cache['ids'])))
+    C.predict(rt, raw, cache, positions[:2 * cfg['ft_batch']], cfg['ft_batch'], views,
+              softmax=True)  # warmup: cudnn autotuning of the eval shapes
+    rate, _ = measure(rt, lambda: C.predict(rt, raw, cache, positions, cfg['ft_batch'], views,
+                                            softmax=True),
+                      len(positions), cfg['seconds'], 0, min_reps=1)
+    return rate
+
+
+# --------------------------------------------------------------------------- main
+def main():
+    args = get_args()
+    rt = C.setup_runtime(args.device, args.precision)
+    cuda = rt.device.type == 'cuda'
+    name = 'tiny' if args.tiny or not cuda else 'full'
+    cfg = dict(CONFIGS[name], name=name)
+    for k in ('seconds', 'warmup', 'images'):
+        if getattr(args, k) is not None:
+            cfg[k] = getattr(args, k)
+    header = environment(rt, args, cfg)
+    print('\n'.join(header), flush=True)
+    table = Table(rt, judge=name == 'full', budget_s=60 * args.budget_minutes)
+    row_s = 2 * cfg['seconds'] + 15  # a row's warmup and timing, roughly
+    no_compile = 'skipped (--skip-compile)' if args.skip_compile else None
+    B, S, P, arch = cfg['batch'], cfg['size'], cfg['projector'], cfg['arch']
+    FB, FS = cfg['ft_batch'], cfg['ft_size']
+
+    table.run([(f'batched two-view barlow_imagenet augmentation, {cfg["cache"]} px uint8 -> '
+                f'{S} px, batch {B}', 'pairs/s', 20000)], lambda: bench_aug(rt, cfg), row_s)
+    bare = table.run([(f'bare {arch} forward+backward, {S} px, batch {B}', 'img/s', None)],
+                     lambda: bench_bare(rt, cfg), row_s)
+    bare = bare[0] if bare and isinstance(bare[0], float) else None
+    load = {}
+
+    def clocks_under_load(seconds):
+        if cuda:
+            load['timer'], load['out'] = nvidia_smi_later(seconds / 2)
+
+    def barlow(compile):
+        rate, first = bench_barlow(rt, cfg, compile, None if compile else clocks_under_load)
+        return [rate, rate / (bare / 2) if bare else 'n/a (no bare row)', first]
+    tag = f'Barlow Twins step (projector {P}, LARS), batch {B}'
+    eager = table.run([(f'{tag}, synthetic input', 'pairs/s', 2500),
+                       ('  its ratio to bare / 2', 'x', 0.9),
+                       ('  its first step (allocation, cudnn autotuning)', 's', None)],
+                      lambda: barlow(False), row_s)
+    table.run([(f'{tag}, --compile', 'pairs/s', 2500),
+               ('  its ratio to bare (eager) / 2', 'x', 0.9),
+               ('  its first step (compilation)', 's', None)],
+              lambda: barlow(True), COMPILE_ESTIMATE_S + row_s, skip=no_compile)
+
+    tmp = args.tmp or tempfile.mkdtemp(prefix='bench-gpu-')
+    os.makedirs(tmp, exist_ok=True)
+    try:
+        t = time.perf_counter()
+        cache = write_cache(tmp, cfg['images'], cfg['cache'], cfg['classes'])
+        print(f'  wrote a {cfg["images"]}-image {cfg["cache"]} px uint8 cache to {tmp} in '
+              f'{time.perf_counter() - t:.1f} s', flush=True)
+
+        def e2e():
+            rate = bench_e2e(rt, cfg, cache, args.workers)
+            synthetic = eager[0] if eager and isinstance(eager[0], float) else None
+            return [rate, rate / synthetic if synthetic else 'n/a (no synthetic row)']
+        table.run([(f'{tag}, end to end from a {cfg["images"]}-image uint8 cache on disk '
+                    f'(loader workers: {args.workers})', 'pairs/s', None),
+                   ('  its ratio to the synthetic-input step', 'x', 0.9)], e2e, row_s)
+        ft = f'fine-tuning step (finetune_skin, {FS} px, batch {FB}, AdamW)'
+        table.run([(f'{ft}, eager', 'img/s', 2500)],
+                  lambda: [bench_finetune(rt, cfg, False)[0]], row_s)
+        table.run([(f'{ft}, --compile', 'img/s', 2500),
+                   ('  its first step (compilation)', 's', None)],
+                  lambda: list(bench_finetune(rt, cfg, True)), COMPILE_ESTIMATE_S + row_s,
+                  skip=no_compile)
+        table.run([(f'test-time augmentation inference (common.predict, {cfg["tta"]} views, '
+                    f'batch {FB}, {FS} px)', 'img/s', None)],
+                  lambda: [bench_tta(rt, cfg, cache)], row_s)
+    finally:
+        if not args.tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    if 'timer' in load:
+        load['timer'].join(30)
+        header.insert(2, f'nvidia-smi during the eager Barlow Twins step: '
+                         f'{load["out"].get("text", "(no reading)")}')
+    wall = time.perf_counter() - table.t0
+    text = '\n'.join(['# bench-gpu', ''] + [f'- {h}' for h in header] + [''] +
+                     table.markdown() + ['', f'{table.verdict()} (wall {wall:.0f} s)']) + '\n'
+    print('\n' + text, end='', flush=True)
+    if args.out:
+        C.atomic_write(args.out, lambda f: f.write(text))
+
+
+if __name__ == '__main__':
+    C.main_guard(main)

@@ -1,0 +1,139 @@
+"""tests/bench_gpu.py (`make bench-gpu`) run with tiny shapes on the CPU, so the GPU benchmark
+cannot rot: every row of its table is there with a finite positive value. No timing
+thresholds (timings belong to the machine); the targets are judged only on a GPU, which the
+table logic is tested for in-process."""
+import math
+import subprocess
+
+import pytest
+import torch
+
+import bench_gpu
+import common as C
+from conftest import script_cmd, script_env
+
+ROWS = [  # (a piece of the measurement's name, unit), in table order
+    ('batched two-view barlow_imagenet augmentation', 'pairs/s'),
+    ('bare resnet18 forward+backward', 'img/s'),
+    ('synthetic input', 'pairs/s'),
+    ('its ratio to bare / 2', 'x'),
+    ('its first step (allocation', 's'),
+    ('batch 16, --compile', 'pairs/s'),
+    ('its ratio to bare (eager) / 2', 'x'),
+    ('its first step (compilation)', 's'),
+    ('end to end from a 64-image uint8 cache on disk', 'pairs/s'),
+    ('its ratio to the synthetic-input step', 'x'),
+    ('AdamW), eager', 'img/s'),
+    ('AdamW), --compile', 'img/s'),
+    ('its first step (compilation)', 's'),
+    ('test-time augmentation inference', 'img/s'),
+]
+COMPILED = {5, 6, 7, 11, 12}  # positions in ROWS of the torch.compile rows
+
+
+def run_bench(tmp_path, *extra, timeout):
+    out = tmp_path / 'bench-gpu.md'
+    r = subprocess.run(script_cmd('tests/bench_gpu.py', '--tiny', '--device', 'cpu',
+                                  '--out', out, *extra),
+                       cwd=str(tmp_path), capture_output=True, text=True, timeout=timeout,
+                       env=script_env(tmp_path / 'torch_home'))
+    assert r.returncode == 0, r.stderr[-3000:]
+    text = out.read_text()
+    assert text in r.stdout  # the same header and table on the screen and in the file
+    return text
+
+
+def table_rows(text):
+    """The markdown table's rows as dicts of its columns."""
+    lines = [line for line in text.splitlines() if line.startswith('|')]
+    head = [c.strip() for c in lines[0].strip('|').split('|')]
+    assert head == ['measurement', 'value', 'unit', 'peak memory', 'target', 'met?']
+    assert set(lines[1]) <= set('|-')
+    return [dict(zip(head, (c.strip() for c in line.strip('|').split('|'))))
+            for line in lines[2:]]
+
+
+def number(text):
+    return float(text.replace(',', ''))
+
+
+def check_table(text, compiled):
+    for key in ('- device: CPU', '- versions: torch ', 'torchvision ', 'cuDNN ', '- host: ',
+                '- settings: tiny shapes, resnet18, precision fp32'):
+        assert key in text
+    assert 'targets: not judged for tiny shapes' in text
+    rows = table_rows(text)
+    assert len(rows) == len(ROWS), [r['measurement'] for r in rows]
+    for k, (row, (name, unit)) in enumerate(zip(rows, ROWS)):
+        assert name in row['measurement'] and row['unit'] == unit, (row, name)
+        if k in COMPILED and not compiled:
+            assert row['value'] == 'skipped (--skip-compile)', row
+            continue
+        value = number(row['value'])
+        assert math.isfinite(value) and value > 0, row
+        if row['peak memory']:
+            peak = number(row['peak memory'].removesuffix(' GiB'))
+            assert math.isfinite(peak) and peak > 0, row
+        assert row['met?'] in ('', 'n/a (tiny)'), row
+    firsts = [r for r in rows if r['unit'] in ('pairs/s', 'img/s') and r['value'][0].isdigit()]
+    assert all(r['peak memory'].endswith(' GiB') for r in firsts)  # each group has its peak
+    targets = {r['measurement'].strip(): r['target'] for r in rows if r['target']}
+    assert sorted(set(targets.values())) == ['>= 0.9', '>= 2,500', '>= 20,000']
+
+
+def test_tiny_table_on_the_cpu(tmp_path):
+    """Every row but the compiled ones (their torch.compile path is the slow test's)."""
+    check_table(run_bench(tmp_path, '--skip-compile', '--seconds', '0.1', timeout=180),
+                compiled=False)
+
+
+@pytest.mark.slow
+def test_tiny_table_with_compile(tmp_path):
+    """The whole table, torch.compile rows included (about 4 minutes on 2 CPU cores with a
+    cold inductor cache, about 1 minute with a warm one)."""
+    check_table(run_bench(tmp_path, timeout=900), compiled=True)
+
+
+# --------------------------------------------------------------------------- the table logic
+def test_targets_judged_missed_rows_named_and_failures_kept():
+    rt = C.setup_runtime('cpu', 'fp32')
+    table = bench_gpu.Table(rt, judge=True, budget_s=60)
+    table.add('fast', 3000.0, 'pairs/s', 1.5, 2500)
+    table.add('slow', 2000.0, 'pairs/s', 1.5, 2500)
+    table.add('no target', 5.0, 's')
+
+    def boom():
+        raise RuntimeError('CUDA out of memory\nmore')
+    table.run([('broken', 'img/s', 2500), ('  its ratio', 'x', 0.9)], boom, 1)
+    table.run([('too long', 'img/s', 2500)], lambda: [1.0], 3600)
+    table.run([('left out', 'img/s', 2500)], lambda: [1.0], 1, skip='skipped (--skip-compile)')
+    rows = table_rows('\n'.join(table.markdown()))
+    met = {r['measurement']: r['met?'] for r in rows}
+    assert met == {'fast': 'yes', 'slow': 'NO', 'no target': '', 'broken': 'not measured',
+                   'its ratio': 'not measured', 'too long': 'not measured',
+                   'left out': 'not measured'}
+    value = {r['measurement']: r['value'] for r in rows}
+    assert value['fast'] == '3,000' and value['no target'] == '5.00'
+    assert value['broken'] == value['its ratio'] == \
+        'failed (RuntimeError: CUDA out of memory)'
+    assert value['too long'].startswith('skipped (time budget:')
+    assert value['left out'] == 'skipped (--skip-compile)'
+    assert table.verdict() == ('targets missed: slow. not measured: broken; its ratio; '
+                               'too long; left out')
+    table.rows = table.rows[:1]
+    assert table.verdict() == 'targets: all met'
+
+
+def test_nvidia_smi_absent_is_said_not_raised(monkeypatch):
+    monkeypatch.setattr(bench_gpu, 'NVIDIA_SMI', ['no-such-nvidia-smi-here'])
+    assert bench_gpu.nvidia_smi() == '(nvidia-smi unavailable: FileNotFoundError)'
+
+
+def test_the_cache_it_writes_reads_as_a_cache(tmp_path):
+    cache = bench_gpu.write_cache(str(tmp_path), 1100, 8, 3)
+    x, y = next(iter(C.make_loader(cache, range(1100), 1100, shuffle=False, workers=0)))
+    assert x.shape == (1100, 8, 8, 3) and x.dtype == torch.uint8
+    assert 0 <= int(y.min()) and int(y.max()) < 3 and len(cache['ids']) == 1100
+    assert x.float().std() > 10  # structured images, not zeros
+    assert not (x[256:512] == x[:256]).all()  # distinct up to 1,024, then repeated
+    assert (x[1024:] == x[:76]).all()
