@@ -92,7 +92,7 @@ TAG   := $(notdir $(SKIN_DIR))-$(PROTOCOL)-$(ARCH)-$(SIZE)px-s$(SEEDS)
 DONE  := $(foreach i,$(INITS),$(foreach l,$(LABELS),$(RESULTS)/.done/finetune-$(i)-$(l)-$(TAG)) \
            $(foreach l,$(sort $(LABELS) $(PROBE_LABELS)),$(RESULTS)/.done/probe-$(i)-$(l)-$(TAG)))
 
-.PHONY: all help install test test-fast data split pretrain eval report paper bench ablation \
+.PHONY: all help install test test-fast data split pretrain eval report paper bench bench-gpu ablation \
         clean distclean
 .DEFAULT_GOAL := help
 
@@ -236,6 +236,9 @@ paper:  ## the paper's experiment: ResNet-50, 256 px, published weights, 35 seed
 # --------------------------------------------------------------------------- benchmarks, cleaning
 bench: install  ## throughput table (augmentation, training steps, cache vs JPEG, probe)
 	$(PY) tests/bench.py
+
+bench-gpu: install  ## the GPU table on one H200-class GPU (about 5 minutes): results/bench-gpu.md
+	$(PY) tests/bench_gpu.py --out $(RESULTS)/bench-gpu.md
 
 clean:  ## remove runs, results, splits and caches (keeps data/ and .venv)
 	rm -rf $(OUT) $(RESULTS) splits $(CACHE_DIR)
