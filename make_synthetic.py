@@ -15,11 +15,12 @@ data/source/<class>/<class>_00000.jpg  ImageFolder of 12 classes of procedural o
     scale, rotation and position; pretraining on it teaches edges, blobs, lines, meshes, colour.
 data/skin/  the ISIC 2019 layout: ISIC_2019_Training_Input/ISIC_0000000.jpg ...,
     ISIC_2019_Training_GroundTruth.csv (one-hot MEL..SCC, UNK) and _Metadata.csv (age, site,
-    lesion_id, sex). Dermoscopy-like lesions of the 8 classes with an ISIC-like imbalance; each
-    class is a distribution over what a dermatologist looks at (asymmetry, border, colours,
-    network, globules, streaks, vessels, keratin, cysts, ...) and the classes overlap. Nuisances
-    (skin tone, light, hair, vignette, bubbles, rulers, JPEG quality) vary independently; some
-    lesions are photographed 2-3 times (same lesion_id, another rotation/scale/light).
+    lesion_id, sex). Dermoscopy-like lesions of the 8 classes with an ISIC-like imbalance. A
+    class is a distribution over size, asymmetry, border, colours and structures (network,
+    globules, streaks, vessels, keratin, cysts...), each structure a row of the STRUCTURES
+    table drawn by one of four primitives (spots, net, patch, lines); the classes overlap.
+    Nuisances (skin tone, light, hair, vignette, bubbles, rulers, JPEG quality) vary
+    independently; some lesions are photographed 2-3 times (same lesion_id, another pose/light).
 
 Deterministic for --seed: every image draws from its own random stream, whatever --workers.
 Each dataset is written to a hidden staging folder, stamped with .synthetic.json last, then
@@ -36,11 +37,12 @@ import os
 import shutil
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-VERSION = 1  # bump when the images change, so old stamps no longer match
+VERSION = 2  # bump when the images change, so old stamps no longer match
 STAMP = '.synthetic.json'
 SOURCE_CLASSES = ['blobs', 'branches', 'cells', 'checkers', 'crosses', 'grid', 'polygons',
                   'rings', 'spokes', 'spots', 'stars', 'stripes']
@@ -58,42 +60,33 @@ def fail(msg):
 
 # --------------------------------------------------------------------------- drawing helpers
 # Images are rendered at R = 2 * size in float32 RGB in [0, 1], then box-downsampled (antialias).
-
-def rng_for(seed, *keys):
-    """An independent random stream per (seed, dataset, image): results don't depend on order."""
-    return np.random.default_rng([seed, *keys])
-
-
 def smoothstep(e0, e1, x):
     t = np.clip((x - e0) / (e1 - e0), 0.0, 1.0)
     return t * t * (3 - 2 * t)
 
 
-def pixel_grid(R):
-    yy, xx = np.mgrid[0:R, 0:R].astype(np.float32) + 0.5
-    return xx, yy
+def grid(R):
+    """Pixel-centre coordinates xx, yy, (R, R) each."""
+    return np.mgrid[0:R, 0:R][::-1].astype(np.float32) + 0.5
 
 
 def noise(rng, R, cells):
     """Smooth value noise in [0, 1], (R, R): a random cells x cells grid upsampled bicubically."""
-    g = rng.random((int(cells) + 1, int(cells) + 1)).astype(np.float32)
-    a = np.asarray(Image.fromarray(g, 'F').resize((R, R), Image.BICUBIC), dtype=np.float32)
+    a = np.asarray(Image.fromarray(rng.random((int(cells) + 1,) * 2).astype(np.float32), 'F')
+                   .resize((R, R), Image.BICUBIC))
     return (a - a.min()) / (a.max() - a.min() + 1e-6)
 
 
 def blur(a, sigma):
     """Separable Gaussian blur over the first two axes of a (R, R) or (R, R, 3) array."""
-    if sigma < 0.3:
-        return a
     k = int(3 * sigma + 0.5)
+    if sigma < 0.3 or np.ndim(a) < 2:
+        return a
     w = np.exp(-np.arange(-k, k + 1) ** 2 / (2 * sigma ** 2))
-    w /= w.sum()
     for ax in (0, 1):
-        p = np.moveaxis(a, ax, 0)
-        n = p.shape[0]
-        p = np.concatenate([p[:1].repeat(k, 0), p, p[-1:].repeat(k, 0)])
-        a = np.moveaxis(sum(w[i] * p[i:i + n] for i in range(2 * k + 1)), 0, ax)
-    return a.astype(np.float32)
+        p = np.pad(a, [(k, k) if i == ax else (0, 0) for i in range(a.ndim)], mode='edge')
+        a = sum(w[i] * np.take(p, range(i, i + a.shape[ax]), ax) for i in range(2 * k + 1))
+    return (a / w.sum() ** 2).astype(np.float32)
 
 
 def mask(R, fn):
@@ -103,42 +96,34 @@ def mask(R, fn):
     return np.array(im, dtype=np.float32)
 
 
-def ellipse_pts(cx, cy, a, b, ang, n=18):
-    t = np.linspace(0, 2 * np.pi, n, endpoint=False)
-    x, y = a * np.cos(t), b * np.sin(t)
-    c, s = math.cos(ang), math.sin(ang)
-    return list(zip((cx + c * x - s * y).tolist(), (cy + s * x + c * y).tolist()))
-
-
-def disc(d, x, y, r):
-    d.ellipse([x - r, y - r, x + r, y + r], fill=1.0)
+def disc(d, x, y, r, **kw):
+    d.ellipse([x - r, y - r, x + r, y + r], **(kw or dict(fill=1.0)))
 
 
 def voronoi(xx, yy, px, py):
-    """Per pixel: distance to the nearest and the second-nearest seed (one seed at a time, so
-    memory stays (R, R) whatever the size)."""
-    d1 = np.full(xx.shape, np.inf, np.float32)
-    d2 = d1.copy()
+    """Per pixel, half the gap between the nearest and the second-nearest seed: the distance to a
+    cell wall (one seed at a time, so memory stays (R, R) whatever the size)."""
+    d1, d2 = np.full(xx.shape, np.inf, np.float32), np.full(xx.shape, np.inf, np.float32)
     for x, y in zip(px.tolist(), py.tolist()):
         d = (xx - x) ** 2 + (yy - y) ** 2
         d2 = np.minimum(d2, np.maximum(d1, d))
         d1 = np.minimum(d1, d)
-    return np.sqrt(d1), np.sqrt(d2)
+    return (np.sqrt(d2) - np.sqrt(d1)) / 2
 
 
-def tree(d, x, y, ang, length, width, depth, rng, wiggle=0.25):
-    """A branching line (vessel, twig): three jittered steps, then two thinner, shorter children."""
+def tree(d, x, y, ang, length, width, depth, rng):
+    """A line in three jittered steps (streak, vessel, twig), then two thinner, shorter children
+    while depth > 0."""
     pts = [(x, y)]
     for _ in range(3):
-        ang += rng.normal(0, wiggle)
+        ang += rng.normal(0, 0.25)
         x, y = x + math.cos(ang) * length / 3, y + math.sin(ang) * length / 3
         pts.append((x, y))
     d.line(pts, fill=1.0, width=max(1, round(width)), joint='curve')
-    if depth > 0:
-        for side in (-1, 1):
-            if rng.random() < 0.85:
-                tree(d, x, y, ang + side * rng.uniform(0.3, 0.8), length * rng.uniform(0.55, 0.8),
-                     width * 0.7, depth - 1, rng, wiggle)
+    for side in (-1, 1)[:2 * (depth > 0)]:
+        if rng.random() < 0.85:
+            tree(d, x, y, ang + side * rng.uniform(0.3, 0.8), length * rng.uniform(0.55, 0.8),
+                 width * 0.7, depth - 1, rng)
 
 
 def over(img, colour, alpha):
@@ -147,14 +132,14 @@ def over(img, colour, alpha):
     return img * (1 - a) + np.asarray(colour, np.float32) * a
 
 
-def finish(img, rng, R, size, blur_p):
+def finish(img, rng, size, blur_p):
     """Camera: light gradient, white balance, blur, sensor noise; then to uint8 at `size`."""
-    xx, yy = pixel_grid(R)
+    R = len(img)
+    xx, yy = grid(R)
     ang = rng.uniform(0, 2 * np.pi)
-    grad = 1 + rng.uniform(0, 0.25) * ((xx * math.cos(ang) + yy * math.sin(ang)) / R - 0.5)
+    light = 1 + rng.uniform(0, 0.25) * ((xx * math.cos(ang) + yy * math.sin(ang)) / R - 0.5)
     temp, tint = rng.normal(0, 0.07), abs(rng.normal(0, 0.04))  # white balance: warm/cool, magenta
-    wb = np.array([1 + temp, 1 - tint, 1 - temp], np.float32)
-    img = img * (grad * rng.uniform(0.75, 1.2))[..., None] * wb
+    img = img * (light * rng.uniform(0.75, 1.2))[..., None] * [1 + temp, 1 - tint, 1 - temp]
     if rng.random() < blur_p:
         img = blur(img, rng.uniform(0.5, 1.3) * R / 128)
     img = img + rng.normal(0, rng.uniform(0.004, 0.02), img.shape)
@@ -168,26 +153,86 @@ def rand_colour(rng):
                     np.float32)
 
 
+def source_mask(cls, rng, R, u, v, th, s, cx, cy):
+    """Where the object of class cls is, (R, R) in [0, 1]; u, v: its frame (about +-1 over the
+    object, rotated by th and scaled by s about cx, cy)."""
+    r = np.hypot(u, v)
+    wave = lambda x: smoothstep(-0.25, 0.25, np.sin(x) + rng.uniform(-0.4, 0.4))
+    round_ = lambda m: m * smoothstep(1.05, 0.95, r / rng.uniform(0.5, 1.5))
+    if cls == 'stripes':
+        wavy = rng.uniform(0, 0.3) * np.sin(v * rng.uniform(2, 9)) * (rng.random() < 0.4)
+        return wave(np.pi * rng.uniform(1.5, 5) * (u + wavy))
+    if cls == 'checkers':
+        f = rng.uniform(1.5, 4)
+        return smoothstep(-0.1, 0.1, np.sin(np.pi * f * u) * np.sin(np.pi * f * v))
+    if cls in ('rings', 'spokes'):
+        return round_(wave(np.pi * rng.uniform(2, 6) * r) if cls == 'rings' else
+                      wave(rng.integers(4, 16) * np.arctan2(v, u)) * (r > rng.uniform(0, 0.2)))
+    if cls == 'grid':
+        f, w = rng.uniform(1.5, 4.5), rng.uniform(0.03, 0.1)
+        return smoothstep(w, w / 2, np.minimum(*[np.abs(f * a - np.round(f * a)) / f
+                                                 for a in (u, v)]))
+    if cls == 'crosses':
+        L, W = rng.uniform(0.5, 0.9), rng.uniform(0.1, 0.25)
+        arm = lambda a, b: smoothstep(0.03, -0.03, np.maximum(np.abs(a) - L, np.abs(b) - W))
+        return np.maximum(arm(u, v), arm(v, u))
+    if cls == 'cells':
+        sp = rng.uniform(0.12, 0.3) * R * s
+        g = np.arange(-sp, R + sp, sp)
+        px, py = [a.ravel() + rng.uniform(-.35, .35, a.size) * sp for a in np.meshgrid(g, g)]
+        w = sp * rng.uniform(0.04, 0.12)
+        return smoothstep(w, w * 0.5, voronoi(*grid(R), px, py))
+    if cls == 'blobs' and rng.random() < 0.5:  # camouflage
+        t = rng.uniform(0.35, 0.65)
+        return smoothstep(t - 0.03, t + 0.03, noise(rng, R, rng.integers(3, 9)))
+    if cls == 'blobs':  # one to three amoebas
+        m = 0
+        for _ in range(rng.integers(1, 4)):
+            ox, oy = rng.uniform(-0.5, 0.5, 2)
+            a = np.arctan2(v - oy, u - ox)
+            rho = rng.uniform(0.3, 0.6) * (1 + sum(rng.uniform(0, .25 / k) * np.cos(
+                k * a + rng.uniform(0, 6.3)) for k in range(1, 6)))
+            m = np.maximum(m, smoothstep(1.05, 0.95, np.hypot(u - ox, v - oy) / rho))
+        return m
+    if cls in ('polygons', 'stars'):
+        n = rng.integers(3, 9) if cls == 'polygons' else 2 * rng.integers(5, 10)
+        radii = (rng.uniform(0.45, 0.75) * rng.uniform(0.85, 1.15, n) if cls == 'polygons' else
+                 rng.uniform(0.5, 0.8) * np.tile([1, rng.uniform(0.3, 0.55)], n // 2))
+        z = (cx + 1j * cy) + radii * s * R / 2 * np.exp(1j * (th + np.arange(n) * 2 * np.pi / n))
+        pts = [(p.real, p.imag) for p in z.tolist()]
+        if rng.random() < 0.75:
+            return mask(R, lambda d: d.polygon(pts, fill=1.0))
+        w = int(R * rng.uniform(0.03, 0.08))  # an outline only
+        return mask(R, lambda d: d.line(pts + pts[:1], fill=1.0, width=w, joint='curve'))
+    if cls == 'spots':
+        sp = rng.uniform(0.15, 0.3) * R * s  # polka lattice, or scattered discs
+        g = np.arange(-sp, R + sp, sp)
+        xyr = ([(x + (k % 2) * sp / 2, y, sp * rng.uniform(0.2, 0.35)) for k, y in enumerate(g)
+                for x in g] if rng.random() < 0.5 else
+               rng.uniform([0, 0, .02 * R * s], [R, R, .09 * R * s], (rng.integers(4, 30), 3)))
+        return mask(R, lambda d: [disc(d, x, y, q) for x, y, q in xyr])
+    assert cls == 'branches', cls
+    return mask(R, lambda d: [tree(d, *rng.uniform(0.1, 0.9, 2) * R, rng.uniform(0, 2 * np.pi),
+                                   rng.uniform(0.25, 0.45) * R * s, rng.uniform(0.02, 0.05) * R,
+                                   3, rng) for _ in range(rng.integers(1, 4))])
+
+
 def source_image(cls, rng, R):
-    xx, yy = pixel_grid(R)
+    xx, yy = grid(R)
     # background: solid, gradient or two-colour noise, with fine grain
-    b1, b2 = rand_colour(rng), rand_colour(rng)
-    kind = rng.integers(3)
-    t = (0 if kind == 0 else (xx / R) if kind == 1 else noise(rng, R, rng.integers(2, 7)))
-    img = b1 + (b2 - b1) * np.asarray(t, np.float32)[..., None] * np.ones((R, R, 1), np.float32)
-    img = img * (1 + 0.08 * (noise(rng, R, R // 6)[..., None] - 0.5))
-    # the object frame: rotation, scale, position jitter; u, v about +-1 over the object
+    b1, b2, kind = rand_colour(rng), rand_colour(rng), rng.integers(3)
+    t = xx * 0 if kind == 0 else xx / R if kind == 1 else noise(rng, R, rng.integers(2, 7))
+    img = (b1 + (b2 - b1) * t[..., None]) * (1 + 0.08 * (noise(rng, R, R // 6)[..., None] - .5))
+    # the object's frame: rotation, scale, position
     th, s = rng.uniform(0, 2 * np.pi), rng.uniform(0.6, 1.3)
     cx, cy = rng.uniform(0.3, 0.7, 2) * R
     x, y = (xx - cx) / (R / 2), (yy - cy) / (R / 2)
-    u = (x * math.cos(th) + y * math.sin(th)) / s
-    v = (-x * math.sin(th) + y * math.cos(th)) / s
-    r = np.hypot(u, v)
-    region = 1.0  # textures sometimes fill only a soft blob, like a pattern on an object
-    if cls in ('stripes', 'checkers', 'grid', 'cells', 'blobs', 'spots') and rng.random() < 0.35:
-        region = smoothstep(1.0, 0.85, r / rng.uniform(0.6, 1.1) + 0.4 * noise(rng, R, 4))
-    m = SOURCE_PATTERNS[cls](rng, R, u, v, r, th, s, cx, cy)
-    m = m * region
+    u, v = (x * math.cos(th) + y * math.sin(th)) / s, (y * math.cos(th) - x * math.sin(th)) / s
+    m = source_mask(cls, rng, R, u, v, th, s, cx, cy)
+    if cls in ('stripes', 'checkers', 'grid', 'cells', 'blobs', 'spots') and rng.random() < .35:
+        # a texture filling only a soft blob, like a pattern on an object
+        m = m * smoothstep(1.0, 0.85, np.hypot(u, v) / rng.uniform(0.6, 1.1)
+                           + 0.4 * noise(rng, R, 4))
     # foreground: one colour, a two-colour gradient or a noisy fill, contrasted with the background
     f1 = rand_colour(rng)
     for _ in range(5):
@@ -205,117 +250,13 @@ def source_image(cls, rng, R):
     return img
 
 
-def _stripes(rng, R, u, v, r, th, s, cx, cy):
-    w = u + (rng.uniform(0, 0.3) * np.sin(v * rng.uniform(2, 9)) if rng.random() < 0.4 else 0)
-    return smoothstep(-0.25, 0.25, np.sin(np.pi * rng.uniform(1.5, 5) * w) + rng.uniform(-.4, .4))
-
-
-def _checkers(rng, R, u, v, r, th, s, cx, cy):
-    f = rng.uniform(1.5, 4)
-    return smoothstep(-0.1, 0.1, np.sin(np.pi * f * u) * np.sin(np.pi * f * v))
-
-
-def _rings(rng, R, u, v, r, th, s, cx, cy):
-    m = smoothstep(-0.25, 0.25, np.sin(np.pi * rng.uniform(2, 6) * r) + rng.uniform(-.4, .4))
-    return m * smoothstep(1.05, 0.95, r / rng.uniform(0.5, 1.5))
-
-
-def _spokes(rng, R, u, v, r, th, s, cx, cy):
-    n = rng.integers(4, 16)
-    m = smoothstep(-0.25, 0.25, np.sin(n * np.arctan2(v, u)) + rng.uniform(-.4, .4))
-    return m * smoothstep(1.05, 0.95, r / rng.uniform(0.5, 1.5)) * (r > rng.uniform(0, .2))
-
-
-def _grid(rng, R, u, v, r, th, s, cx, cy):
-    f, w = rng.uniform(1.5, 4.5), rng.uniform(0.03, 0.1)
-    line = lambda a: smoothstep(w, w * 0.5, np.abs(f * a - np.round(f * a)) / f)
-    return np.maximum(line(u), line(v))
-
-
-def _cells(rng, R, u, v, r, th, s, cx, cy):
-    xx, yy = pixel_grid(R)
-    sp = rng.uniform(0.12, 0.3) * R * s
-    g = np.arange(-sp, R + sp, sp)
-    px, py = [a.ravel() + rng.uniform(-.35, .35, a.size) * sp for a in np.meshgrid(g, g)]
-    d1, d2 = voronoi(xx, yy, px, py)
-    w = sp * rng.uniform(0.04, 0.12)
-    return smoothstep(w, w * 0.5, (d2 - d1) / 2)
-
-
-def _spots(rng, R, u, v, r, th, s, cx, cy):
-    if rng.random() < 0.5:  # polka lattice
-        sp = rng.uniform(0.15, 0.3) * R * s
-        g = np.arange(-sp, R + sp, sp)
-        pts = [(x + (k % 2) * sp / 2, y) for k, y in enumerate(g) for x in g]
-        rad = [sp * rng.uniform(0.2, 0.35)] * len(pts)
-    else:
-        pts = rng.uniform(0, R, (rng.integers(4, 30), 2)).tolist()
-        rad = (rng.uniform(0.02, 0.09, len(pts)) * R * s).tolist()
-    return mask(R, lambda d: [disc(d, x, y, q) for (x, y), q in zip(pts, rad)])
-
-
-def _shape(rng, R, th, s, cx, cy, radii):
-    n = len(radii)
-    a = th + np.arange(n) * 2 * np.pi / n
-    pts = list(zip((cx + np.cos(a) * radii * s * R / 2).tolist(),
-                   (cy + np.sin(a) * radii * s * R / 2).tolist()))
-    if rng.random() < 0.75:
-        return mask(R, lambda d: d.polygon(pts, fill=1.0))
-    return mask(R, lambda d: d.line(pts + pts[:1], fill=1.0, width=int(R * rng.uniform(.03, .08)),
-                                    joint='curve'))
-
-
-def _polygons(rng, R, u, v, r, th, s, cx, cy):
-    n = rng.integers(3, 9)
-    return _shape(rng, R, th, s, cx, cy, rng.uniform(0.45, 0.75) * rng.uniform(0.85, 1.15, n))
-
-
-def _stars(rng, R, u, v, r, th, s, cx, cy):
-    n, big = rng.integers(5, 10), rng.uniform(0.5, 0.8)
-    return _shape(rng, R, th, s, cx, cy, np.tile([big, big * rng.uniform(0.3, 0.55)], n))
-
-
-def _crosses(rng, R, u, v, r, th, s, cx, cy):
-    L, W = rng.uniform(0.5, 0.9), rng.uniform(0.1, 0.25)
-    arm = lambda a, b: smoothstep(0.03, -0.03, np.maximum(np.abs(a) - L, np.abs(b) - W))
-    return np.maximum(arm(u, v), arm(v, u))
-
-
-def _branches(rng, R, u, v, r, th, s, cx, cy):
-    def draw(d):
-        for _ in range(rng.integers(1, 4)):
-            tree(d, *rng.uniform(0.1, 0.9, 2) * R, rng.uniform(0, 2 * np.pi),
-                 rng.uniform(0.25, 0.45) * R * s, rng.uniform(0.02, 0.05) * R, 3, rng)
-    return mask(R, draw)
-
-
-def _blobs(rng, R, u, v, r, th, s, cx, cy):
-    if rng.random() < 0.5:  # camouflage
-        t = rng.uniform(0.35, 0.65)
-        return smoothstep(t - 0.03, t + 0.03, noise(rng, R, rng.integers(3, 9)))
-    m = 0
-    for _ in range(rng.integers(1, 4)):  # amoebas
-        ox, oy = rng.uniform(-0.5, 0.5, 2)
-        a = np.arctan2(v - oy, u - ox)
-        wobble = sum(rng.uniform(0, .25 / k) * np.cos(k * a + rng.uniform(0, 6.3))
-                     for k in range(1, 6))
-        rho = rng.uniform(0.3, 0.6) * (1 + wobble)
-        m = np.maximum(m, smoothstep(1.05, 0.95, np.hypot(u - ox, v - oy) / rho))
-    return m
-
-
-SOURCE_PATTERNS = {'blobs': _blobs, 'branches': _branches, 'cells': _cells,
-                   'checkers': _checkers, 'crosses': _crosses, 'grid': _grid,
-                   'polygons': _polygons, 'rings': _rings, 'spokes': _spokes, 'spots': _spots,
-                   'stars': _stars, 'stripes': _stripes}
-
-
 # ------------------------------------------------------------------ skin (ISIC 2019 look-alike)
 # Pigment colours are factors on the skin tone (a lesion on darker skin is darker); others absolute.
 PIGMENT = {'tan': (.86, .74, .64), 'light': (.72, .55, .43), 'brown': (.52, .36, .26),
            'dark': (.30, .20, .14)}
-COLOUR = {'black': (.10, .08, .08), 'bluegrey': (.45, .48, .55), 'red': (.80, .22, .25),
-          'pink': (.92, .60, .62), 'white': (.95, .93, .91), 'keratin': (.95, .90, .77),
+COLOUR = {'black': (.10, .08, .08), 'bluegrey': (.45, .48, .55), 'slate': (.30, .33, .40),
+          'veil': (.70, .71, .73), 'red': (.80, .22, .25), 'pink': (.92, .60, .62),
+          'white': (.95, .93, .91), 'scar': (.87, .86, .84), 'keratin': (.95, .90, .77),
           'purple': (.50, .17, .32), 'maroon': (.36, .08, .14), 'crust': (.40, .16, .10),
           'septa': (.92, .76, .78)}
 
@@ -333,449 +274,310 @@ SHAPE = {
     'SCC': ((.40, .75), (.05, .15), (.02, .06), (.06, .15), (1, 3), (.60, .95)),
 }
 # Body colour: the base drawn with these weights (classes overlap on purpose: pigmented BCC,
-# AK and SCC exist, and a colour mean alone should not give the class away), then extra colours.
-BASE = {  # tan light brown dark pink red purple
-    'MEL': (.15, .30, .30, .20, .05, .00, .00),
-    'NV': (.25, .30, .25, .17, .03, .00, .00),
-    'BCC': (.15, .25, .20, .05, .35, .00, .00),
-    'AK': (.20, .30, .15, .05, .25, .05, .00),
-    'BKL': (.20, .30, .25, .20, .05, .00, .00),
-    'DF': (.20, .35, .25, .05, .15, .00, .00),
-    'VASC': (.00, .05, .10, .15, .10, .30, .30),
-    'SCC': (.20, .30, .15, .05, .25, .05, .00),
-}
+# AK and SCC exist, and a colour mean alone should not give the class away), then extra colours,
+# in soft zones, concentric with probability ZONES (DF's pale centre, NV's regular rings).
 BASE_NAMES = ['tan', 'light', 'brown', 'dark', 'pink', 'red', 'purple']
+BASE = {'MEL': (.15, .30, .30, .20, .05, .00, .00), 'NV': (.25, .30, .25, .17, .03, .00, .00),
+        'BCC': (.15, .25, .20, .05, .35, .00, .00), 'AK': (.20, .30, .15, .05, .25, .05, .00),
+        'BKL': (.20, .30, .25, .20, .05, .00, .00), 'DF': (.20, .35, .25, .05, .15, .00, .00),
+        'VASC': (.00, .05, .10, .15, .10, .30, .30), 'SCC': (.20, .30, .15, .05, .25, .05, .00)}
 EXTRA = {'MEL': ['black', 'dark', 'dark', 'bluegrey', 'bluegrey', 'tan', 'red', 'white'],
          'NV': ['dark', 'brown', 'tan'], 'BCC': ['bluegrey', 'pink', 'white', 'brown'],
          'AK': ['pink', 'red', 'light'], 'BKL': ['dark', 'brown', 'keratin', 'black'],
          'DF': ['pink', 'brown'], 'VASC': ['purple', 'maroon', 'black'],
          'SCC': ['white', 'keratin', 'red', 'light']}
+ZONES = {'NV': .85, 'DF': .8}  # else .15
 
-# Probability that a lesion of each class shows each dermoscopic structure (drawn in this order).
-#                  MEL  NV   BCC  AK   BKL  DF   VASC SCC
-STRUCTURES = {
-    'erythema':   (.05, .00, .25, .75, .05, .10, .10, .55),  # sun-damaged pink halo
-    'body':       (1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0),  # pigment, colour variegation
-    'periph_net': (.00, .00, .00, .00, .00, .80, .00, .00),  # delicate network at the rim (DF)
-    'network':    (.05, .65, .00, .00, .05, .00, .00, .00),  # regular reticular network
-    'atyp_net':   (.70, .08, .00, .00, .05, .00, .00, .00),  # thick, broken, irregular network
-    'veil':       (.45, .02, .10, .00, .03, .00, .00, .00),  # blue-white veil
-    'regression': (.40, .02, .05, .00, .03, .00, .00, .00),  # white scar + blue peppering
-    'central_white': (.03, .02, .03, .00, .00, .90, .00, .05),  # DF's central white patch
-    'globules':   (.05, .50, .00, .00, .00, .00, .00, .00),  # regular cobblestone globules
-    'dots':       (.60, .08, .05, .00, .08, .00, .00, .00),  # irregular peripheral dots
-    'nests':      (.08, .02, .75, .00, .03, .00, .00, .00),  # blue-grey ovoid nests (BCC)
-    'streaks':    (.45, .06, .00, .00, .00, .00, .00, .00),  # radial streaks / pseudopods
-    'fissures':   (.00, .03, .00, .00, .60, .00, .00, .00),  # cerebriform ridges (seb. keratosis)
-    'comedo':     (.00, .03, .00, .00, .65, .00, .00, .00),  # comedo-like openings
-    'milia':      (.00, .05, .05, .00, .80, .00, .00, .00),  # milia-like cysts
-    'lacunae':    (.00, .00, .00, .00, .00, .00, .95, .00),  # red-purple lacunae, pale septa
-    'strawberry': (.00, .00, .00, .80, .00, .00, .00, .10),  # red pseudo-network + follicles
-    'scale':      (.00, .00, .02, .70, .15, .00, .00, .30),  # white-yellow surface scale
-    'keratin':    (.00, .00, .00, .15, .10, .00, .00, .80),  # central keratin mass
-    'white_circles': (.00, .00, .00, .50, .00, .00, .00, .55),  # white rings round follicles
-    'ulceration': (.05, .00, .30, .02, .00, .00, .05, .35),  # blood crust
-    'arborizing': (.03, .00, .90, .05, .03, .00, .00, .08),  # branching sharp vessels (BCC)
-    'dotted':     (.10, .02, .05, .40, .05, .10, .00, .45),  # dotted vessels
-    'glomerular': (.00, .00, .00, .10, .03, .00, .00, .65),  # coiled vessel clusters (SCC)
-    'hairpin':    (.00, .00, .00, .05, .25, .00, .00, .20),  # hairpin vessels with white halo
-    'shiny_white': (.15, .00, .35, .00, .00, .10, .00, .10),  # short white crossing lines
+
+# A lesion is a namespace L in its own frame (centre L.c): its border radius L.rho(angle), L.d
+# (0 at the centre, 1 on the border), L.inside (a soft mask) and a premultiplied RGBA layer
+# L.P, L.A that the primitives paint over in turn.
+def pick(rng, v):
+    """A table value: a (lo, hi) range draws uniformly, a tuple of names picks one, else as is."""
+    if isinstance(v, tuple):
+        return str(rng.choice(v)) if isinstance(v[0], str) else rng.uniform(*v)
+    return v
+
+
+def paint(L, colour, alpha, win='all'):
+    """Paint a colour (a name, jittered; pigments on the skin tone) with alpha, within win
+    (None: anywhere)."""
+    if isinstance(colour, str):
+        c = np.array(PIGMENT[colour]) * L.skin if colour in PIGMENT else COLOUR[colour]
+        colour = np.clip(c * L.rng.normal(1, 0.04, 3), 0, 1)
+    if win == 'halo':  # around the lesion too
+        alpha = alpha * smoothstep(1.8, 0.9, L.d)
+    elif win:  # inside, or in part of it: the centre, the rim, irregular islands
+        alpha = alpha * L.inside * (
+            smoothstep(1.0, 0.6, L.d) if win == 'centre' else smoothstep(0.4, 0.7, L.d)
+            if win == 'rim' else smoothstep(0.35, 0.5, noise(L.rng, L.R, L.rng.integers(3, 6)))
+            if win == 'patchy' else 1)
+    a = np.clip(alpha, 0, 1).astype(np.float32)
+    L.P, L.A = over(L.P, colour, a), L.A * (1 - a) + a
+
+
+def points(L, n, t=(0, .85), sector=None):
+    """n points inside the lesion at normalised radius in t, all round or in a sector of that
+    width (radians) at a random angle: on one side, as atypical structures are."""
+    rng = L.rng
+    a = (rng.uniform(0, 2 * np.pi, n) if sector is None else
+         rng.uniform(0, 2 * np.pi) + rng.uniform(-.5, .5, n) * pick(rng, sector))
+    z = L.c * (1 + 1j) + np.sqrt(rng.uniform(t[0] ** 2, t[1] ** 2, n)) * L.rho(a) * np.exp(1j * a)
+    return z.real, z.imag
+
+
+def lattice(L, sp, jitter, tmax):
+    """A jittered hexagonal lattice of spacing sp: the points within tmax of the border."""
+    g = np.arange(-1.6 * L.rad, 1.6 * L.rad, sp)
+    z = (g[None] + (np.arange(len(g))[:, None] % 2) * sp / 2 + 1j * 0.866 * g[:, None]).ravel()
+    z = z + (L.rng.normal(0, jitter * sp, z.size) + 1j * L.rng.normal(0, jitter * sp, z.size))
+    z = z[np.abs(z) / L.rho(np.angle(z)) < tmax] + L.c * (1 + 1j)
+    return z.real, z.imag
+
+
+# --------------------------------------------------------------------------- lesion primitives
+def spots(L, c, r, n=(5, 15), t=(0, .85), sector=None, sp=None, jit=.2, ring=0, soft=0,
+          op=(.7, .95), win='all'):
+    """Discs (rings ring * R wide if ring): n of radius r * R at random, or on a lattice of
+    spacing sp * R with radius r * spacing. A tuple of colours: one per spot."""
+    rng, R = L.rng, L.R
+    if sp:
+        s = pick(rng, sp) * R
+        xs, ys = lattice(L, s, jit, t[1])
+        rs = pick(rng, r) * s * rng.uniform(0.85, 1.15, len(xs))
+    else:
+        xs, ys = points(L, rng.integers(n[0], n[1] + 1), t, sector)
+        rs = rng.uniform(*r, len(xs)) * R
+    names = rng.choice(c if isinstance(c, tuple) else [c], len(xs))
+    kw = dict(outline=1.0, width=max(1, round(ring * R))) if ring else {}
+    alpha = pick(rng, op)
+    for name in sorted(set(names.tolist())):  # sorted: set order varies per process
+        sel = names == name
+        m = mask(R, lambda d: [disc(d, *p, **kw) for p in zip(xs[sel], ys[sel], rs[sel])])
+        paint(L, name, blur(m, soft * R) * alpha, win)
+
+
+def net(L, c, sp, w, jit=.2, soft=.005, op=(.5, .8), win='all'):
+    """A network: the walls of a jittered lattice's cells, spacing sp * R, width w * spacing."""
+    s = pick(L.rng, sp) * L.R
+    wall = voronoi(L.xx, L.yy, *lattice(L, s, jit, 1.2))
+    width = pick(L.rng, w) * s * (0.7 + 0.6 * noise(L.rng, L.R, 6))
+    paint(L, pick(L.rng, c), blur(smoothstep(width, width * 0.3, wall), soft * L.R)
+          * pick(L.rng, op), win)
+
+
+def patch(L, c, size=0, t=(0, .5), soft=0, op=(.6, .9), win='all'):
+    """A blot of radius size * lesion radius with a ragged edge, around a point at t (size 0:
+    everywhere win allows)."""
+    rng, m = L.rng, 1.0
+    if size:
+        x, y = points(L, 1, t)
+        r = np.hypot(L.xx - x, L.yy - y) / (pick(rng, size) * L.rad)
+        m = blur(smoothstep(1.0, 0.7, r + 0.6 * (noise(rng, L.R, rng.integers(4, 9)) - .5)),
+                 soft * L.R)
+    paint(L, pick(rng, c), m * pick(rng, op), win)
+
+
+def lines(L, c, n, length, w, t=(.4, .95), out=False, sector=None, depth=0, op=(.8, 1)):
+    """n strokes w * R wide, length * lesion radius long, from points at t: outwards across the
+    border (streaks) or inwards, branching depth times (arborizing vessels)."""
+    rng = L.rng
+
+    def draw(d):
+        for x, y in zip(*points(L, rng.integers(n[0], n[1] + 1), t, sector)):
+            ang = math.atan2(y - L.c, x - L.c) + (rng.normal(0, .2) if out else
+                                                   math.pi + rng.normal(0, .8))
+            tree(d, x, y, ang, L.rad * pick(rng, length), L.R * pick(rng, w), depth, rng)
+    paint(L, pick(rng, c), mask(L.R, draw) * pick(rng, op), None if out else 'all')
+
+
+def body(L):
+    """The pigmented body: a few colours in soft zones, mottled."""
+    rng, g = L.rng, SHAPE[L.cls]
+    k = rng.integers(g[4][0], g[4][1] + 1)
+    names = [rng.choice(BASE_NAMES, p=BASE[L.cls])] + list(rng.choice(EXTRA[L.cls], k - 1))
+    if L.cls == 'MEL':  # at least one of black, dark brown, blue-grey
+        names[1] = rng.choice(['black', 'dark', 'bluegrey'])
+    fields = np.stack([noise(rng, L.R, rng.integers(2, 5)) for _ in range(k)])
+    if rng.random() < ZONES.get(L.cls, .15):
+        centres = np.sort(rng.uniform(0, 1, k))[::-1 if L.cls == 'DF' else 1]
+        fields = 0.2 * fields - np.abs(L.d[None] - centres[:, None, None])
+    wt = np.exp(rng.uniform(10, 30) * (fields - fields.max(0)))  # soft zones, soft edges
+    cols = [np.array(PIGMENT[n]) * L.skin if n in PIGMENT else COLOUR[n] for n in names]
+    cols = np.clip(np.float32(cols) * rng.normal(1, 0.04, (k, 3)), 0, 1)  # as paint() jitters
+    colour = np.einsum('kyx,kc->yxc', wt / wt.sum(0), cols.astype(np.float32))
+    mottle = 0.8 * noise(rng, L.R, L.R // 12) + 0.2 * noise(rng, L.R, L.R // 4)
+    paint(L, colour * (0.85 + 0.3 * mottle)[..., None], rng.uniform(*g[5]))
+
+
+# Each structure: the chance that a lesion of each class shows it, then the primitive and its
+# parameters; drawn in this order. Sizes are fractions of R (of the lesion radius for patch and
+# lines lengths); (lo, hi) ranges draw per lesion; a tuple of colours picks one (spots: per spot).
+# Detail much below a pixel at the trained 32 px is left out.
+STRUCTURES = {  # MEL  NV   BCC  AK   BKL  DF   VASC SCC
+    'erythema':   ((.05, .00, .25, .75, .05, .10, .10, .55), patch,  # sun-damaged pink halo
+                   dict(c='pink', win='halo', op=(.2, .45))),
+    'body':       ((1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0), body, {}),
+    'periph_net': ((.00, .00, .00, .00, .00, .80, .00, .00), net,  # delicate, at the rim (DF)
+                   dict(c='brown', sp=(.10, .13), w=.08, win='rim', op=(.35, .6))),
+    'network':    ((.05, .65, .00, .00, .05, .00, .00, .00), net,  # regular reticular network
+                   dict(c=('brown', 'dark'), sp=(.11, .15), w=.12, win='centre', op=(.5, .75))),
+    'atyp_net':   ((.70, .08, .00, .00, .05, .00, .00, .00), net,  # thick, broken, irregular
+                   dict(c=('dark', 'black'), sp=(.12, .18), w=(.12, .2), jit=.35, win='patchy',
+                        op=(.6, .9))),
+    'veil':       ((.45, .02, .10, .00, .03, .00, .00, .00), patch,  # blue-white veil
+                   dict(c='veil', size=(.3, .6), soft=.02, op=(.55, .85))),
+    'regression': ((.40, .02, .05, .00, .03, .00, .00, .00), patch,  # scar-white area
+                   dict(c='scar', size=(.3, .55), t=(.2, .7), op=(.4, .7))),
+    'central_white': ((.03, .02, .03, .00, .00, .90, .00, .05), patch,  # DF's white centre
+                      dict(c='white', size=(.35, .6), t=(0, .15), soft=.02, op=(.65, .9))),
+    'globules':   ((.05, .50, .00, .00, .00, .00, .00, .00), spots,  # regular cobblestone
+                   dict(c=('brown', 'dark'), sp=(.085, .11), r=(.25, .35), soft=.004,
+                        op=(.5, .8))),
+    'dots':       ((.60, .08, .05, .00, .08, .00, .00, .00), spots,  # irregular, on one side
+                   dict(c=('black', 'dark', 'bluegrey'), n=(8, 30), r=(.015, .04), t=(.5, 1),
+                        sector=(1.5, 4.5), op=(.7, 1))),
+    'nests':      ((.08, .02, .75, .00, .03, .00, .00, .00), spots,  # blue-grey ovoid nests
+                   dict(c=('bluegrey', 'slate'), n=(2, 8), r=(.05, .11), t=(0, .9), soft=.01)),
+    'streaks':    ((.45, .00, .00, .00, .00, .00, .00, .00), lines,  # radial, on one side
+                   dict(c=('dark', 'black'), n=(5, 15), length=(.3, .45), w=(.018, .028),
+                        t=(.8, .8), out=True, sector=(1, 3), op=(.7, .95))),
+    'starburst':  ((.00, .06, .00, .00, .00, .00, .00, .00), lines,  # all round (Spitz/Reed)
+                   dict(c=('dark', 'black'), n=(14, 24), length=(.3, .45), w=(.018, .028),
+                        t=(.8, .8), out=True, op=(.7, .95))),
+    'fissures':   ((.00, .03, .00, .00, .60, .00, .00, .00), net,  # cerebriform ridges (SK)
+                   dict(c='dark', sp=(.18, .25), w=(.15, .25), jit=.45, win='centre')),
+    'comedo':     ((.00, .03, .00, .00, .65, .00, .00, .00), spots,  # comedo-like openings
+                   dict(c=('dark', 'black', 'crust'), n=(2, 10), r=(.03, .05))),
+    'milia':      ((.00, .05, .05, .00, .80, .00, .00, .00), spots,  # milia-like cysts, glowing
+                   dict(c=('white', 'keratin'), n=(2, 10), r=(.025, .045), soft=.012,
+                        op=(.8, 1))),
+    'lacunae':    ((.00, .00, .00, .00, .00, .00, .95, .00), spots,  # red-purple lacunae ...
+                   dict(c=('red', 'red', 'purple', 'maroon'), sp=(.11, .16), r=(.4, .55),
+                        jit=.12, t=(0, 1), soft=.006, op=1)),
+    'strawberry': ((.00, .00, .00, .80, .00, .00, .00, .10), net,  # red pseudo-network
+                   dict(c='red', sp=(.10, .14), w=.3, jit=.3, soft=.01)),
+    'scale':      ((.00, .00, .02, .70, .15, .00, .00, .30), spots,  # white-yellow flakes
+                   dict(c=('white', 'keratin'), n=(30, 80), r=(.015, .035), t=(0, .95),
+                        sector=(2, 4), soft=.006, op=(.5, .85))),
+    'keratin':    ((.00, .00, .00, .15, .10, .00, .00, .80), patch,  # central keratin mass
+                   dict(c='keratin', size=(.35, .65), t=(0, .3), op=(.75, .95))),
+    'white_circles': ((.00, .00, .00, .50, .00, .00, .00, .55), spots,  # round follicles
+                      dict(c='white', n=(5, 15), r=(.03, .05), t=(0, .9), ring=.015,
+                           op=(.7, .9))),
+    'ulceration': ((.05, .00, .30, .02, .00, .00, .05, .35), patch,  # blood crust
+                   dict(c=('crust', 'red', 'maroon'), size=(.2, .4), t=(0, .7), op=(.8, .95))),
+    'arborizing': ((.03, .00, .90, .05, .03, .00, .00, .08), lines,  # branching vessels (BCC)
+                   dict(c='red', n=(1, 3), length=(.4, .6), w=(.025, .035), depth=3)),
+    'dotted':     ((.10, .02, .05, .40, .05, .10, .00, .45), spots,  # dotted vessels
+                   dict(c=('red', 'maroon'), n=(15, 50), r=(.012, .02), t=(0, .95),
+                        op=(.7, .9))),
+    'glomerular': ((.00, .00, .00, .10, .03, .00, .00, .65), spots,  # coiled vessels (SCC)
+                   dict(c='red', n=(8, 24), r=(.015, .03), t=(0, .9), ring=.012, op=(.8, 1))),
+    'hairpin':    ((.00, .00, .00, .05, .25, .00, .00, .20), lines,  # looped vessels
+                   dict(c='red', n=(4, 12), length=(.1, .2), w=(.012, .018), t=(.3, .9))),
 }
 
 
-class Lesion:
-    """One lesion in its own frame (centre R/2): shape, skin tone and a premultiplied RGBA layer
-    that the structures paint over in order. Rendered once per lesion id and then photographed
-    (rotated, scaled, lit) once per image, so repeated photos show the same lesion."""
-
-    def __init__(self, cls, rng, R):
-        g = SHAPE[cls]
-        self.cls, self.rng, self.R, self.c = cls, rng, R, R / 2
-        self.rad = rng.uniform(*g[0]) * R / 2
-        # border radius rho(angle) = rad * (1 + sum_k amp_k cos(k angle + phase_k)):
-        # harmonics 1-3 make the lesion asymmetric, 4-14 make its border irregular
-        self.ks = np.arange(1, 15)
-        self.amp = np.concatenate([rng.uniform(*g[1]) * rng.dirichlet(np.ones(3)),
-                                   rng.uniform(*g[2]) * rng.random(11) * 2 / np.sqrt(self.ks[3:])])
-        self.phase = rng.uniform(0, 2 * np.pi, 14)
-        self.soft = rng.uniform(*g[3])
-        t = rng.beta(1.2, 3)  # skin tone: mostly fair, as in ISIC; 0 light .. 1 dark
-        self.skin = np.array([.95, .80, .74]) * (1 - t) + np.array([.42, .28, .20]) * t
-        self.skin = self.skin * rng.normal(1, 0.03, 3)
-        self.xx, self.yy = pixel_grid(R)
-        dx, dy = self.xx - self.c, self.yy - self.c
-        self.th = np.arctan2(dy, dx)
-        self.d = np.hypot(dx, dy) / self.rho(self.th)  # 0 at the centre, 1 on the border
-        self.inside = smoothstep(1 + self.soft, 1 - self.soft, self.d)
-        self.P = np.zeros((R, R, 3), np.float32)  # premultiplied colour
-        self.A = np.zeros((R, R), np.float32)
-        k = SKIN_CLASSES.index(cls)
-        for name, probs in STRUCTURES.items():
-            if rng.random() < probs[k]:
-                getattr(self, name)()
-
-    # ---- geometry
-    def rho(self, th):
-        th = np.asarray(th)[..., None]
-        return self.rad * (1 + (self.amp * np.cos(self.ks * th + self.phase)).sum(-1))
-
-    def points(self, n, t=(0, .85), sector=None):
-        """n points inside the lesion, at normalised radius in t, optionally in an angle sector."""
-        rng = self.rng
-        a = rng.uniform(0, 2 * np.pi, n) if sector is None else \
-            sector[0] + rng.uniform(-.5, .5, n) * sector[1]
-        q = np.sqrt(rng.uniform(t[0] ** 2, t[1] ** 2, n)) * self.rho(a)
-        return self.c + q * np.cos(a), self.c + q * np.sin(a)
-
-    def lattice(self, sp, jitter, tmax=0.95):
-        g = np.arange(self.c - 1.6 * self.rad, self.c + 1.6 * self.rad, sp)
-        px, py = np.meshgrid(g, g * 0.866)
-        px = px + (np.arange(len(g))[:, None] % 2) * sp / 2
-        py = py + self.c * (1 - 0.866)
-        px, py = [a.ravel() + self.rng.normal(0, jitter * sp, a.size) for a in (px, py)]
-        q = np.hypot(px - self.c, py - self.c) / self.rho(np.arctan2(py - self.c, px - self.c))
-        return px[q < tmax], py[q < tmax]
-
-    def patch(self, size, t=(0, .5)):
-        """An irregular region of radius ~size * lesion radius around a point inside."""
-        px, py = self.points(1, t)
-        r = np.hypot(self.xx - px, self.yy - py) / (size * self.rad)
-        wobble = noise(self.rng, self.R, self.rng.integers(4, 9)) - .5
-        return smoothstep(1.0, 0.7, r + 0.6 * wobble)
-
-    def col(self, name):
-        c = np.array(PIGMENT[name]) * self.skin if name in PIGMENT else np.array(COLOUR[name])
-        return np.clip(c * self.rng.normal(1, 0.04, 3), 0, 1).astype(np.float32)
-
-    def paint(self, colour, alpha):
-        a = np.clip(alpha, 0, 1).astype(np.float32)
-        self.P = over(self.P, colour, a)
-        self.A = self.A * (1 - a) + a
-
-    def discs(self, xs, ys, rs):
-        return mask(self.R, lambda d: [disc(d, x, y, r) for x, y, r in zip(xs, ys, rs)])
-
-    # ---- structures (named as in STRUCTURES)
-    def erythema(self):
-        self.paint(self.col('pink'), smoothstep(1.8, 0.9, self.d) * self.rng.uniform(.2, .45))
-
-    def body(self):
-        rng, g = self.rng, SHAPE[self.cls]
-        k = rng.integers(g[4][0], g[4][1] + 1)
-        names = [rng.choice(BASE_NAMES, p=BASE[self.cls])]
-        names += list(rng.choice(EXTRA[self.cls], k - 1))
-        if self.cls == 'MEL':  # at least one of black, dark brown, blue-grey
-            names[1] = rng.choice(['black', 'dark', 'bluegrey'])
-        cols = np.stack([self.col(n) for n in names])
-        fields = np.stack([noise(rng, self.R, rng.integers(2, 5)) for _ in range(k)])
-        if rng.random() < {'NV': .85, 'DF': .8}.get(self.cls, .15):  # concentric zones
-            centres = np.sort(rng.uniform(0, 1, k))[::-1 if self.cls == 'DF' else 1]
-            fields = 0.2 * fields - np.abs(self.d[None] - centres[:, None, None])
-        w = np.exp(rng.uniform(10, 30) * (fields - fields.max(0)))  # soft zones, soft edges
-        colour = np.einsum('kyx,kc->yxc', w / w.sum(0), cols)
-        mottle = 0.8 * noise(rng, self.R, self.R // 12) + 0.2 * noise(rng, self.R, self.R // 4)
-        colour = colour * (0.85 + 0.3 * mottle)[..., None]
-        self.paint(colour, self.inside * rng.uniform(*g[5]))
-
-    def _net(self, window, sp, jitter, width, colour, op):
-        px, py = self.lattice(sp, jitter, 1.2)
-        d1, d2 = voronoi(self.xx, self.yy, px, py)
-        w = width * sp * (0.7 + 0.6 * noise(self.rng, self.R, 6))
-        lines = blur(smoothstep(w, w * 0.3, (d2 - d1) / 2), self.R / 200)
-        self.paint(self.col(colour), lines * window * op)
-
-    def periph_net(self):
-        self._net(self.inside * smoothstep(.4, .7, self.d), self.R * self.rng.uniform(.1, .13),
-                  .2, .08, 'brown', self.rng.uniform(.35, .6))
-
-    def network(self):
-        self._net(self.inside * smoothstep(1.0, 0.6, self.d), self.R * self.rng.uniform(.11, .15),
-                  .2, .12, self.rng.choice(['brown', 'dark']), self.rng.uniform(.5, .75))
-
-    def atyp_net(self):
-        rng = self.rng
-        patchy = smoothstep(.35, .5, noise(rng, self.R, rng.integers(3, 6)))
-        width = rng.uniform(.12, .2) * (0.6 + noise(rng, self.R, 4))
-        self._net(self.inside * patchy, self.R * rng.uniform(.12, .18), .35, width,
-                  rng.choice(['dark', 'black']), rng.uniform(.6, .9))
-
-    def veil(self):
-        c = (self.col('bluegrey') + self.col('white')) / 2
-        self.paint(c, blur(self.patch(self.rng.uniform(.3, .6)), self.R * .02) * self.inside
-                   * self.rng.uniform(.55, .85))
-
-    def regression(self):
-        rng = self.rng
-        m = self.patch(rng.uniform(.3, .55), t=(.2, .7)) * self.inside
-        self.paint(self.col('white') * .92, m * rng.uniform(.4, .7))
-        xs, ys = self.points(rng.integers(40, 120), (0, 1))
-        keep = m[ys.astype(int).clip(0, self.R - 1), xs.astype(int).clip(0, self.R - 1)] > .4
-        self.paint(self.col('bluegrey') * .8, self.discs(xs[keep], ys[keep],
-                   rng.uniform(.004, .009, keep.sum()) * self.R) * .8)
-
-    def central_white(self):
-        m = blur(self.patch(self.rng.uniform(.35, .6), t=(0, .15)), self.R * .02) * self.inside
-        self.paint(self.col('white'), m * self.rng.uniform(.65, .9))
-
-    def globules(self):
-        rng = self.rng
-        sp = self.R * rng.uniform(.085, .11)
-        xs, ys = self.lattice(sp, .2, .85)
-        m = self.discs(xs, ys, sp * rng.uniform(.25, .35) * rng.uniform(.85, 1.15, len(xs)))
-        self.paint(self.col(rng.choice(['brown', 'dark'])), blur(m, self.R / 250)
-                   * rng.uniform(.5, .8))
-
-    def dots(self):
-        rng = self.rng
-        n = rng.integers(8, 30)
-        xs, ys = self.points(n, (.5, 1.0), (rng.uniform(0, 6.3), rng.uniform(1.5, 4.5)))
-        for c in ('black', 'dark', 'bluegrey'):
-            sel = rng.random(n) < .4
-            self.paint(self.col(c), self.discs(xs[sel], ys[sel], rng.uniform(.015, .04, n)[sel]
-                                              * self.R) * rng.uniform(.7, 1))
-
-    def nests(self):
-        rng = self.rng
-        xs, ys = self.points(rng.integers(2, 8), (0, .9))
-        m = mask(self.R, lambda d: [d.polygon(ellipse_pts(x, y, a, a * rng.uniform(.5, 1),
-                                                          rng.uniform(0, 3.2)), fill=1.0)
-                                    for x, y, a in zip(xs, ys, rng.uniform(.05, .11, len(xs))
-                                                       * self.R)])
-        c = self.col('bluegrey') * rng.uniform(.6, 1)
-        self.paint(c, blur(m, self.R * .01) * rng.uniform(.7, .95))
-
-    def streaks(self):
-        rng = self.rng
-        if self.cls == 'NV':  # symmetric starburst (Spitz/Reed)
-            n = rng.integers(14, 24)
-            a = np.linspace(0, 2 * np.pi, n, endpoint=False) + rng.uniform(0, 1)
-        else:  # a few radial streaks in one sector
-            n = rng.integers(5, 15)
-            a = rng.uniform(0, 6.3) + rng.uniform(-.5, .5, n) * rng.uniform(1, 3)
-        r0, r1 = self.rho(a) * .8, self.rho(a) * rng.uniform(1.05, 1.3, n)
-        w = self.R * rng.uniform(.018, .028)
-
-        def draw(d):
-            for ai, p, q in zip(a, r0, r1):
-                x0, y0 = self.c + p * math.cos(ai), self.c + p * math.sin(ai)
-                x1, y1 = self.c + q * math.cos(ai), self.c + q * math.sin(ai)
-                d.line([(x0, y0), (x1, y1)], fill=1.0, width=max(1, round(w)))
-                disc(d, x1, y1, w * .8)
-        self.paint(self.col(rng.choice(['dark', 'black'])),
-                   mask(self.R, draw) * rng.uniform(.7, .95))
-
-    def fissures(self):
-        rng = self.rng
-        q = noise(rng, self.R, rng.integers(3, 6)) * rng.uniform(3, 6)
-        m = smoothstep(.25, .08, np.abs(q - np.round(q))) * self.inside * smoothstep(1, .75, self.d)
-        self.paint(self.col('dark'), m * rng.uniform(.5, .8))
-
-    def comedo(self):
-        rng = self.rng
-        xs, ys = self.points(rng.integers(2, 10))
-        m = mask(self.R, lambda d: [d.polygon(ellipse_pts(x, y, a, a * rng.uniform(.6, 1),
-                                                          rng.uniform(0, 3.2)), fill=1.0)
-                                    for x, y, a in zip(xs, ys, rng.uniform(.03, .05, len(xs))
-                                                       * self.R)])
-        self.paint(self.col(rng.choice(['dark', 'black', 'crust'])), m * rng.uniform(.75, .95))
-
-    def milia(self):
-        rng = self.rng
-        xs, ys = self.points(rng.integers(2, 10))
-        rs = rng.uniform(.025, .045, len(xs)) * self.R
-        glow = blur(self.discs(xs, ys, rs * 1.4), self.R * .01)
-        self.paint(self.col(rng.choice(['white', 'keratin'])), np.maximum(glow * .7, self.discs(
-            xs, ys, rs * .7)) * rng.uniform(.8, 1))
-
-    def lacunae(self):
-        rng = self.rng
-        self.paint(self.col('septa'), self.inside * rng.uniform(.8, .95))
-        sp = self.R * rng.uniform(.11, .16)
-        xs, ys = self.lattice(sp, .12, 1.0)
-        rs = sp * rng.uniform(.4, .55, len(xs))
-        names = rng.choice(['red', 'purple', 'maroon', 'black'], len(xs),
-                           p=[.4, .3, .2, .1] if rng.random() < .3 else [.5, .3, .2, 0])
-        for c in sorted(set(names)):  # sorted: set order varies per process
-            sel = names == c
-            self.paint(self.col(c), blur(self.discs(xs[sel], ys[sel], rs[sel]), self.R * .006)
-                       * self.inside)
-
-    def strawberry(self):
-        rng = self.rng
-        sp = self.R * rng.uniform(.1, .14)
-        xs, ys = self.lattice(sp, .3, 1.0)
-        d1, d2 = voronoi(self.xx, self.yy, xs, ys)
-        w = sp * .3
-        self.paint(self.col('red'), blur(smoothstep(w, w * .3, (d2 - d1) / 2), self.R * .01)
-                   * self.inside * rng.uniform(.5, .8))
-        follicles = self.discs(xs, ys, rng.uniform(.015, .025, len(xs)) * self.R)
-        self.paint(self.col('keratin'), follicles * self.inside * rng.uniform(.5, .75))
-
-    def scale(self):
-        rng = self.rng
-        q = rng.uniform(.55, .7)
-        m = smoothstep(q, q + .08, noise(rng, self.R, self.R // rng.integers(8, 14)))
-        m = m * self.inside * smoothstep(.3, .5, noise(rng, self.R, 3))
-        self.paint(self.col(rng.choice(['white', 'keratin'])), m * rng.uniform(.5, .85))
-
-    def keratin(self):
-        rng = self.rng
-        m = self.patch(rng.uniform(.35, .65), t=(0, .3)) * self.inside
-        c = self.col('keratin') * (0.85 + 0.15 * noise(rng, self.R, self.R // 8))[..., None]
-        self.paint(c, m * rng.uniform(.75, .95))
-
-    def white_circles(self):
-        rng = self.rng
-        xs, ys = self.points(rng.integers(5, 15), (0, .9))
-        rs = rng.uniform(.03, .05, len(xs)) * self.R
-        w = max(1, round(self.R * .015))
-        m = mask(self.R, lambda d: [d.ellipse([x - r, y - r, x + r, y + r], outline=1.0, width=w)
-                                    for x, y, r in zip(xs, ys, rs)])
-        self.paint(self.col('white'), m * rng.uniform(.7, .9))
-
-    def ulceration(self):
-        rng = self.rng
-        m = self.patch(rng.uniform(.2, .4), t=(0, .7)) * self.inside
-        self.paint(self.col(rng.choice(['crust', 'red', 'maroon'])), m * rng.uniform(.8, .95))
-
-    def arborizing(self):
-        rng = self.rng
-
-        def draw(d):
-            for x, y in zip(*self.points(rng.integers(1, 4), (.4, .95))):
-                ang = math.atan2(self.c - y, self.c - x) + rng.normal(0, .8)
-                tree(d, x, y, ang, self.rad * rng.uniform(.4, .6), self.R * rng.uniform(.025, .035),
-                     3, rng)
-        self.paint(self.col('red'), mask(self.R, draw) * rng.uniform(.8, 1))
-
-    def dotted(self):
-        rng = self.rng
-        xs, ys = self.points(rng.integers(15, 50), (0, .95))
-        self.paint(self.col(rng.choice(['red', 'maroon'])), self.discs(
-            xs, ys, rng.uniform(.012, .02, len(xs)) * self.R) * rng.uniform(.7, .9))
-
-    def glomerular(self):
-        rng = self.rng
-        cx, cy = self.points(rng.integers(5, 14), (0, .9))
-        n = 4 * len(cx)
-        xs = np.repeat(cx, 4) + rng.normal(0, .02 * self.R, n)
-        ys = np.repeat(cy, 4) + rng.normal(0, .02 * self.R, n)
-        rs = rng.uniform(.013, .022, n) * self.R
-        w = max(1, round(self.R / 100))
-        m = mask(self.R, lambda d: [d.ellipse([x - r, y - r, x + r, y + r], outline=1.0, width=w)
-                                    for x, y, r in zip(xs, ys, rs)])
-        self.paint(self.col('red'), blur(m, .5) * rng.uniform(.8, 1))
-
-    def hairpin(self):
-        rng = self.rng
-        cx, cy = self.points(rng.integers(4, 12), (.3, .9))
-        ln, gap = self.R * rng.uniform(.06, .1), self.R * .016
-        loops = []
-        for x, y in zip(cx, cy):
-            a = math.atan2(y - self.c, x - self.c) + rng.normal(0, .4)
-            t = np.linspace(0, np.pi, 7)  # the U: up one side, round the top, down the other
-            ux = np.concatenate([[-1, -1], np.cos(t + np.pi), [1, 1]]) * gap
-            uy = np.concatenate([[0, ln], ln + np.sin(t) * gap, [ln, 0]])
-            c, s = math.cos(a - np.pi / 2), math.sin(a - np.pi / 2)
-            loops.append(list(zip((x + c * ux - s * uy).tolist(), (y + s * ux + c * uy).tolist())))
-        for colour, w in (('white', 3), ('red', 1)):  # white halo first
-            m = mask(self.R, lambda d: [d.line(p, fill=1.0, width=w * max(1, round(self.R / 128)),
-                                               joint='curve') for p in loops])
-            self.paint(self.col(colour), m * .85)
-
-    def shiny_white(self):
-        rng = self.rng
-        xs, ys = self.points(rng.integers(2, 8), (0, .8))
-        h, w = self.R * rng.uniform(.03, .05, len(xs)), max(1, round(self.R * .01))
-        m = mask(self.R, lambda d: [(d.line([(x - l, y), (x + l, y)], fill=1.0, width=w),
-                                     d.line([(x, y - l), (x, y + l)], fill=1.0, width=w))
-                                    for x, y, l in zip(xs, ys, h)])
-        self.paint(self.col('white'), m * rng.uniform(.7, .9))
+def make_lesion(cls, rng, R):
+    """One lesion in its own frame (centre R/2), its structures painted. Rendered once per
+    lesion id, then photographed once per image, so repeated photos show the same lesion."""
+    g = SHAPE[cls]
+    L = SimpleNamespace(cls=cls, rng=rng, R=R, c=R / 2, rad=rng.uniform(*g[0]) * R / 2)
+    # border radius rho(angle) = rad * (1 + sum_k amp_k cos(k angle + phase_k)):
+    # harmonics 1-3 make the lesion asymmetric, 4-14 make its border irregular
+    amp = np.concatenate([rng.uniform(*g[1]) * rng.dirichlet(np.ones(3)),
+                          rng.uniform(*g[2]) * rng.random(11) * 2 / np.sqrt(np.arange(4, 15))])
+    phase = rng.uniform(0, 2 * np.pi, 14).tolist()
+    amp = amp.tolist()  # Python floats keep float32 grids float32
+    L.rho = lambda a: L.rad * (1 + sum(amp[k] * np.cos((k + 1) * a + phase[k]) for k in range(14)))
+    soft = rng.uniform(*g[3])
+    t = rng.beta(1.2, 3)  # skin tone: mostly fair, as in ISIC; 0 light .. 1 dark
+    L.skin = (np.array([.95, .80, .74]) * (1 - t) + np.array([.42, .28, .20]) * t
+              ) * rng.normal(1, 0.03, 3)
+    L.xx, L.yy = grid(R)
+    L.d = np.hypot(L.xx - L.c, L.yy - L.c) / L.rho(np.arctan2(L.yy - L.c, L.xx - L.c))
+    L.inside = smoothstep(1 + soft, 1 - soft, L.d)
+    L.P, L.A = np.zeros((R, R, 3), np.float32), np.zeros((R, R), np.float32)
+    k = SKIN_CLASSES.index(cls)
+    for probs, draw, params in STRUCTURES.values():
+        if rng.random() < probs[k]:
+            draw(L, **params)
+    return L
 
 
-
-def photograph(les, rng, size):
+def photograph(L, rng, size):
     """One dermoscopy image of a lesion: pose, skin, hair, bubbles, ruler, vignette, camera."""
-    R, c = les.R, les.c
+    R, c = L.R, L.c
     # pose: rotate, scale, shift, maybe mirror (PIL's affine maps output pixels to input pixels)
     a, s = rng.uniform(0, 2 * np.pi), rng.uniform(0.85, 1.15)
     m = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]]) / s
-    if rng.random() < 0.5:
-        m[:, 0] *= -1
-    o = np.array([c, c]) + rng.uniform(-.08, .08, 2) * R
-    off = np.array([c, c]) - m @ o
-    data = (m[0, 0], m[0, 1], off[0], m[1, 0], m[1, 1], off[1])
+    m[:, 0] *= rng.choice([-1, 1])
+    off = c - m @ (c + rng.uniform(-.08, .08, 2) * R)
     warp = lambda ch: np.asarray(Image.fromarray(np.ascontiguousarray(ch, np.float32), 'F')
-                                 .transform((R, R), Image.AFFINE, data, Image.BILINEAR))
-    P = np.stack([warp(les.P[..., i]) for i in range(3)], -1)
-    A = warp(les.A)
+                                 .transform((R, R), Image.AFFINE, (*m[0], off[0], *m[1], off[1]),
+                                            Image.BILINEAR))
+    P, A = np.stack([warp(L.P[..., i]) for i in range(3)], -1), warp(L.A)[..., None]
     # skin: tone with blotchy redness and fine texture
-    skin = les.skin * (1 + 0.07 * (noise(rng, R, rng.integers(3, 7)) - .5))[..., None]
+    skin = L.skin * (1 + 0.07 * (noise(rng, R, rng.integers(3, 7)) - .5))[..., None]
     skin = over(skin, COLOUR['pink'], noise(rng, R, 4) * rng.uniform(0, .3))
-    skin = skin * (1 + 0.05 * (noise(rng, R, R // 5) - .5))[..., None]
-    img = skin * (1 - A[..., None]) + P
-    xx, yy = pixel_grid(R)
+    img = skin * (1 + 0.05 * (noise(rng, R, R // 5) - .5))[..., None] * (1 - A) + P
     if rng.random() < 0.35:  # hair: dark quadratic curves across the field
         def hair(d):
             for _ in range(min(12, rng.geometric(.3))):
                 p = rng.uniform(-.1, 1.1, (3, 2)) * R
                 p[1] = (p[0] + p[2]) / 2 + rng.normal(0, .15 * R, 2)
                 t = np.linspace(0, 1, 16)[:, None]
-                pts = (1 - t) ** 2 * p[0] + 2 * t * (1 - t) * p[1] + t ** 2 * p[2]
-                d.line([tuple(q) for q in pts.tolist()], fill=1.0, joint='curve',
+                d.line([tuple(q) for q in ((1 - t) ** 2 * p[0] + 2 * t * (1 - t) * p[1]
+                                           + t ** 2 * p[2]).tolist()], fill=1.0, joint='curve',
                        width=max(1, round(R * rng.uniform(.005, .011))))
         img = over(img, np.array([.25, .2, .17]) * rng.uniform(.3, 1), mask(R, hair) * .9)
     if rng.random() < 0.15:  # gel bubbles: bright rim and a specular highlight
-        xs, ys = rng.uniform(0, R, (2, rng.integers(1, 5)))
-        rs = rng.uniform(.03, .12, len(xs)) * R
-        rim = mask(R, lambda d: [d.ellipse([x - r, y - r, x + r, y + r], outline=1.0, width=max(
-            1, round(R / 100))) for x, y, r in zip(xs, ys, rs)])
-        spec = mask(R, lambda d: [disc(d, x - r * .4, y - r * .4, r * .15) for x, y, r in
-                                  zip(xs, ys, rs)])
+        b = rng.uniform([0, 0, .03 * R], [R, R, .12 * R], (rng.integers(1, 5), 3))
+        rim = mask(R, lambda d: [disc(d, x, y, r, outline=1.0, width=max(1, round(R / 100)))
+                                 for x, y, r in b])
+        spec = mask(R, lambda d: [disc(d, x - r * .4, y - r * .4, r * .15) for x, y, r in b])
         img = over(img, (1, 1, 1), blur(rim, .7) * .6 + spec * .8)
     if rng.random() < 0.08:  # ruler along one edge: light strip with ticks
-        w, sp = R * .08, R * rng.uniform(.035, .05)
-        ruler = np.zeros((R, R), np.float32)
-        ruler[:int(w)] = 1
-        ticks = mask(R, lambda d: [d.line([(x, 0), (x, w * (.5 if k % 2 else .9))], fill=1.0)
-                                   for k, x in enumerate(np.arange(sp / 2, R, sp))])
-        k = rng.integers(4)
-        img = over(img, (.9, .9, .85), np.rot90(ruler, k) * .85)
-        img = over(img, (.1, .1, .1), np.rot90(ticks, k))
-    r = np.hypot(xx - c, yy - c) / c
+        w, sp, k = R * .08, R * rng.uniform(.035, .05), rng.integers(4)
+        strip = mask(R, lambda d: d.rectangle([0, 0, R, w - 1], fill=1.0))
+        ticks = mask(R, lambda d: [d.line([(x, 0), (x, w * (.5 if j % 2 else .9))], fill=1.0)
+                                   for j, x in enumerate(np.arange(sp / 2, R, sp))])
+        img = over(over(img, (.9, .9, .85), np.rot90(strip, k) * .85), (.1, .1, .1),
+                   np.rot90(ticks, k))
+    r = np.hypot(L.xx - c, L.yy - c) / c
     img = img * (1 - 0.25 * rng.random() * r ** 2)[..., None]  # lens falloff
     if rng.random() < 0.45:  # the dermatoscope's round field: dark corners
         edge = rng.uniform(1.0, 1.35)
         img = img * smoothstep(edge + .08, edge - rng.uniform(.05, .15), r)[..., None]
-    return finish(img, rng, R, size, blur_p=0.3)
+    return finish(img, rng, size, blur_p=0.3)
 
 
 def class_counts(n):
     """ISIC 2019's class proportions for n images, every class at least 3% (DF and VASC would
     otherwise get too few to learn and test on), NV absorbing the rounding."""
-    floor = max(1, round(0.03 * n))
-    total = sum(ISIC_COUNTS.values())
+    floor, total = max(1, round(0.03 * n)), sum(ISIC_COUNTS.values())
     counts = {k: max(floor, round(n * v / total)) for k, v in ISIC_COUNTS.items()}
     counts['NV'] += n - sum(counts.values())
     return counts
 
 
 SITES = ['anterior torso', 'posterior torso', 'lateral torso', 'upper extremity',
-         'lower extremity', 'head/neck', 'palms/soles', 'oral/genital']
+         'lower extremity', 'head/neck', 'palms/soles', 'oral/genital', '']
+SITE_P = {True: [.05, .05, .02, .1, .08, .6, .02, .01, .07],  # AK, SCC, BCC: sun-exposed skin
+          False: [.25, .25, .05, .15, .18, .05, .02, .01, .04]}
 AGE = {'MEL': 60, 'NV': 42, 'BCC': 67, 'AK': 70, 'BKL': 62, 'DF': 45, 'VASC': 48, 'SCC': 72}
 
 
 def skin_plan(n, seed):
-    """Lesions (class, metadata, 1-3 photos each) and the images: name, class, lesion, photo."""
-    rng = rng_for(seed, 1, 0)
+    """The images, sorted by name: class, metadata, lesion key, image key (1-3 per lesion)."""
+    rng = np.random.default_rng([seed, 1, 0])
     lesions = []
     for cls, k in class_counts(n).items():
         while k > 0:
             views = min(k, rng.choice([1, 2, 3], p=[.7, .2, .1]))
             k -= views
-            site = rng.choice(SITES + [''], p=([.05, .05, .02, .1, .08, .6, .02, .01, .07]
-                                               if cls in ('AK', 'SCC', 'BCC') else
-                                               [.25, .25, .05, .15, .18, .05, .02, .01, .04]))
+            site = rng.choice(SITES, p=SITE_P[cls in ('AK', 'SCC', 'BCC')])
             age = float(np.clip(5 * round(rng.normal(AGE[cls], 14) / 5), 5, 85))
             age = '' if rng.random() < .03 else f'{age:.1f}'  # '55.0' as in the real file
             sex = rng.choice(['male', 'female', ''], p=[.52, .45, .03])
@@ -784,36 +586,30 @@ def skin_plan(n, seed):
     numbers = rng.choice(10 * len(lesions), len(lesions), replace=False)
     for j, k in enumerate(order):
         les = lesions[k]
-        les['key'] = j
-        if les['views'] == 1 and rng.random() < .2:
-            les['lesion_id'] = ''  # as in ISIC 2019, some images have no lesion id
-        else:
-            les['lesion_id'] = f'{"HAM" if rng.random() < .7 else "BCN"}_{numbers[j]:07d}'
-    photos = [(les, v) for k in order for les in [lesions[k]] for v in range(les['views'])]
+        les['key'] = j  # as in ISIC 2019, some single images have no lesion id
+        les['lesion_id'] = ('' if les['views'] == 1 and rng.random() < .2 else
+                            f'{"HAM" if rng.random() < .7 else "BCN"}_{numbers[j]:07d}')
+    photos = [lesions[k] for k in order for _ in range(lesions[k]['views'])]
     images = []
     for i, p in enumerate(rng.permutation(len(photos))):
-        les, _ = photos[p]
-        down = les['cls'] in ('NV', 'MEL') and rng.random() < .03  # the paper drops these
-        name = f'ISIC_{i:07d}' + ('_downsampled' if down else '')
-        images.append(dict(les, image=name, key_img=i))
-    return images
+        down = photos[p]['cls'] in ('NV', 'MEL') and rng.random() < .03  # the paper drops these
+        images.append(dict(photos[p], image=f'ISIC_{i:07d}' + '_downsampled' * down, key_img=i))
+    return sorted(images, key=lambda im: im['image'])
 
 
 # --------------------------------------------------------------------------- writing
 def render_job(job):
-    """Render and write one image (runs in a worker). job: (dataset, path, size, seed, keys)."""
+    """Render and write one image (in a worker). job: (dataset, path, size, seed, keys). Each
+    draws from its own stream [seed, kind, keys], so the bytes don't depend on the order."""
     kind, path, size, seed, keys = job
     if kind == 'source':
-        cls_i, i = keys
-        rng = rng_for(seed, 0, cls_i, i)
-        im = finish(source_image(SOURCE_CLASSES[cls_i], rng, 2 * size), rng, 2 * size, size, .2)
+        rng = np.random.default_rng([seed, 0, *keys])
+        im = finish(source_image(SOURCE_CLASSES[keys[0]], rng, 2 * size), rng, size, .2)
         im.save(path, 'JPEG', quality=int(rng.integers(75, 96)))
     else:
-        cls, lesion_key, image_key = keys
-        les = Lesion(cls, rng_for(seed, 2, lesion_key), 2 * size)
-        rng = rng_for(seed, 3, image_key)
+        les = make_lesion(keys[0], np.random.default_rng([seed, 2, keys[1]]), 2 * size)
+        rng = np.random.default_rng([seed, 3, keys[2]])
         photograph(les, rng, size).save(path, 'JPEG', quality=int(rng.integers(70, 96)))
-    return 1
 
 
 def stage(root, force, settings):
@@ -824,13 +620,12 @@ def stage(root, force, settings):
     if os.path.isdir(root) and os.listdir(root) and not os.path.exists(stamp):
         fail(f'{root} exists and was not written by make_synthetic.py (no {STAMP}); '
              f'move it away or pass another --out')
-    if not force and os.path.exists(stamp):
-        try:
-            with open(stamp) as f:
-                if json.load(f).get('settings') == settings:
-                    return None
-        except (OSError, ValueError):
-            pass
+    try:
+        with open(stamp) as f:
+            if not force and json.load(f).get('settings') == settings:
+                return None
+    except (OSError, ValueError):
+        pass
     tmp = os.path.join(os.path.dirname(root), f'.{os.path.basename(root)}.partial')
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -850,109 +645,90 @@ def publish(tmp, root, stamp):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def run_jobs(jobs, pool, name):
-    t0, done = time.time(), 0
-    it = pool.imap_unordered(render_job, jobs, chunksize=8) if pool else map(render_job, jobs)
-    for done, _ in enumerate(it, 1):
+def write_csv(path, rows):
+    with open(path, 'w', newline='') as f:
+        csv.writer(f, lineterminator='\n').writerows(rows)
+
+
+def write_dataset(args, pool, name):
+    """Write OUT/source or OUT/skin, unless it is there already with these settings."""
+    root, n = os.path.join(args.out, name), args.source_per_class
+    settings = dict(version=VERSION, size=args.size, seed=args.seed, **(
+        dict(per_class=n) if name == 'source' else dict(count=args.skin_count)))
+    tmp = stage(root, args.force, settings)
+    if tmp is None:
+        print(f'{name}: {root} is complete with these settings, left alone (--force rewrites it)')
+        return
+    if name == 'source':
+        for cls in SOURCE_CLASSES:
+            os.makedirs(os.path.join(tmp, cls))
+        jobs = [(name, os.path.join(tmp, cls, f'{cls}_{i:05d}.jpg'), args.size, args.seed, (k, i))
+                for k, cls in enumerate(SOURCE_CLASSES) for i in range(n)]
+        stamp, detail = dict(classes={c: n for c in SOURCE_CLASSES}), f'12 classes x {n}'
+    else:
+        images = skin_plan(args.skin_count, args.seed)
+        os.makedirs(os.path.join(tmp, SKIN_DIR))
+        jobs = [(name, os.path.join(tmp, SKIN_DIR, im['image'] + '.jpg'), args.size, args.seed,
+                 (im['cls'], im['key'], im['key_img'])) for im in images]
+        write_csv(os.path.join(tmp, SKIN_GT), [['image'] + SKIN_CLASSES + ['UNK']] + [
+            [im['image']] + ['1.0' if im['cls'] == c else '0.0' for c in SKIN_CLASSES] + ['0.0']
+            for im in images])
+        cols = ['image', 'age_approx', 'anatom_site_general', 'lesion_id', 'sex']
+        write_csv(os.path.join(tmp, SKIN_META), [cols] + [
+            [im[k] for k in ('image', 'age', 'site', 'lesion_id', 'sex')] for im in images])
+        counts = {c: sum(im['cls'] == c for im in images) for c in SKIN_CLASSES}
+        stamp = dict(classes=counts, lesions=len({im['key'] for im in images}))
+        detail = ' '.join(f'{c} {k}' for c, k in counts.items())
+    t0 = time.time()
+    for done, _ in enumerate(pool.imap_unordered(render_job, jobs, chunksize=8) if pool else
+                             map(render_job, jobs), 1):
         if sys.stdout.isatty() and done % 50 == 0:
             print(f'\r{name}: {done}/{len(jobs)}', end='', flush=True)
-    return time.time() - t0
-
-
-def write_source(args, pool):
-    root = os.path.join(args.out, 'source')
-    settings = dict(version=VERSION, size=args.size, seed=args.seed,
-                    per_class=args.source_per_class)
-    tmp = stage(root, args.force, settings)
-    if tmp is None:
-        print(f'source: {root} is complete with these settings, left alone (--force rewrites it)')
-        return
-    jobs = []
-    for k, cls in enumerate(SOURCE_CLASSES):
-        os.makedirs(os.path.join(tmp, cls))
-        jobs += [('source', os.path.join(tmp, cls, f'{cls}_{i:05d}.jpg'), args.size, args.seed,
-                  (k, i)) for i in range(args.source_per_class)]
-    secs = run_jobs(jobs, pool, 'source')
     publish(tmp, root, dict(settings=settings, generator='make_synthetic.py', images=len(jobs),
-                            classes={c: args.source_per_class for c in SOURCE_CLASSES}))
-    print(f'\rsource: {len(jobs)} images, {len(SOURCE_CLASSES)} classes x {args.source_per_class}, '
-          f'{args.size} px -> {root} ({secs:.1f} s)')
-
-
-def write_skin(args, pool):
-    root = os.path.join(args.out, 'skin')
-    settings = dict(version=VERSION, size=args.size, seed=args.seed, count=args.skin_count)
-    tmp = stage(root, args.force, settings)
-    if tmp is None:
-        print(f'skin: {root} is complete with these settings, left alone (--force rewrites it)')
-        return
-    images = skin_plan(args.skin_count, args.seed)
-    os.makedirs(os.path.join(tmp, SKIN_DIR))
-    jobs = [('skin', os.path.join(tmp, SKIN_DIR, im['image'] + '.jpg'), args.size, args.seed,
-             (im['cls'], im['key'], im['key_img'])) for im in images]
-    secs = run_jobs(jobs, pool, 'skin')
-    images.sort(key=lambda im: im['image'])
-    with open(os.path.join(tmp, SKIN_GT), 'w', newline='') as f:
-        w = csv.writer(f, lineterminator='\n')
-        w.writerow(['image'] + SKIN_CLASSES + ['UNK'])
-        for im in images:
-            w.writerow([im['image']] + ['1.0' if im['cls'] == c else '0.0' for c in SKIN_CLASSES]
-                       + ['0.0'])
-    with open(os.path.join(tmp, SKIN_META), 'w', newline='') as f:
-        w = csv.writer(f, lineterminator='\n')
-        w.writerow(['image', 'age_approx', 'anatom_site_general', 'lesion_id', 'sex'])
-        for im in images:
-            w.writerow([im['image'], im['age'], im['site'], im['lesion_id'], im['sex']])
-    counts = {c: sum(im['cls'] == c for im in images) for c in SKIN_CLASSES}
-    publish(tmp, root, dict(settings=settings, generator='make_synthetic.py', images=len(images),
-                            classes=counts, lesions=len({im['key'] for im in images})))
-    print(f'\rskin: {len(images)} images ({" ".join(f"{c} {n}" for c, n in counts.items())}), '
-          f'{args.size} px -> {root} ({secs:.1f} s)')
+                            **stamp))
+    print(f'\r{name}: {len(jobs)} images ({detail}), {args.size} px -> {root} '
+          f'({time.time() - t0:.1f} s)')
 
 
 # --------------------------------------------------------------------------- contact sheet
 def write_grid(path, out, only, cols=6):
-    """One PNG: a row of samples per class, labelled, for each dataset written under out."""
+    """One PNG: a labelled row of samples per class, for each dataset written under out."""
     rows = []  # (title, [(label, [image paths])])
-    src = os.path.join(out, 'source')
+    src, skin = os.path.join(out, 'source'), os.path.join(out, 'skin')
     if only in (None, 'source') and os.path.isdir(src):
-        rows.append(('source (ImageFolder)', [
-            (c, [os.path.join(src, c, f) for f in sorted(os.listdir(os.path.join(src, c)))[:cols]])
-            for c in sorted(os.listdir(src)) if os.path.isdir(os.path.join(src, c))]))
-    skin = os.path.join(out, 'skin')
+        rows.append(('source (ImageFolder)', [(c, [os.path.join(src, c, f) for f in sorted(
+            os.listdir(os.path.join(src, c)))[:cols]]) for c in SOURCE_CLASSES]))
     if only in (None, 'skin') and os.path.isdir(skin):
         with open(os.path.join(skin, SKIN_GT)) as f:
             gt = list(csv.DictReader(f))
-        by = {c: [os.path.join(skin, SKIN_DIR, r['image'] + '.jpg') for r in gt if r[c] == '1.0']
-              for c in SKIN_CLASSES}
-        rows.append(('skin (ISIC 2019 layout)', [(c, by[c][:cols]) for c in SKIN_CLASSES]))
+        rows.append(('skin (ISIC 2019 layout)', [(c, [os.path.join(
+            skin, SKIN_DIR, r['image'] + '.jpg') for r in gt if r[c] == '1.0'][:cols])
+            for c in SKIN_CLASSES]))
     if not rows:
         fail(f'--grid: no datasets under {out} to show')
-    size = Image.open(rows[0][1][0][1][0]).size[0]
-    cell = size * max(1, round(96 / size))
+    cell = Image.open(rows[0][1][0][1][0]).size[0]
+    cell *= max(1, round(96 / cell))  # whole-pixel zoom to about 96 px
     try:
         font = ImageFont.load_default(size=max(12, cell // 7))
     except TypeError:  # pillow < 10.1
         font = ImageFont.load_default()
-    label_w, head_h = cell, cell // 3
-    n_rows = sum(len(r) for _, r in rows)
-    sheet = Image.new('RGB', (label_w + cols * cell, n_rows * cell + len(rows) * head_h), 'white')
-    d = ImageDraw.Draw(sheet)
-    y = 0
+    head, y = cell // 3, 0
+    sheet = Image.new('RGB', ((cols + 1) * cell, sum(len(r) * cell + head for _, r in rows)),
+                      'white')
+    draw = ImageDraw.Draw(sheet)
     for title, section in rows:
-        d.text((4, y + head_h // 4), title, fill='black', font=font)
-        y += head_h
+        draw.text((4, y + head // 4), title, fill='black', font=font)
+        y += head
         for label, paths in section:
-            d.text((4, y + cell // 2 - cell // 10), label, fill='black', font=font)
+            draw.text((4, y + cell // 2 - cell // 10), label, fill='black', font=font)
             for k, p in enumerate(paths):
                 with Image.open(p) as im:
                     sheet.paste(im.convert('RGB').resize((cell, cell), Image.NEAREST),
-                                (label_w + k * cell, y))
+                                ((k + 1) * cell, y))
             y += cell
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + '.tmp'
-    sheet.save(tmp, 'PNG')
-    os.replace(tmp, path)
+    sheet.save(path + '.tmp', 'PNG')
+    os.replace(path + '.tmp', path)
     print(f'grid: {path}')
 
 
@@ -961,42 +737,29 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.error = fail  # one line on stderr, exit status 2
-    # what and where
-    ap.add_argument('--out', default='data',
-                    help='root folder; writes OUT/source and OUT/skin (default: data)')
-    ap.add_argument('--only', choices=['source', 'skin'],
-                    help='write just one of the two datasets (default: both)')
-    ap.add_argument('--size', type=int, default=64,
-                    help='pixel side of the written images (default 64: the experiment trains at '
-                         '32); structures scale with the image, so larger sizes are just sharper')
-    # how much
-    ap.add_argument('--source-per-class', type=int, default=200,
-                    help=f'images per source class, {len(SOURCE_CLASSES)} classes (default 200: '
-                         f'2,400 images, enough for a few minutes of CPU pretraining)')
-    ap.add_argument('--skin-count', type=int, default=2500,
-                    help='skin images in all, split with ISIC 2019 proportions, every class at '
-                         'least 3%% (default 2500: NV 1156 ... DF, VASC, SCC 75 each)')
-    ap.add_argument('--seed', type=int, default=0, help='same seed, same bytes (default 0)')
-    # how
-    ap.add_argument('--workers', type=int, default=min(2, os.cpu_count() or 1),
-                    help='processes rendering images; the output does not depend on it '
-                         '(default: 2, or 1 on a one-core machine)')
-    ap.add_argument('--force', action='store_true',
-                    help='rewrite a dataset even if one with the same settings is already there')
-    ap.add_argument('--grid', metavar='PATH',
-                    help='also write a PNG contact sheet: a labelled row of samples per class')
+    add = ap.add_argument
+    add('--out', default='data', help='root folder; writes OUT/source and OUT/skin (default: data)')
+    add('--only', choices=['source', 'skin'], help='write just one dataset (default: both)')
+    add('--size', type=int, default=64,
+        help='pixel side of the written images (default 64: the experiment trains at 32); '
+             'structures scale with the image, so larger sizes are just sharper')
+    add('--source-per-class', type=int, default=200,
+        help='images per source class, 12 classes (default 200: 2,400 images)')
+    add('--skin-count', type=int, default=2500,
+        help='skin images in all, in ISIC 2019 proportions, every class at least 3%% '
+             '(default 2500: NV 1156 ... DF, VASC, SCC 75 each)')
+    add('--seed', type=int, default=0, help='same seed, same bytes (default 0)')
+    add('--workers', type=int, default=min(2, os.cpu_count() or 1),
+        help='processes rendering images; the output does not depend on it (default: 2)')
+    add('--force', action='store_true', help='rewrite a dataset even if it is there already')
+    add('--grid', metavar='PATH', help='also write a PNG contact sheet, a row per class')
     args = ap.parse_args(argv)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         fail(f'--out {args.out}: is a file; pass a folder')
-    if args.size < 16:
-        fail(f'--size {args.size}: must be at least 16 pixels')
-    if args.source_per_class < 1:
-        fail(f'--source-per-class {args.source_per_class}: must be at least 1')
-    if args.skin_count < len(SKIN_CLASSES):
-        fail(f'--skin-count {args.skin_count}: must be at least {len(SKIN_CLASSES)} '
-             f'(one image per class)')
-    if args.workers < 1:
-        fail(f'--workers {args.workers}: must be at least 1')
+    for flag, low in (('size', 16), ('source_per_class', 1), ('skin_count', len(SKIN_CLASSES)),
+                      ('workers', 1)):
+        if getattr(args, flag) < low:
+            fail(f'--{flag.replace("_", "-")} {getattr(args, flag)}: must be at least {low}')
     return args
 
 
@@ -1005,10 +768,9 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     pool = mp.Pool(args.workers) if args.workers > 1 else None
     try:
-        if args.only in (None, 'source'):
-            write_source(args, pool)
-        if args.only in (None, 'skin'):
-            write_skin(args, pool)
+        for name in ('source', 'skin'):
+            if args.only in (None, name):
+                write_dataset(args, pool, name)
     finally:
         if pool:
             pool.close()
