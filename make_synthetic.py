@@ -15,12 +15,11 @@ data/source/<class>/<class>_00000.jpg  ImageFolder of 12 classes of procedural o
     scale, rotation and position; pretraining on it teaches edges, blobs, lines, meshes, colour.
 data/skin/  the ISIC 2019 layout: ISIC_2019_Training_Input/ISIC_0000000.jpg ...,
     ISIC_2019_Training_GroundTruth.csv (one-hot MEL..SCC, UNK) and _Metadata.csv (age, site,
-    lesion_id, sex). Dermoscopy-like lesions of the 8 classes with an ISIC-like imbalance. A
-    class is a distribution over size, asymmetry, border, colours and structures (network,
-    globules, streaks, vessels, keratin, cysts...), each structure a row of the STRUCTURES
-    table drawn by one of four primitives (spots, net, patch, lines); the classes overlap.
-    Nuisances (skin tone, light, hair, vignette, bubbles, rulers, JPEG quality) vary
-    independently; some lesions are photographed 2-3 times (same lesion_id, another pose/light).
+    lesion_id, sex). Dermoscopy-like lesions of the 8 classes with an ISIC-like imbalance; a
+    class is a distribution over size, asymmetry, border, colours and structures (STRUCTURES:
+    network, globules, streaks, vessels, keratin...), and the classes overlap. Nuisances (skin
+    tone, light, hair, vignette, bubbles, rulers, JPEG quality) vary independently; some lesions
+    are photographed 2-3 times (same lesion_id, another rotation/scale/light).
 
 Deterministic for --seed: every image draws from its own random stream, whatever --workers.
 Each dataset is written to a hidden staging folder, stamped with .synthetic.json last, then
@@ -65,8 +64,7 @@ def smoothstep(e0, e1, x):
     return t * t * (3 - 2 * t)
 
 
-def grid(R):
-    """Pixel-centre coordinates xx, yy, (R, R) each."""
+def grid(R):  # pixel-centre coordinates xx, yy
     return np.mgrid[0:R, 0:R][::-1].astype(np.float32) + 0.5
 
 
@@ -79,9 +77,9 @@ def noise(rng, R, cells):
 
 def blur(a, sigma):
     """Separable Gaussian blur over the first two axes of a (R, R) or (R, R, 3) array."""
-    k = int(3 * sigma + 0.5)
-    if sigma < 0.3 or np.ndim(a) < 2:
+    if sigma < 0.3:
         return a
+    k = int(3 * sigma + 0.5)
     w = np.exp(-np.arange(-k, k + 1) ** 2 / (2 * sigma ** 2))
     for ax in (0, 1):
         p = np.pad(a, [(k, k) if i == ax else (0, 0) for i in range(a.ndim)], mode='edge')
@@ -89,8 +87,7 @@ def blur(a, sigma):
     return (a / w.sum() ** 2).astype(np.float32)
 
 
-def mask(R, fn):
-    """A float (R, R) mask: fn(ImageDraw) paints on a black 'F' canvas with fill=1.0."""
+def mask(R, fn):  # fn(ImageDraw) paints 1.0 on a black float canvas
     im = Image.new('F', (R, R), 0.0)
     fn(ImageDraw.Draw(im))
     return np.array(im, dtype=np.float32)
@@ -106,14 +103,13 @@ def voronoi(xx, yy, px, py):
     d1, d2 = np.full(xx.shape, np.inf, np.float32), np.full(xx.shape, np.inf, np.float32)
     for x, y in zip(px.tolist(), py.tolist()):
         d = (xx - x) ** 2 + (yy - y) ** 2
-        d2 = np.minimum(d2, np.maximum(d1, d))
-        d1 = np.minimum(d1, d)
+        d1, d2 = np.minimum(d1, d), np.minimum(d2, np.maximum(d1, d))
     return (np.sqrt(d2) - np.sqrt(d1)) / 2
 
 
 def tree(d, x, y, ang, length, width, depth, rng):
-    """A line in three jittered steps (streak, vessel, twig), then two thinner, shorter children
-    while depth > 0."""
+    """A line in three jittered steps (hair, streak, vessel, twig), then while depth > 0 two
+    thinner, shorter children."""
     pts = [(x, y)]
     for _ in range(3):
         ang += rng.normal(0, 0.25)
@@ -126,25 +122,22 @@ def tree(d, x, y, ang, length, width, depth, rng):
                  width * 0.7, depth - 1, rng)
 
 
-def over(img, colour, alpha):
-    """Paint colour (3,) or (R, R, 3) over img with alpha (R, R)."""
+def over(img, colour, alpha):  # colour (3,) or (R, R, 3), alpha (R, R)
     a = np.clip(alpha, 0, 1)[..., None]
     return img * (1 - a) + np.asarray(colour, np.float32) * a
 
 
 def finish(img, rng, size, blur_p):
     """Camera: light gradient, white balance, blur, sensor noise; then to uint8 at `size`."""
-    R = len(img)
-    xx, yy = grid(R)
-    ang = rng.uniform(0, 2 * np.pi)
+    R, (xx, yy), ang = len(img), grid(len(img)), rng.uniform(0, 2 * np.pi)
     light = 1 + rng.uniform(0, 0.25) * ((xx * math.cos(ang) + yy * math.sin(ang)) / R - 0.5)
     temp, tint = rng.normal(0, 0.07), abs(rng.normal(0, 0.04))  # white balance: warm/cool, magenta
     img = img * (light * rng.uniform(0.75, 1.2))[..., None] * [1 + temp, 1 - tint, 1 - temp]
     if rng.random() < blur_p:
         img = blur(img, rng.uniform(0.5, 1.3) * R / 128)
     img = img + rng.normal(0, rng.uniform(0.004, 0.02), img.shape)
-    im = Image.fromarray((np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8))
-    return im.resize((size, size), Image.BOX if R == 2 * size else Image.LANCZOS)
+    return Image.fromarray((np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)).resize(
+        (size, size), Image.BOX)
 
 
 # ------------------------------------------------------------------- source (ImageNet stand-in)
@@ -153,25 +146,23 @@ def rand_colour(rng):
                     np.float32)
 
 
-def source_mask(cls, rng, R, u, v, th, s, cx, cy):
-    """Where the object of class cls is, (R, R) in [0, 1]; u, v: its frame (about +-1 over the
-    object, rotated by th and scaled by s about cx, cy)."""
-    r = np.hypot(u, v)
-    wave = lambda x: smoothstep(-0.25, 0.25, np.sin(x) + rng.uniform(-0.4, 0.4))
-    round_ = lambda m: m * smoothstep(1.05, 0.95, r / rng.uniform(0.5, 1.5))
-    if cls == 'stripes':
-        wavy = rng.uniform(0, 0.3) * np.sin(v * rng.uniform(2, 9)) * (rng.random() < 0.4)
-        return wave(np.pi * rng.uniform(1.5, 5) * (u + wavy))
+def source_mask(cls, rng, R, u, v, s, z0):
+    """Where the object is, (R, R) in [0, 1]. u, v: its frame (about +-1 over the object), scaled
+    by s, centred on z0 (complex pixel coordinates) for the drawn shapes."""
+    r, a, f = np.hypot(u, v), np.arctan2(v, u), rng.uniform(1.5, 5)
+    wave = lambda x: smoothstep(-0.25, 0.25, np.sin(np.pi * f * x) + rng.uniform(-0.4, 0.4))
+    disc_ = smoothstep(1.05, 0.95, r / rng.uniform(0.5, 1.5))
+    if cls == 'stripes':  # straight or wavy
+        return wave(u + rng.uniform(0, 0.3) * np.sin(v * rng.uniform(2, 9)) * (rng.random() < .4))
     if cls == 'checkers':
-        f = rng.uniform(1.5, 4)
         return smoothstep(-0.1, 0.1, np.sin(np.pi * f * u) * np.sin(np.pi * f * v))
-    if cls in ('rings', 'spokes'):
-        return round_(wave(np.pi * rng.uniform(2, 6) * r) if cls == 'rings' else
-                      wave(rng.integers(4, 16) * np.arctan2(v, u)) * (r > rng.uniform(0, 0.2)))
+    if cls == 'rings':
+        return wave(r) * disc_
+    if cls == 'spokes':
+        return wave(a * rng.integers(2, 8) / np.pi / f * 2) * disc_ * (r > rng.uniform(0, 0.2))
     if cls == 'grid':
-        f, w = rng.uniform(1.5, 4.5), rng.uniform(0.03, 0.1)
-        return smoothstep(w, w / 2, np.minimum(*[np.abs(f * a - np.round(f * a)) / f
-                                                 for a in (u, v)]))
+        w = rng.uniform(0.03, 0.1)
+        return smoothstep(w, w / 2, np.minimum(*[abs(f * x - np.round(f * x)) / f for x in (u, v)]))
     if cls == 'crosses':
         L, W = rng.uniform(0.5, 0.9), rng.uniform(0.1, 0.25)
         arm = lambda a, b: smoothstep(0.03, -0.03, np.maximum(np.abs(a) - L, np.abs(b) - W))
@@ -179,42 +170,29 @@ def source_mask(cls, rng, R, u, v, th, s, cx, cy):
     if cls == 'cells':
         sp = rng.uniform(0.12, 0.3) * R * s
         g = np.arange(-sp, R + sp, sp)
-        px, py = [a.ravel() + rng.uniform(-.35, .35, a.size) * sp for a in np.meshgrid(g, g)]
+        px, py = [x.ravel() + rng.uniform(-.35, .35, x.size) * sp for x in np.meshgrid(g, g)]
         w = sp * rng.uniform(0.04, 0.12)
         return smoothstep(w, w * 0.5, voronoi(*grid(R), px, py))
-    if cls == 'blobs' and rng.random() < 0.5:  # camouflage
-        t = rng.uniform(0.35, 0.65)
-        return smoothstep(t - 0.03, t + 0.03, noise(rng, R, rng.integers(3, 9)))
-    if cls == 'blobs':  # one to three amoebas
+    if cls == 'blobs':  # one to three amoebas: wobbly outlines
         m = 0
         for _ in range(rng.integers(1, 4)):
             ox, oy = rng.uniform(-0.5, 0.5, 2)
-            a = np.arctan2(v - oy, u - ox)
             rho = rng.uniform(0.3, 0.6) * (1 + sum(rng.uniform(0, .25 / k) * np.cos(
-                k * a + rng.uniform(0, 6.3)) for k in range(1, 6)))
+                k * np.arctan2(v - oy, u - ox) + rng.uniform(0, 6.3)) for k in range(1, 6)))
             m = np.maximum(m, smoothstep(1.05, 0.95, np.hypot(u - ox, v - oy) / rho))
         return m
     if cls in ('polygons', 'stars'):
         n = rng.integers(3, 9) if cls == 'polygons' else 2 * rng.integers(5, 10)
         radii = (rng.uniform(0.45, 0.75) * rng.uniform(0.85, 1.15, n) if cls == 'polygons' else
                  rng.uniform(0.5, 0.8) * np.tile([1, rng.uniform(0.3, 0.55)], n // 2))
-        z = (cx + 1j * cy) + radii * s * R / 2 * np.exp(1j * (th + np.arange(n) * 2 * np.pi / n))
-        pts = [(p.real, p.imag) for p in z.tolist()]
-        if rng.random() < 0.75:
-            return mask(R, lambda d: d.polygon(pts, fill=1.0))
-        w = int(R * rng.uniform(0.03, 0.08))  # an outline only
-        return mask(R, lambda d: d.line(pts + pts[:1], fill=1.0, width=w, joint='curve'))
+        z = z0 + radii * s * R / 2 * np.exp(1j * (rng.uniform(0, 7) + np.arange(n) * 2 * np.pi / n))
+        return mask(R, lambda d: d.polygon([(p.real, p.imag) for p in z.tolist()], fill=1.0))
     if cls == 'spots':
-        sp = rng.uniform(0.15, 0.3) * R * s  # polka lattice, or scattered discs
-        g = np.arange(-sp, R + sp, sp)
-        xyr = ([(x + (k % 2) * sp / 2, y, sp * rng.uniform(0.2, 0.35)) for k, y in enumerate(g)
-                for x in g] if rng.random() < 0.5 else
-               rng.uniform([0, 0, .02 * R * s], [R, R, .09 * R * s], (rng.integers(4, 30), 3)))
+        xyr = rng.uniform([0, 0, .02 * R * s], [R, R, .09 * R * s], (rng.integers(4, 30), 3))
         return mask(R, lambda d: [disc(d, x, y, q) for x, y, q in xyr])
-    assert cls == 'branches', cls
     return mask(R, lambda d: [tree(d, *rng.uniform(0.1, 0.9, 2) * R, rng.uniform(0, 2 * np.pi),
                                    rng.uniform(0.25, 0.45) * R * s, rng.uniform(0.02, 0.05) * R,
-                                   3, rng) for _ in range(rng.integers(1, 4))])
+                                   3, rng) for _ in range(rng.integers(1, 4))])  # branches
 
 
 def source_image(cls, rng, R):
@@ -223,29 +201,19 @@ def source_image(cls, rng, R):
     b1, b2, kind = rand_colour(rng), rand_colour(rng), rng.integers(3)
     t = xx * 0 if kind == 0 else xx / R if kind == 1 else noise(rng, R, rng.integers(2, 7))
     img = (b1 + (b2 - b1) * t[..., None]) * (1 + 0.08 * (noise(rng, R, R // 6)[..., None] - .5))
-    # the object's frame: rotation, scale, position
-    th, s = rng.uniform(0, 2 * np.pi), rng.uniform(0.6, 1.3)
-    cx, cy = rng.uniform(0.3, 0.7, 2) * R
-    x, y = (xx - cx) / (R / 2), (yy - cy) / (R / 2)
-    u, v = (x * math.cos(th) + y * math.sin(th)) / s, (y * math.cos(th) - x * math.sin(th)) / s
-    m = source_mask(cls, rng, R, u, v, th, s, cx, cy)
-    if cls in ('stripes', 'checkers', 'grid', 'cells', 'blobs', 'spots') and rng.random() < .35:
-        # a texture filling only a soft blob, like a pattern on an object
-        m = m * smoothstep(1.0, 0.85, np.hypot(u, v) / rng.uniform(0.6, 1.1)
-                           + 0.4 * noise(rng, R, 4))
-    # foreground: one colour, a two-colour gradient or a noisy fill, contrasted with the background
-    f1 = rand_colour(rng)
-    for _ in range(5):
-        if abs(f1.mean() - img.mean()) > 0.15:
-            break
-        f1 = rand_colour(rng)
+    # the object's frame: rotation th, scale s, centre z0
+    th, s, z0 = rng.uniform(0, 2 * np.pi), rng.uniform(0.6, 1.3), complex(*rng.uniform(.3, .7, 2) * R)
+    z = (xx + 1j * yy - z0) / (R / 2) * np.exp(-1j * th) / s
+    m = source_mask(cls, rng, R, z.real, z.imag, s, z0)
+    # foreground: the most contrasting of five colours, maybe a gradient, with a noisy fill
+    f = max([rand_colour(rng) for _ in range(5)], key=lambda c: abs(c.mean() - img.mean()))
     if rng.random() < 0.3:
-        f1 = f1 + (rand_colour(rng) - f1) * (u.clip(-1, 1)[..., None] * 0.5 + 0.5)
-    fill = f1 * (1 + 0.15 * (noise(rng, R, rng.integers(3, 12))[..., None] - 0.5))
-    img = over(img, fill, m * rng.uniform(0.75, 1.0))
+        f = f + (rand_colour(rng) - f) * (z.real.clip(-1, 1)[..., None] * 0.5 + 0.5)
+    f = f * (1 + 0.15 * (noise(rng, R, rng.integers(3, 12))[..., None] - 0.5))
+    img = over(img, f, m * rng.uniform(0.75, 1.0))
     if rng.random() < 0.25:  # distractors: a few thin curves, as hair will be on skin
-        img = over(img, rand_colour(rng), mask(R, lambda d: [d.line(
-            [tuple(p) for p in rng.uniform(0, R, (3, 2))], fill=1.0, width=1, joint='curve')
+        img = over(img, rand_colour(rng), mask(R, lambda d: [tree(
+            d, *rng.uniform(0, R, 2), rng.uniform(0, 7), R * rng.uniform(.3, 1), 1, 0, rng)
             for _ in range(rng.integers(1, 4))]))
     return img
 
@@ -257,8 +225,7 @@ PIGMENT = {'tan': (.86, .74, .64), 'light': (.72, .55, .43), 'brown': (.52, .36,
 COLOUR = {'black': (.10, .08, .08), 'bluegrey': (.45, .48, .55), 'slate': (.30, .33, .40),
           'veil': (.70, .71, .73), 'red': (.80, .22, .25), 'pink': (.92, .60, .62),
           'white': (.95, .93, .91), 'scar': (.87, .86, .84), 'keratin': (.95, .90, .77),
-          'purple': (.50, .17, .32), 'maroon': (.36, .08, .14), 'crust': (.40, .16, .10),
-          'septa': (.92, .76, .78)}
+          'purple': (.50, .17, .32), 'maroon': (.36, .08, .14), 'crust': (.40, .16, .10)}
 
 # Shape: uniform ranges. Radius is a fraction of half the image; asymmetry and border are the
 # amplitudes of the low and high harmonics of the outline; colours: how many in the body.
@@ -275,7 +242,7 @@ SHAPE = {
 }
 # Body colour: the base drawn with these weights (classes overlap on purpose: pigmented BCC,
 # AK and SCC exist, and a colour mean alone should not give the class away), then extra colours,
-# in soft zones, concentric with probability ZONES (DF's pale centre, NV's regular rings).
+# in soft zones, concentric with probability ZONES (else .15: DF's pale centre, NV's rings).
 BASE_NAMES = ['tan', 'light', 'brown', 'dark', 'pink', 'red', 'purple']
 BASE = {'MEL': (.15, .30, .30, .20, .05, .00, .00), 'NV': (.25, .30, .25, .17, .03, .00, .00),
         'BCC': (.15, .25, .20, .05, .35, .00, .00), 'AK': (.20, .30, .15, .05, .25, .05, .00),
@@ -286,12 +253,12 @@ EXTRA = {'MEL': ['black', 'dark', 'dark', 'bluegrey', 'bluegrey', 'tan', 'red', 
          'AK': ['pink', 'red', 'light'], 'BKL': ['dark', 'brown', 'keratin', 'black'],
          'DF': ['pink', 'brown'], 'VASC': ['purple', 'maroon', 'black'],
          'SCC': ['white', 'keratin', 'red', 'light']}
-ZONES = {'NV': .85, 'DF': .8}  # else .15
+ZONES = {'NV': .85, 'DF': .8}
 
 
-# A lesion is a namespace L in its own frame (centre L.c): its border radius L.rho(angle), L.d
-# (0 at the centre, 1 on the border), L.inside (a soft mask) and a premultiplied RGBA layer
-# L.P, L.A that the primitives paint over in turn.
+# A lesion is a namespace L in its own frame, points as complex numbers x + iy (centre L.c): the
+# border radius L.rho(angle), L.d (0 at the centre, 1 on the border), windows L.win (where a
+# structure may show) and a premultiplied RGBA layer L.P, L.A that the primitives paint in turn.
 def pick(rng, v):
     """A table value: a (lo, hi) range draws uniformly, a tuple of names picks one, else as is."""
     if isinstance(v, tuple):
@@ -299,96 +266,82 @@ def pick(rng, v):
     return v
 
 
-def paint(L, colour, alpha, win='all'):
-    """Paint a colour (a name, jittered; pigments on the skin tone) with alpha, within win
-    (None: anywhere)."""
-    if isinstance(colour, str):
-        c = np.array(PIGMENT[colour]) * L.skin if colour in PIGMENT else COLOUR[colour]
-        colour = np.clip(c * L.rng.normal(1, 0.04, 3), 0, 1)
-    if win == 'halo':  # around the lesion too
-        alpha = alpha * smoothstep(1.8, 0.9, L.d)
-    elif win:  # inside, or in part of it: the centre, the rim, irregular islands
-        alpha = alpha * L.inside * (
-            smoothstep(1.0, 0.6, L.d) if win == 'centre' else smoothstep(0.4, 0.7, L.d)
-            if win == 'rim' else smoothstep(0.35, 0.5, noise(L.rng, L.R, L.rng.integers(3, 6)))
-            if win == 'patchy' else 1)
-    a = np.clip(alpha, 0, 1).astype(np.float32)
-    L.P, L.A = over(L.P, colour, a), L.A * (1 - a) + a
+def colour(L, name):  # jittered; pigments on the skin tone
+    c = np.array(PIGMENT[name]) * L.skin if name in PIGMENT else np.array(COLOUR[name])
+    return np.clip(c * L.rng.normal(1, 0.04, 3), 0, 1).astype(np.float32)
+
+
+def paint(L, c, alpha, win='all'):
+    a = np.clip(alpha * L.win[win], 0, 1).astype(np.float32)
+    L.P, L.A = over(L.P, colour(L, c) if isinstance(c, str) else c, a), L.A * (1 - a) + a
 
 
 def points(L, n, t=(0, .85), sector=None):
-    """n points inside the lesion at normalised radius in t, all round or in a sector of that
-    width (radians) at a random angle: on one side, as atypical structures are."""
+    """n points at normalised radius in t, all round or in a sector that wide (radians) at a
+    random angle: on one side, as atypical structures are."""
     rng = L.rng
     a = (rng.uniform(0, 2 * np.pi, n) if sector is None else
          rng.uniform(0, 2 * np.pi) + rng.uniform(-.5, .5, n) * pick(rng, sector))
-    z = L.c * (1 + 1j) + np.sqrt(rng.uniform(t[0] ** 2, t[1] ** 2, n)) * L.rho(a) * np.exp(1j * a)
-    return z.real, z.imag
+    return L.c + np.sqrt(rng.uniform(t[0] ** 2, t[1] ** 2, n)) * L.rho(a) * np.exp(1j * a)
 
 
 def lattice(L, sp, jitter, tmax):
-    """A jittered hexagonal lattice of spacing sp: the points within tmax of the border."""
+    """A jittered hexagonal lattice of spacing sp, the points within tmax of the border."""
     g = np.arange(-1.6 * L.rad, 1.6 * L.rad, sp)
-    z = (g[None] + (np.arange(len(g))[:, None] % 2) * sp / 2 + 1j * 0.866 * g[:, None]).ravel()
+    z = (g[None] + (np.arange(len(g))[:, None] % 2) * sp / 2 + 0.866j * g[:, None]).ravel()
     z = z + (L.rng.normal(0, jitter * sp, z.size) + 1j * L.rng.normal(0, jitter * sp, z.size))
-    z = z[np.abs(z) / L.rho(np.angle(z)) < tmax] + L.c * (1 + 1j)
-    return z.real, z.imag
+    return z[np.abs(z) / L.rho(np.angle(z)) < tmax] + L.c
 
 
 # --------------------------------------------------------------------------- lesion primitives
 def spots(L, c, r, n=(5, 15), t=(0, .85), sector=None, sp=None, jit=.2, ring=0, soft=0,
           op=(.7, .95), win='all'):
-    """Discs (rings ring * R wide if ring): n of radius r * R at random, or on a lattice of
-    spacing sp * R with radius r * spacing. A tuple of colours: one per spot."""
+    """Discs (rings ring * R wide if ring), n of radius r * R at random, or on a lattice of
+    spacing sp * R with radius r * spacing; a tuple of colours: one per spot."""
     rng, R = L.rng, L.R
     if sp:
         s = pick(rng, sp) * R
-        xs, ys = lattice(L, s, jit, t[1])
-        rs = pick(rng, r) * s * rng.uniform(0.85, 1.15, len(xs))
+        z = lattice(L, s, jit, t[1])
+        rs = pick(rng, r) * s * rng.uniform(0.85, 1.15, len(z))
     else:
-        xs, ys = points(L, rng.integers(n[0], n[1] + 1), t, sector)
-        rs = rng.uniform(*r, len(xs)) * R
-    names = rng.choice(c if isinstance(c, tuple) else [c], len(xs))
+        z = points(L, rng.integers(n[0], n[1] + 1), t, sector)
+        rs = rng.uniform(*r, len(z)) * R
+    names, alpha = rng.choice(c if isinstance(c, tuple) else [c], len(z)), pick(rng, op)
     kw = dict(outline=1.0, width=max(1, round(ring * R))) if ring else {}
-    alpha = pick(rng, op)
     for name in sorted(set(names.tolist())):  # sorted: set order varies per process
-        sel = names == name
-        m = mask(R, lambda d: [disc(d, *p, **kw) for p in zip(xs[sel], ys[sel], rs[sel])])
+        m = mask(R, lambda d: [disc(d, p.real, p.imag, q, **kw)
+                               for p, q in zip(z[names == name], rs[names == name])])
         paint(L, name, blur(m, soft * R) * alpha, win)
 
 
 def net(L, c, sp, w, jit=.2, soft=.005, op=(.5, .8), win='all'):
     """A network: the walls of a jittered lattice's cells, spacing sp * R, width w * spacing."""
     s = pick(L.rng, sp) * L.R
-    wall = voronoi(L.xx, L.yy, *lattice(L, s, jit, 1.2))
+    z = lattice(L, s, jit, 1.2)
     width = pick(L.rng, w) * s * (0.7 + 0.6 * noise(L.rng, L.R, 6))
-    paint(L, pick(L.rng, c), blur(smoothstep(width, width * 0.3, wall), soft * L.R)
-          * pick(L.rng, op), win)
+    walls = smoothstep(width, width * 0.3, voronoi(L.xx, L.yy, z.real, z.imag))
+    paint(L, pick(L.rng, c), blur(walls, soft * L.R) * pick(L.rng, op), win)
 
 
 def patch(L, c, size=0, t=(0, .5), soft=0, op=(.6, .9), win='all'):
-    """A blot of radius size * lesion radius with a ragged edge, around a point at t (size 0:
-    everywhere win allows)."""
+    """A ragged blot of radius size * lesion radius around a point at t; size 0: all of win."""
     rng, m = L.rng, 1.0
     if size:
-        x, y = points(L, 1, t)
-        r = np.hypot(L.xx - x, L.yy - y) / (pick(rng, size) * L.rad)
-        m = blur(smoothstep(1.0, 0.7, r + 0.6 * (noise(rng, L.R, rng.integers(4, 9)) - .5)),
-                 soft * L.R)
+        r = np.abs(L.xx + 1j * L.yy - points(L, 1, t)) / (pick(rng, size) * L.rad)
+        m = blur(smoothstep(1, .7, r + .6 * (noise(rng, L.R, rng.integers(4, 9)) - .5)), soft * L.R)
     paint(L, pick(rng, c), m * pick(rng, op), win)
 
 
 def lines(L, c, n, length, w, t=(.4, .95), out=False, sector=None, depth=0, op=(.8, 1)):
     """n strokes w * R wide, length * lesion radius long, from points at t: outwards across the
-    border (streaks) or inwards, branching depth times (arborizing vessels)."""
+    border (streaks) or inwards, branching depth times (vessels)."""
     rng = L.rng
 
     def draw(d):
-        for x, y in zip(*points(L, rng.integers(n[0], n[1] + 1), t, sector)):
-            ang = math.atan2(y - L.c, x - L.c) + (rng.normal(0, .2) if out else
-                                                   math.pi + rng.normal(0, .8))
-            tree(d, x, y, ang, L.rad * pick(rng, length), L.R * pick(rng, w), depth, rng)
-    paint(L, pick(rng, c), mask(L.R, draw) * pick(rng, op), None if out else 'all')
+        for p in points(L, rng.integers(n[0], n[1] + 1), t, sector).tolist():
+            ang = np.angle(p - L.c) + (rng.normal(0, .2) if out else math.pi + rng.normal(0, .8))
+            tree(d, p.real, p.imag, ang, L.rad * pick(rng, length), L.R * pick(rng, w), depth, rng)
+    paint(L, pick(rng, c), mask(L.R, draw) * pick(rng, op), 'any' if out else 'all')
 
 
 def body(L):
@@ -403,78 +356,71 @@ def body(L):
         centres = np.sort(rng.uniform(0, 1, k))[::-1 if L.cls == 'DF' else 1]
         fields = 0.2 * fields - np.abs(L.d[None] - centres[:, None, None])
     wt = np.exp(rng.uniform(10, 30) * (fields - fields.max(0)))  # soft zones, soft edges
-    cols = [np.array(PIGMENT[n]) * L.skin if n in PIGMENT else COLOUR[n] for n in names]
-    cols = np.clip(np.float32(cols) * rng.normal(1, 0.04, (k, 3)), 0, 1)  # as paint() jitters
-    colour = np.einsum('kyx,kc->yxc', wt / wt.sum(0), cols.astype(np.float32))
+    c = np.einsum('kyx,kc->yxc', wt / wt.sum(0), np.stack([colour(L, n) for n in names]))
     mottle = 0.8 * noise(rng, L.R, L.R // 12) + 0.2 * noise(rng, L.R, L.R // 4)
-    paint(L, colour * (0.85 + 0.3 * mottle)[..., None], rng.uniform(*g[5]))
+    paint(L, c * (0.85 + 0.3 * mottle)[..., None], rng.uniform(*g[5]))
 
 
-# Each structure: the chance that a lesion of each class shows it, then the primitive and its
-# parameters; drawn in this order. Sizes are fractions of R (of the lesion radius for patch and
-# lines lengths); (lo, hi) ranges draw per lesion; a tuple of colours picks one (spots: per spot).
-# Detail much below a pixel at the trained 32 px is left out.
-STRUCTURES = {  # MEL  NV   BCC  AK   BKL  DF   VASC SCC
-    'erythema':   ((.05, .00, .25, .75, .05, .10, .10, .55), patch,  # sun-damaged pink halo
+# Each structure: the percent chance that a lesion of each class shows it, then the primitive
+# that draws it and its parameters; drawn in this order. Sizes are fractions of R (of the lesion
+# radius: line lengths, patch sizes); (lo, hi) ranges draw per lesion; a tuple of colours picks
+# one (spots: one per spot). Detail far below a pixel at the trained 32 px is left out.
+STRUCTURES = {  # MEL NV BCC AK BKL DF VASC SCC
+    'erythema':   (' 5  0 25 75  5 10 10 55', patch,  # sun-damaged pink halo
                    dict(c='pink', win='halo', op=(.2, .45))),
-    'body':       ((1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0), body, {}),
-    'periph_net': ((.00, .00, .00, .00, .00, .80, .00, .00), net,  # delicate, at the rim (DF)
+    'body':       ('100 ' * 8, body, {}),  # pigment in colour zones
+    'periph_net': (' 0  0  0  0  0 80  0  0', net,  # delicate network at the rim (DF)
                    dict(c='brown', sp=(.10, .13), w=.08, win='rim', op=(.35, .6))),
-    'network':    ((.05, .65, .00, .00, .05, .00, .00, .00), net,  # regular reticular network
+    'network':    (' 5 65  0  0  5  0  0  0', net,  # regular reticular network
                    dict(c=('brown', 'dark'), sp=(.11, .15), w=.12, win='centre', op=(.5, .75))),
-    'atyp_net':   ((.70, .08, .00, .00, .05, .00, .00, .00), net,  # thick, broken, irregular
-                   dict(c=('dark', 'black'), sp=(.12, .18), w=(.12, .2), jit=.35, win='patchy',
-                        op=(.6, .9))),
-    'veil':       ((.45, .02, .10, .00, .03, .00, .00, .00), patch,  # blue-white veil
+    'atyp_net':   ('70  8  0  0  5  0  0  0', net,  # thick, broken, irregular network
+                   dict(c=('dark', 'black'), sp=(.12, .18), w=(.12, .2), jit=.35, win='patchy')),
+    'veil':       ('45  2 10  0  3  0  0  0', patch,  # blue-white veil
                    dict(c='veil', size=(.3, .6), soft=.02, op=(.55, .85))),
-    'regression': ((.40, .02, .05, .00, .03, .00, .00, .00), patch,  # scar-white area
+    'regression': ('40  2  5  0  3  0  0  0', patch,  # white scar-like area
                    dict(c='scar', size=(.3, .55), t=(.2, .7), op=(.4, .7))),
-    'central_white': ((.03, .02, .03, .00, .00, .90, .00, .05), patch,  # DF's white centre
-                      dict(c='white', size=(.35, .6), t=(0, .15), soft=.02, op=(.65, .9))),
-    'globules':   ((.05, .50, .00, .00, .00, .00, .00, .00), spots,  # regular cobblestone
-                   dict(c=('brown', 'dark'), sp=(.085, .11), r=(.25, .35), soft=.004,
-                        op=(.5, .8))),
-    'dots':       ((.60, .08, .05, .00, .08, .00, .00, .00), spots,  # irregular, on one side
+    'white_centre': (' 3  2  3  0  0 90  0  5', patch,  # DF's central white patch
+                     dict(c='white', size=(.35, .6), t=(0, .15), soft=.02, op=(.65, .9))),
+    'globules':   (' 5 50  0  0  0  0  0  0', spots,  # regular cobblestone globules
+                   dict(c=('brown', 'dark'), sp=(.085, .11), r=(.25, .35), op=(.5, .8))),
+    'dots':       ('60  8  5  0  8  0  0  0', spots,  # irregular dots on one side
                    dict(c=('black', 'dark', 'bluegrey'), n=(8, 30), r=(.015, .04), t=(.5, 1),
                         sector=(1.5, 4.5), op=(.7, 1))),
-    'nests':      ((.08, .02, .75, .00, .03, .00, .00, .00), spots,  # blue-grey ovoid nests
+    'nests':      (' 8  2 75  0  3  0  0  0', spots,  # blue-grey ovoid nests (BCC)
                    dict(c=('bluegrey', 'slate'), n=(2, 8), r=(.05, .11), t=(0, .9), soft=.01)),
-    'streaks':    ((.45, .00, .00, .00, .00, .00, .00, .00), lines,  # radial, on one side
+    'streaks':    ('45  0  0  0  0  0  0  0', lines,  # radial streaks on one side
                    dict(c=('dark', 'black'), n=(5, 15), length=(.3, .45), w=(.018, .028),
-                        t=(.8, .8), out=True, sector=(1, 3), op=(.7, .95))),
-    'starburst':  ((.00, .06, .00, .00, .00, .00, .00, .00), lines,  # all round (Spitz/Reed)
+                        t=(.8, .8), out=True, sector=(1, 3))),
+    'starburst':  (' 0  6  0  0  0  0  0  0', lines,  # streaks all round (Spitz/Reed naevus)
                    dict(c=('dark', 'black'), n=(14, 24), length=(.3, .45), w=(.018, .028),
-                        t=(.8, .8), out=True, op=(.7, .95))),
-    'fissures':   ((.00, .03, .00, .00, .60, .00, .00, .00), net,  # cerebriform ridges (SK)
+                        t=(.8, .8), out=True)),
+    'fissures':   (' 0  3  0  0 60  0  0  0', net,  # cerebriform ridges (seborrhoeic keratosis)
                    dict(c='dark', sp=(.18, .25), w=(.15, .25), jit=.45, win='centre')),
-    'comedo':     ((.00, .03, .00, .00, .65, .00, .00, .00), spots,  # comedo-like openings
+    'comedo':     (' 0  3  0  0 65  0  0  0', spots,  # comedo-like openings
                    dict(c=('dark', 'black', 'crust'), n=(2, 10), r=(.03, .05))),
-    'milia':      ((.00, .05, .05, .00, .80, .00, .00, .00), spots,  # milia-like cysts, glowing
-                   dict(c=('white', 'keratin'), n=(2, 10), r=(.025, .045), soft=.012,
-                        op=(.8, 1))),
-    'lacunae':    ((.00, .00, .00, .00, .00, .00, .95, .00), spots,  # red-purple lacunae ...
-                   dict(c=('red', 'red', 'purple', 'maroon'), sp=(.11, .16), r=(.4, .55),
-                        jit=.12, t=(0, 1), soft=.006, op=1)),
-    'strawberry': ((.00, .00, .00, .80, .00, .00, .00, .10), net,  # red pseudo-network
+    'milia':      (' 0  5  5  0 80  0  0  0', spots,  # milia-like cysts, glowing
+                   dict(c=('white', 'keratin'), n=(2, 10), r=(.025, .045), soft=.012, op=(.8, 1))),
+    'lacunae':    (' 0  0  0  0  0  0 95  0', spots,  # red-purple lacunae
+                   dict(c=('red', 'red', 'purple', 'maroon'), sp=(.11, .16), r=(.4, .55), jit=.12,
+                        t=(0, 1), soft=.006, op=1)),
+    'strawberry': (' 0  0  0 80  0  0  0 10', net,  # red pseudo-network (AK)
                    dict(c='red', sp=(.10, .14), w=.3, jit=.3, soft=.01)),
-    'scale':      ((.00, .00, .02, .70, .15, .00, .00, .30), spots,  # white-yellow flakes
+    'scale':      (' 0  0  2 70 15  0  0 30', spots,  # white-yellow surface scale
                    dict(c=('white', 'keratin'), n=(30, 80), r=(.015, .035), t=(0, .95),
                         sector=(2, 4), soft=.006, op=(.5, .85))),
-    'keratin':    ((.00, .00, .00, .15, .10, .00, .00, .80), patch,  # central keratin mass
+    'keratin':    (' 0  0  0 15 10  0  0 80', patch,  # central keratin mass
                    dict(c='keratin', size=(.35, .65), t=(0, .3), op=(.75, .95))),
-    'white_circles': ((.00, .00, .00, .50, .00, .00, .00, .55), spots,  # round follicles
-                      dict(c='white', n=(5, 15), r=(.03, .05), t=(0, .9), ring=.015,
-                           op=(.7, .9))),
-    'ulceration': ((.05, .00, .30, .02, .00, .00, .05, .35), patch,  # blood crust
+    'follicles':  (' 0  0  0 50  0  0  0 55', spots,  # white circles round follicles
+                   dict(c='white', n=(5, 15), r=(.03, .05), t=(0, .9), ring=.015, op=(.7, .9))),
+    'ulceration': (' 5  0 30  2  0  0  5 35', patch,  # blood crust
                    dict(c=('crust', 'red', 'maroon'), size=(.2, .4), t=(0, .7), op=(.8, .95))),
-    'arborizing': ((.03, .00, .90, .05, .03, .00, .00, .08), lines,  # branching vessels (BCC)
+    'arborizing': (' 3  0 90  5  3  0  0  8', lines,  # branching vessels (BCC)
                    dict(c='red', n=(1, 3), length=(.4, .6), w=(.025, .035), depth=3)),
-    'dotted':     ((.10, .02, .05, .40, .05, .10, .00, .45), spots,  # dotted vessels
-                   dict(c=('red', 'maroon'), n=(15, 50), r=(.012, .02), t=(0, .95),
-                        op=(.7, .9))),
-    'glomerular': ((.00, .00, .00, .10, .03, .00, .00, .65), spots,  # coiled vessels (SCC)
+    'dotted':     ('10  2  5 40  5 10  0 45', spots,  # dotted vessels
+                   dict(c=('red', 'maroon'), n=(15, 50), r=(.012, .02), t=(0, .95), op=(.7, .9))),
+    'glomerular': (' 0  0  0 10  3  0  0 65', spots,  # coiled vessels (SCC)
                    dict(c='red', n=(8, 24), r=(.015, .03), t=(0, .9), ring=.012, op=(.8, 1))),
-    'hairpin':    ((.00, .00, .00, .05, .25, .00, .00, .20), lines,  # looped vessels
+    'hairpin':    (' 0  0  0  5 25  0  0 20', lines,  # looped vessels
                    dict(c='red', n=(4, 12), length=(.1, .2), w=(.012, .018), t=(.3, .9))),
 }
 
@@ -483,69 +429,63 @@ def make_lesion(cls, rng, R):
     """One lesion in its own frame (centre R/2), its structures painted. Rendered once per
     lesion id, then photographed once per image, so repeated photos show the same lesion."""
     g = SHAPE[cls]
-    L = SimpleNamespace(cls=cls, rng=rng, R=R, c=R / 2, rad=rng.uniform(*g[0]) * R / 2)
-    # border radius rho(angle) = rad * (1 + sum_k amp_k cos(k angle + phase_k)):
-    # harmonics 1-3 make the lesion asymmetric, 4-14 make its border irregular
-    amp = np.concatenate([rng.uniform(*g[1]) * rng.dirichlet(np.ones(3)),
-                          rng.uniform(*g[2]) * rng.random(11) * 2 / np.sqrt(np.arange(4, 15))])
+    L = SimpleNamespace(cls=cls, rng=rng, R=R, c=R / 2 * (1 + 1j), rad=rng.uniform(*g[0]) * R / 2)
+    # border radius rho(angle) = rad * (1 + sum_k amp_k cos(k angle + phase_k)): harmonics 1-3
+    # make the lesion asymmetric, 4-14 make its border irregular (Python floats: float32 stays)
+    amp = (rng.uniform(*g[1]) * rng.dirichlet(np.ones(3))).tolist() + (
+        rng.uniform(*g[2]) * rng.random(11) * 2 / np.sqrt(np.arange(4, 15))).tolist()
     phase = rng.uniform(0, 2 * np.pi, 14).tolist()
-    amp = amp.tolist()  # Python floats keep float32 grids float32
     L.rho = lambda a: L.rad * (1 + sum(amp[k] * np.cos((k + 1) * a + phase[k]) for k in range(14)))
-    soft = rng.uniform(*g[3])
-    t = rng.beta(1.2, 3)  # skin tone: mostly fair, as in ISIC; 0 light .. 1 dark
+    soft, t = rng.uniform(*g[3]), rng.beta(1.2, 3)  # skin tone: mostly fair, as in ISIC
     L.skin = (np.array([.95, .80, .74]) * (1 - t) + np.array([.42, .28, .20]) * t
               ) * rng.normal(1, 0.03, 3)
     L.xx, L.yy = grid(R)
-    L.d = np.hypot(L.xx - L.c, L.yy - L.c) / L.rho(np.arctan2(L.yy - L.c, L.xx - L.c))
-    L.inside = smoothstep(1 + soft, 1 - soft, L.d)
+    z = L.xx + 1j * L.yy - L.c
+    L.d = np.abs(z) / L.rho(np.angle(z))
+    inside = smoothstep(1 + soft, 1 - soft, L.d)
+    L.win = dict(any=1, all=inside, halo=smoothstep(1.8, 0.9, L.d),  # halo: round it too
+                 centre=inside * smoothstep(1.0, 0.6, L.d), rim=inside * smoothstep(0.4, 0.7, L.d),
+                 patchy=inside * smoothstep(0.35, 0.5, noise(rng, R, rng.integers(3, 6))))
     L.P, L.A = np.zeros((R, R, 3), np.float32), np.zeros((R, R), np.float32)
-    k = SKIN_CLASSES.index(cls)
-    for probs, draw, params in STRUCTURES.values():
-        if rng.random() < probs[k]:
+    for pct, draw, params in STRUCTURES.values():
+        if rng.random() * 100 < int(pct.split()[SKIN_CLASSES.index(cls)]):
             draw(L, **params)
     return L
 
 
 def photograph(L, rng, size):
     """One dermoscopy image of a lesion: pose, skin, hair, bubbles, ruler, vignette, camera."""
-    R, c = L.R, L.c
+    R = L.R
     # pose: rotate, scale, shift, maybe mirror (PIL's affine maps output pixels to input pixels)
     a, s = rng.uniform(0, 2 * np.pi), rng.uniform(0.85, 1.15)
     m = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]]) / s
     m[:, 0] *= rng.choice([-1, 1])
-    off = c - m @ (c + rng.uniform(-.08, .08, 2) * R)
-    warp = lambda ch: np.asarray(Image.fromarray(np.ascontiguousarray(ch, np.float32), 'F')
-                                 .transform((R, R), Image.AFFINE, (*m[0], off[0], *m[1], off[1]),
-                                            Image.BILINEAR))
-    P, A = np.stack([warp(L.P[..., i]) for i in range(3)], -1), warp(L.A)[..., None]
+    off = R / 2 - m @ (R / 2 + rng.uniform(-.08, .08, 2) * R)
+    P, A = [np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(ch), 'F').transform(
+        (R, R), Image.AFFINE, (*m[0], off[0], *m[1], off[1]), Image.BILINEAR))
+        for ch in np.moveaxis(X, -1, 0)], -1) for X in (L.P, L.A[..., None])]
     # skin: tone with blotchy redness and fine texture
     skin = L.skin * (1 + 0.07 * (noise(rng, R, rng.integers(3, 7)) - .5))[..., None]
     skin = over(skin, COLOUR['pink'], noise(rng, R, 4) * rng.uniform(0, .3))
     img = skin * (1 + 0.05 * (noise(rng, R, R // 5) - .5))[..., None] * (1 - A) + P
-    if rng.random() < 0.35:  # hair: dark quadratic curves across the field
-        def hair(d):
-            for _ in range(min(12, rng.geometric(.3))):
-                p = rng.uniform(-.1, 1.1, (3, 2)) * R
-                p[1] = (p[0] + p[2]) / 2 + rng.normal(0, .15 * R, 2)
-                t = np.linspace(0, 1, 16)[:, None]
-                d.line([tuple(q) for q in ((1 - t) ** 2 * p[0] + 2 * t * (1 - t) * p[1]
-                                           + t ** 2 * p[2]).tolist()], fill=1.0, joint='curve',
-                       width=max(1, round(R * rng.uniform(.005, .011))))
-        img = over(img, np.array([.25, .2, .17]) * rng.uniform(.3, 1), mask(R, hair) * .9)
+    if rng.random() < 0.35:  # hair: long dark curves across the field
+        img = over(img, np.array([.25, .2, .17]) * rng.uniform(.3, 1), .9 * mask(R, lambda d: [
+            tree(d, *rng.uniform(-.1, 1.1, 2) * R, rng.uniform(0, 7), R * rng.uniform(.5, 1.5),
+                 R * rng.uniform(.005, .011), 0, rng) for _ in range(min(12, rng.geometric(.3)))]))
     if rng.random() < 0.15:  # gel bubbles: bright rim and a specular highlight
         b = rng.uniform([0, 0, .03 * R], [R, R, .12 * R], (rng.integers(1, 5), 3))
         rim = mask(R, lambda d: [disc(d, x, y, r, outline=1.0, width=max(1, round(R / 100)))
                                  for x, y, r in b])
         spec = mask(R, lambda d: [disc(d, x - r * .4, y - r * .4, r * .15) for x, y, r in b])
         img = over(img, (1, 1, 1), blur(rim, .7) * .6 + spec * .8)
-    if rng.random() < 0.08:  # ruler along one edge: light strip with ticks
+    if rng.random() < 0.08:  # a ruler along one edge: a light strip with ticks
         w, sp, k = R * .08, R * rng.uniform(.035, .05), rng.integers(4)
         strip = mask(R, lambda d: d.rectangle([0, 0, R, w - 1], fill=1.0))
-        ticks = mask(R, lambda d: [d.line([(x, 0), (x, w * (.5 if j % 2 else .9))], fill=1.0)
+        ticks = mask(R, lambda d: [d.line([(x, 0), (x, w * (.5 + .4 * (j % 2 == 0)))], fill=1.0)
                                    for j, x in enumerate(np.arange(sp / 2, R, sp))])
         img = over(over(img, (.9, .9, .85), np.rot90(strip, k) * .85), (.1, .1, .1),
                    np.rot90(ticks, k))
-    r = np.hypot(L.xx - c, L.yy - c) / c
+    r = np.hypot(L.xx - R / 2, L.yy - R / 2) / (R / 2)
     img = img * (1 - 0.25 * rng.random() * r ** 2)[..., None]  # lens falloff
     if rng.random() < 0.45:  # the dermatoscope's round field: dark corners
         edge = rng.uniform(1.0, 1.35)
@@ -571,8 +511,7 @@ AGE = {'MEL': 60, 'NV': 42, 'BCC': 67, 'AK': 70, 'BKL': 62, 'DF': 45, 'VASC': 48
 
 def skin_plan(n, seed):
     """The images, sorted by name: class, metadata, lesion key, image key (1-3 per lesion)."""
-    rng = np.random.default_rng([seed, 1, 0])
-    lesions = []
+    rng, lesions = np.random.default_rng([seed, 1, 0]), []
     for cls, k in class_counts(n).items():
         while k > 0:
             views = min(k, rng.choice([1, 2, 3], p=[.7, .2, .1]))
@@ -584,11 +523,9 @@ def skin_plan(n, seed):
             lesions.append(dict(cls=cls, views=views, site=site, age=age, sex=sex))
     order = rng.permutation(len(lesions))  # lesion numbers and ids don't reveal the class
     numbers = rng.choice(10 * len(lesions), len(lesions), replace=False)
-    for j, k in enumerate(order):
-        les = lesions[k]
-        les['key'] = j  # as in ISIC 2019, some single images have no lesion id
-        les['lesion_id'] = ('' if les['views'] == 1 and rng.random() < .2 else
-                            f'{"HAM" if rng.random() < .7 else "BCN"}_{numbers[j]:07d}')
+    for j, k in enumerate(order):  # as in ISIC 2019, some single images have no lesion id
+        lesions[k].update(key=j, lesion_id='' if lesions[k]['views'] == 1 and rng.random() < .2
+                          else f'{"HAM" if rng.random() < .7 else "BCN"}_{numbers[j]:07d}')
     photos = [lesions[k] for k in order for _ in range(lesions[k]['views'])]
     images = []
     for i, p in enumerate(rng.permutation(len(photos))):
@@ -599,25 +536,24 @@ def skin_plan(n, seed):
 
 # --------------------------------------------------------------------------- writing
 def render_job(job):
-    """Render and write one image (in a worker). job: (dataset, path, size, seed, keys). Each
-    draws from its own stream [seed, kind, keys], so the bytes don't depend on the order."""
+    """Render and write one image (in a worker); its own random stream [seed, kind, keys] makes
+    the bytes independent of the order. job: (dataset, path, size, seed, keys)."""
     kind, path, size, seed, keys = job
     if kind == 'source':
         rng = np.random.default_rng([seed, 0, *keys])
-        im = finish(source_image(SOURCE_CLASSES[keys[0]], rng, 2 * size), rng, size, .2)
-        im.save(path, 'JPEG', quality=int(rng.integers(75, 96)))
+        im, q = finish(source_image(SOURCE_CLASSES[keys[0]], rng, 2 * size), rng, size, .2), 75
     else:
         les = make_lesion(keys[0], np.random.default_rng([seed, 2, keys[1]]), 2 * size)
         rng = np.random.default_rng([seed, 3, keys[2]])
-        photograph(les, rng, size).save(path, 'JPEG', quality=int(rng.integers(70, 96)))
+        im, q = photograph(les, rng, size), 70
+    im.save(path, 'JPEG', quality=int(rng.integers(q, 96)))
 
 
 def stage(root, force, settings):
     """None when root already holds this dataset; else a fresh hidden staging folder."""
     stamp = os.path.join(root, STAMP)
-    if os.path.exists(root) and not os.path.isdir(root):
-        fail(f'{root} is a file; pass another --out')
-    if os.path.isdir(root) and os.listdir(root) and not os.path.exists(stamp):
+    if os.path.exists(root) and not os.path.exists(stamp) and (
+            not os.path.isdir(root) or os.listdir(root)):
         fail(f'{root} exists and was not written by make_synthetic.py (no {STAMP}); '
              f'move it away or pass another --out')
     try:
@@ -670,11 +606,11 @@ def write_dataset(args, pool, name):
         os.makedirs(os.path.join(tmp, SKIN_DIR))
         jobs = [(name, os.path.join(tmp, SKIN_DIR, im['image'] + '.jpg'), args.size, args.seed,
                  (im['cls'], im['key'], im['key_img'])) for im in images]
-        write_csv(os.path.join(tmp, SKIN_GT), [['image'] + SKIN_CLASSES + ['UNK']] + [
+        write_csv(os.path.join(tmp, SKIN_GT), [['image', *SKIN_CLASSES, 'UNK']] + [
             [im['image']] + ['1.0' if im['cls'] == c else '0.0' for c in SKIN_CLASSES] + ['0.0']
             for im in images])
-        cols = ['image', 'age_approx', 'anatom_site_general', 'lesion_id', 'sex']
-        write_csv(os.path.join(tmp, SKIN_META), [cols] + [
+        write_csv(os.path.join(tmp, SKIN_META), [
+            ['image', 'age_approx', 'anatom_site_general', 'lesion_id', 'sex']] + [
             [im[k] for k in ('image', 'age', 'site', 'lesion_id', 'sex')] for im in images])
         counts = {c: sum(im['cls'] == c for im in images) for c in SKIN_CLASSES}
         stamp = dict(classes=counts, lesions=len({im['key'] for im in images}))
@@ -707,7 +643,7 @@ def write_grid(path, out, only, cols=6):
     if not rows:
         fail(f'--grid: no datasets under {out} to show')
     cell = Image.open(rows[0][1][0][1][0]).size[0]
-    cell *= max(1, round(96 / cell))  # whole-pixel zoom to about 96 px
+    cell *= max(1, round(96 / cell))  # a whole-pixel zoom to about 96 px
     try:
         font = ImageFont.load_default(size=max(12, cell // 7))
     except TypeError:  # pillow < 10.1
@@ -736,8 +672,7 @@ def write_grid(path, out, only, cols=6):
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.error = fail  # one line on stderr, exit status 2
-    add = ap.add_argument
+    ap.error, add = fail, ap.add_argument  # errors: one line on stderr, exit status 2
     add('--out', default='data', help='root folder; writes OUT/source and OUT/skin (default: data)')
     add('--only', choices=['source', 'skin'], help='write just one dataset (default: both)')
     add('--size', type=int, default=64,
