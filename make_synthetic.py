@@ -1,14 +1,14 @@
 """Write the embedded default datasets: a procedural ImageNet stand-in and an ISIC 2019 look-alike.
 
-    python make_synthetic.py                                  # data/source + data/skin, ~30 s
+    python make_synthetic.py                                  # data/source + data/skin, ~2 min
     python make_synthetic.py --grid docs/synthetic_grid.png   # also a contact sheet per class
     python make_synthetic.py --only skin --skin-count 6000 --force   # a bigger skin set
     python make_synthetic.py --size 128 --out data128         # finer detail, for bigger models
     python make_synthetic.py --out /tmp/tiny --size 32 --source-per-class 4 --skin-count 40
     make data                                                 # what the Makefile runs
 
-Defaults (2,400 source + 2,500 skin images at 64 px, ~30 s on two cores) are sized so that the
-whole experiment runs in minutes on a CPU with resnet18 at 32 px.
+Defaults (2,400 source + 2,500 skin images at 64 px; about 70 CPU-seconds, 2 min on two busy
+cores) are sized so that the whole experiment runs in minutes on a CPU with resnet18 at 32 px.
 
 data/source/<class>/<class>_00000.jpg  ImageFolder of 12 classes of procedural objects and
     textures (stripes, rings, spokes, cells, branches, stars...) under random colours, lighting,
@@ -107,19 +107,19 @@ def voronoi(xx, yy, px, py):
     return (np.sqrt(d2) - np.sqrt(d1)) / 2
 
 
-def tree(d, x, y, ang, length, width, depth, rng):
-    """A line in three jittered steps (hair, streak, vessel, twig), then while depth > 0 two
-    thinner, shorter children."""
+def tree(d, x, y, ang, length, width, depth, rng, bend=0.25):
+    """A line in three steps turning by about bend (hair, streak, vessel, twig), then while
+    depth > 0 two thinner, shorter children."""
     pts = [(x, y)]
     for _ in range(3):
-        ang += rng.normal(0, 0.25)
+        ang += rng.normal(0, bend)
         x, y = x + math.cos(ang) * length / 3, y + math.sin(ang) * length / 3
         pts.append((x, y))
     d.line(pts, fill=1.0, width=max(1, round(width)), joint='curve')
     for side in (-1, 1)[:2 * (depth > 0)]:
         if rng.random() < 0.85:
             tree(d, x, y, ang + side * rng.uniform(0.3, 0.8), length * rng.uniform(0.55, 0.8),
-                 width * 0.7, depth - 1, rng)
+                 width * 0.7, depth - 1, rng, bend)
 
 
 def over(img, colour, alpha):  # colour (3,) or (R, R, 3), alpha (R, R)
@@ -202,7 +202,8 @@ def source_image(cls, rng, R):
     t = xx * 0 if kind == 0 else xx / R if kind == 1 else noise(rng, R, rng.integers(2, 7))
     img = (b1 + (b2 - b1) * t[..., None]) * (1 + 0.08 * (noise(rng, R, R // 6)[..., None] - .5))
     # the object's frame: rotation th, scale s, centre z0
-    th, s, z0 = rng.uniform(0, 2 * np.pi), rng.uniform(0.6, 1.3), complex(*rng.uniform(.3, .7, 2) * R)
+    th, s = rng.uniform(0, 2 * np.pi), rng.uniform(0.6, 1.3)
+    z0 = complex(*rng.uniform(0.3, 0.7, 2) * R)
     z = (xx + 1j * yy - z0) / (R / 2) * np.exp(-1j * th) / s
     m = source_mask(cls, rng, R, z.real, z.imag, s, z0)
     # foreground: the most contrasting of five colours, maybe a gradient, with a noisy fill
@@ -340,7 +341,8 @@ def lines(L, c, n, length, w, t=(.4, .95), out=False, sector=None, depth=0, op=(
     def draw(d):
         for p in points(L, rng.integers(n[0], n[1] + 1), t, sector).tolist():
             ang = np.angle(p - L.c) + (rng.normal(0, .2) if out else math.pi + rng.normal(0, .8))
-            tree(d, p.real, p.imag, ang, L.rad * pick(rng, length), L.R * pick(rng, w), depth, rng)
+            tree(d, p.real, p.imag, ang, L.rad * pick(rng, length), L.R * pick(rng, w), depth, rng,
+                 0.05 if out else 0.25)
     paint(L, pick(rng, c), mask(L.R, draw) * pick(rng, op), 'any' if out else 'all')
 
 
@@ -469,9 +471,10 @@ def photograph(L, rng, size):
     skin = over(skin, COLOUR['pink'], noise(rng, R, 4) * rng.uniform(0, .3))
     img = skin * (1 + 0.05 * (noise(rng, R, R // 5) - .5))[..., None] * (1 - A) + P
     if rng.random() < 0.35:  # hair: long dark curves across the field
-        img = over(img, np.array([.25, .2, .17]) * rng.uniform(.3, 1), .9 * mask(R, lambda d: [
-            tree(d, *rng.uniform(-.1, 1.1, 2) * R, rng.uniform(0, 7), R * rng.uniform(.5, 1.5),
-                 R * rng.uniform(.005, .011), 0, rng) for _ in range(min(12, rng.geometric(.3)))]))
+        hair = mask(R, lambda d: [tree(d, *rng.uniform(-.1, 1.1, 2) * R, rng.uniform(0, 7),
+                                       R * rng.uniform(.5, 1.5), R * rng.uniform(.005, .011), 0,
+                                       rng, .15) for _ in range(min(12, rng.geometric(.3)))])
+        img = over(img, np.array([.25, .2, .17]) * rng.uniform(.3, 1), hair * .9)
     if rng.random() < 0.15:  # gel bubbles: bright rim and a specular highlight
         b = rng.uniform([0, 0, .03 * R], [R, R, .12 * R], (rng.integers(1, 5), 3))
         rim = mask(R, lambda d: [disc(d, x, y, r, outline=1.0, width=max(1, round(R / 100)))
@@ -629,39 +632,34 @@ def write_dataset(args, pool, name):
 # --------------------------------------------------------------------------- contact sheet
 def write_grid(path, out, only, cols=6):
     """One PNG: a labelled row of samples per class, for each dataset written under out."""
-    rows = []  # (title, [(label, [image paths])])
+    rows = []  # (label, [image paths]); a section's title has no images
     src, skin = os.path.join(out, 'source'), os.path.join(out, 'skin')
     if only in (None, 'source') and os.path.isdir(src):
-        rows.append(('source (ImageFolder)', [(c, [os.path.join(src, c, f) for f in sorted(
-            os.listdir(os.path.join(src, c)))[:cols]]) for c in SOURCE_CLASSES]))
+        rows += [('source (ImageFolder)', [])] + [(c, [os.path.join(src, c, f) for f in sorted(
+            os.listdir(os.path.join(src, c)))[:cols]]) for c in SOURCE_CLASSES]
     if only in (None, 'skin') and os.path.isdir(skin):
         with open(os.path.join(skin, SKIN_GT)) as f:
             gt = list(csv.DictReader(f))
-        rows.append(('skin (ISIC 2019 layout)', [(c, [os.path.join(
+        rows += [('skin (ISIC 2019 layout)', [])] + [(c, [os.path.join(
             skin, SKIN_DIR, r['image'] + '.jpg') for r in gt if r[c] == '1.0'][:cols])
-            for c in SKIN_CLASSES]))
+            for c in SKIN_CLASSES]
     if not rows:
         fail(f'--grid: no datasets under {out} to show')
-    cell = Image.open(rows[0][1][0][1][0]).size[0]
+    cell = Image.open(rows[1][1][0]).size[0]
     cell *= max(1, round(96 / cell))  # a whole-pixel zoom to about 96 px
     try:
         font = ImageFont.load_default(size=max(12, cell // 7))
     except TypeError:  # pillow < 10.1
         font = ImageFont.load_default()
-    head, y = cell // 3, 0
-    sheet = Image.new('RGB', ((cols + 1) * cell, sum(len(r) * cell + head for _, r in rows)),
-                      'white')
-    draw = ImageDraw.Draw(sheet)
-    for title, section in rows:
-        draw.text((4, y + head // 4), title, fill='black', font=font)
-        y += head
-        for label, paths in section:
-            draw.text((4, y + cell // 2 - cell // 10), label, fill='black', font=font)
-            for k, p in enumerate(paths):
-                with Image.open(p) as im:
-                    sheet.paste(im.convert('RGB').resize((cell, cell), Image.NEAREST),
-                                ((k + 1) * cell, y))
-            y += cell
+    heights = [cell if paths else cell // 3 for _, paths in rows]
+    sheet, y = Image.new('RGB', ((cols + 1) * cell, sum(heights)), 'white'), 0
+    for (label, paths), h in zip(rows, heights):
+        ImageDraw.Draw(sheet).text((4, y + h // 2 - cell // 10), label, fill='black', font=font)
+        for k, p in enumerate(paths):
+            with Image.open(p) as im:
+                sheet.paste(im.convert('RGB').resize((cell, cell), Image.NEAREST),
+                            ((k + 1) * cell, y))
+        y += h
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     sheet.save(path + '.tmp', 'PNG')
     os.replace(path + '.tmp', path)
@@ -675,17 +673,14 @@ def parse_args(argv=None):
     ap.error, add = fail, ap.add_argument  # errors: one line on stderr, exit status 2
     add('--out', default='data', help='root folder; writes OUT/source and OUT/skin (default: data)')
     add('--only', choices=['source', 'skin'], help='write just one dataset (default: both)')
-    add('--size', type=int, default=64,
-        help='pixel side of the written images (default 64: the experiment trains at 32); '
-             'structures scale with the image, so larger sizes are just sharper')
-    add('--source-per-class', type=int, default=200,
-        help='images per source class, 12 classes (default 200: 2,400 images)')
-    add('--skin-count', type=int, default=2500,
-        help='skin images in all, in ISIC 2019 proportions, every class at least 3%% '
-             '(default 2500: NV 1156 ... DF, VASC, SCC 75 each)')
+    add('--size', type=int, default=64, help='image side in pixels; structures scale with it '
+        '(default 64: the experiment trains at 32)')
+    add('--source-per-class', type=int, default=200, help='images per source class (default 200)')
+    add('--skin-count', type=int, default=2500, help='skin images, in ISIC 2019 proportions with '
+        'every class at least 3%% (default 2500: NV 1156 ... DF, VASC, SCC 75 each)')
     add('--seed', type=int, default=0, help='same seed, same bytes (default 0)')
     add('--workers', type=int, default=min(2, os.cpu_count() or 1),
-        help='processes rendering images; the output does not depend on it (default: 2)')
+        help='processes rendering images; the bytes do not depend on it (default: 2)')
     add('--force', action='store_true', help='rewrite a dataset even if it is there already')
     add('--grid', metavar='PATH', help='also write a PNG contact sheet, a row per class')
     args = ap.parse_args(argv)
