@@ -92,8 +92,8 @@ TAG   := $(notdir $(SKIN_DIR))-$(PROTOCOL)-$(ARCH)-$(SIZE)px-s$(SEEDS)
 DONE  := $(foreach i,$(INITS),$(foreach l,$(LABELS),$(RESULTS)/.done/finetune-$(i)-$(l)-$(TAG)) \
            $(foreach l,$(sort $(LABELS) $(PROBE_LABELS)),$(RESULTS)/.done/probe-$(i)-$(l)-$(TAG)))
 
-.PHONY: all help install test test-fast data split pretrain eval report paper bench bench-gpu ablation \
-        clean distclean
+.PHONY: all help install test test-fast test-compile data split pretrain eval report paper bench bench-gpu \
+        ablation budgets clean distclean
 .DEFAULT_GOAL := help
 
 help:  ## this list
@@ -106,11 +106,14 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
-test: install  ## the whole test suite (CPU, offline, a few minutes)
-	$(PY) -m pytest -q
+test: install  ## the whole test suite (CPU, offline, a few minutes) but torch.compile's
+	$(PY) -m pytest -q -m "not compile"
 
 test-fast: install  ## the tests without the slow end-to-end ones
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not compile"
+
+test-compile: install  ## --compile through the scripts on the CPU (minutes: inductor builds C++)
+	$(PY) -m pytest -q -m compile
 
 # --------------------------------------------------------------------------- the experiment
 all: install report  ## the whole study on the embedded default, ending with the table
@@ -192,6 +195,21 @@ $(foreach i,$(INITS),$(foreach l,$(LABELS),$(eval $(call FINETUNE_RULE,$(i),$(l)
 $(foreach i,$(INITS),$(foreach l,$(sort $(LABELS) $(PROBE_LABELS)),$(eval $(call PROBE_RULE,$(i),$(l)))))
 
 eval: $(DONE)  ## fine-tune and probe every init over the seeds
+
+# --------------------------------------------------------------------------- choosing budgets
+# fine-tuning epochs scored on the val part, with seeds the results never use: the rule in the
+# README reads these (and the pretraining runs' kNN monitor on the val part), never the test
+FT_EPOCHS_GRID ?= 4 8 16 32
+budgets: install $(SUP_DEP) $(BT_DEP) $(SPLIT) | finetune.py  ## FT_EPOCHS_GRID on the val part: results/budgets/
+	@for e in $(FT_EPOCHS_GRID); do for i in supervised barlow; do \
+	  echo "==> fine-tune $$i for $$e epochs, scored on the val part"; \
+	  init=$$( [ $$i = supervised ] && echo $(SUP) || echo $(BT) ); \
+	  $(RUN) finetune.py $(EVAL) $(call labels_flag,$(firstword $(LABELS))) --eval-part val \
+	    --seeds 100-101 --results $(RESULTS)/budgets/results.jsonl --init $$init \
+	    --init-name $$i-$${e}ep --epochs $$e --batch-size $(FT_BATCH) --out $(OUT)/finetune \
+	    || exit 1; done; done
+	$(PY) report.py --results $(RESULTS)/budgets/results.jsonl --out $(RESULTS)/budgets \
+	  --runs $(OUT) --baseline supervised-$(firstword $(FT_EPOCHS_GRID))ep
 
 # --------------------------------------------------------------------------- how much unlabelled data
 # further Barlow Twins from the Barlow Twins init on a share of the skin pool (whole lesions),

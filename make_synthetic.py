@@ -508,6 +508,10 @@ def main(argv=None):
     for flag, _, low, _ in numbers:
         if getattr(args, flag.replace('-', '_')) < low:
             fail(f'--{flag} {getattr(args, flag.replace("-", "_"))}: must be at least {low}')
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        fail(f'--out {args.out} is a file; pass a folder')
+    if args.grid:
+        os.makedirs(os.path.dirname(os.path.abspath(args.grid)), exist_ok=True)
     with mp.Pool(args.workers) as pool:
         for name in ('source', 'skin'):
             if args.only in (None, name):

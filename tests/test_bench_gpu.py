@@ -87,7 +87,7 @@ def test_tiny_table_on_the_cpu(tmp_path):
                 compiled=False)
 
 
-@pytest.mark.slow
+@pytest.mark.compile
 def test_tiny_table_with_compile(tmp_path):
     """The whole table, torch.compile rows included (about 4 minutes on 2 CPU cores with a
     cold inductor cache, about 1 minute with a warm one)."""

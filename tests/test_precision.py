@@ -143,7 +143,7 @@ def test_augmentations_return_channels_last_fp32_even_under_autocast(preset):
 
 
 # --------------------------------------------------------------------------- torch.compile
-@pytest.mark.slow
+@pytest.mark.compile
 def test_compile_on_cpu_pretrain_barlow(tmp_path, imagefolder, run_script):
     """pretrain_barlow.py --compile for 2 steps on the CPU (inductor's C++ backend): exit 0 and
     a backbone.pt without `_orig_mod.` keys. The shapes are tests/bench_gpu.py --tiny's, so
