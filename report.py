@@ -43,7 +43,10 @@ import sys
 
 import numpy as np
 
-INIT_ORDER = ['random', 'supervised', 'barlow', 'supervised+skinBT', 'barlow+skinBT', 'skinBT']
+# today's inits, then the comparison objectives (make all OBJECTIVES="barlow vicreg simclr");
+# an ablation init '<base>@<fraction>' (make ablation) sorts right after its base (init_key)
+INIT_ORDER = ['random', 'supervised', 'barlow', 'supervised+skinBT', 'barlow+skinBT', 'skinBT',
+              'vicreg', 'vicreg+skin', 'simclr', 'simclr+skin']
 PROTOCOL_ORDER = ['finetune', 'probe']
 PROTOCOL_SHORT = {'finetune': 'ft', 'probe': 'probe'}
 PROTOCOL_LONG = {'finetune': 'fine-tuning', 'probe': 'linear probe'}
@@ -163,6 +166,25 @@ def value(row, metric):
 def ranked(name, order):
     """Sort key: the names in `order` first, in that order, then the others alphabetically."""
     return (0, order.index(name), '') if name in order else (1, 0, name)
+
+
+def init_key(name):
+    """Sort key of an init: INIT_ORDER, then the others alphabetically, and an ablation init
+    '<base>@<fraction>' right after its base, by fraction (barlow+skinBT@0.1 before @0.3)."""
+    base, at, share = name.partition('@')
+    if not at:
+        return ranked(name, INIT_ORDER) + (0, 0.0, '')
+    f = fraction_of(share)  # not a finite number ('@big'): after the numeric ones, by name
+    return ranked(base, INIT_ORDER) + ((2, 0.0, share) if f is None else (1, f, share))
+
+
+def fraction_of(share):
+    """The share of '<base>@<share>' as a number; None when it is not a finite one."""
+    try:
+        f = float(share)
+    except ValueError:
+        return None
+    return f if math.isfinite(f) else None
 
 
 def per_class(budget, labels, classes):
@@ -398,7 +420,7 @@ def ordered(summary):
 
 def layout(stats):
     """The inits (rows) and protocols (column blocks) of one table, in display order."""
-    return (sorted({i for i, _ in stats}, key=lambda i: ranked(i, INIT_ORDER)),
+    return (sorted({i for i, _ in stats}, key=init_key),
             sorted({p for _, p in stats}, key=lambda p: ranked(p, PROTOCOL_ORDER)))
 
 
@@ -560,7 +582,7 @@ def csv_text(summary, args):
     for g in ordered(summary):
         info = summary[g]
         x = per_class(g[2], info['labels'], info['classes'])
-        for init, pr in sorted(info['cells'], key=lambda k: (ranked(k[0], INIT_ORDER),
+        for init, pr in sorted(info['cells'], key=lambda k: (init_key(k[0]),
                                                              ranked(k[1], PROTOCOL_ORDER))):
             for m, s in info['cells'][(init, pr)].items():
                 if m == '_runs':
@@ -634,11 +656,14 @@ def save_png(plt, fig, path):
     plt.close(fig)
 
 
-def color(plt, init):
-    """One colour per init in every figure: the known inits their own, the others the rest."""
-    if init in INIT_ORDER:
-        return plt.get_cmap('tab10')(INIT_ORDER.index(init))
-    return plt.get_cmap('tab10')(len(INIT_ORDER) + sum(map(ord, init)) % (10 - len(INIT_ORDER)))
+def palette(plt, names):
+    """{init: colour}, one per init in every figure: the known inits tab10's, in INIT_ORDER;
+    the others (ablation shares, custom names) Dark2's in init_key order, handed out over all
+    the names of the report so no two of them share one until there are more than 8."""
+    known, other = plt.get_cmap('tab10'), plt.get_cmap('Dark2')
+    rest = sorted((n for n in set(names) if n not in INIT_ORDER), key=init_key)
+    return {**{n: known(i % 10) for i, n in enumerate(INIT_ORDER)},
+            **{n: other(i % 8) for i, n in enumerate(rest)}}
 
 
 def plot_summary(plt, summary, metric, path):
@@ -673,7 +698,7 @@ def plot_summary(plt, summary, metric, path):
     save_png(plt, fig, path)
 
 
-def plot_curves(plt, curve, metric, path):
+def plot_curves(plt, curve, metric, path, colors):
     """The metric against labelled images per class (log x), a line per init with its 95%
     band; fine-tuning and probe side by side; a row per (dataset, split)."""
     protocols = sorted({pr for _, by in curve.values() for pr in by},
@@ -688,7 +713,7 @@ def plot_curves(plt, curve, metric, path):
                     continue
                 ns = sorted({s['n'] for _, s in got})
                 n = f'n={ns[0]}' if len(ns) == 1 else f'n={ns[0]}-{ns[-1]}'
-                c = color(plt, init)
+                c = colors[init]
                 ax.plot([x for x, _ in got], [s['mean'] for _, s in got], 'o-', color=c,
                         label=f'{init} ({n})')
                 band = [(x, *s['ci']) for x, s in got if s['ci']]
@@ -707,7 +732,7 @@ def plot_curves(plt, curve, metric, path):
     save_png(plt, fig, path)
 
 
-def plot_pretrain(plt, runs, path):
+def plot_pretrain(plt, runs, path, colors):
     """A loss panel per run (log y; the invariance and redundancy terms when logged), then
     RankMe and online-kNN panels over all runs when any run logged them."""
     panels = [('loss', name) for name, recs in runs.items() if series(recs, 'loss')[0]]
@@ -734,7 +759,7 @@ def plot_pretrain(plt, runs, path):
                 xs, ys = series(recs, key)
                 if xs:
                     ax.plot(xs, ys, 'o-' if len(xs) < 30 else '-', ms=3, lw=1,
-                            color=color(plt, name_), label=name_)
+                            color=colors[name_], label=name_)
             ax.set_ylabel('RankMe (effective rank, dims)' if key == 'rankme' else
                           'online kNN balanced accuracy (0-1, val)')
             ax.set_title('RankMe' if key == 'rankme' else 'kNN monitor')
@@ -780,13 +805,14 @@ def main(argv=None):
     if plt is None:
         print(f'wrote {args.out}/{", ".join(made)}; {NO_PLOTS}')
         return
+    colors = palette(plt, [i for info in summary.values() for i, _ in info['cells']] + list(runs))
     plot_summary(plt, summary, args.p_metric, os.path.join(args.out, 'summary.png'))
     made.append('summary.png')
     drawable = {ds: c for ds, c in curve.items() if sum(x is not None for _, x in c[0]) > 1}
     if drawable:
-        plot_curves(plt, drawable, args.p_metric, os.path.join(args.out, 'curve.png'))
+        plot_curves(plt, drawable, args.p_metric, os.path.join(args.out, 'curve.png'), colors)
         made.append('curve.png')
-    if runs and plot_pretrain(plt, runs, os.path.join(args.out, 'pretrain.png')):
+    if runs and plot_pretrain(plt, runs, os.path.join(args.out, 'pretrain.png'), colors):
         made.append('pretrain.png')
     print(f'wrote {args.out}/{", ".join(made)}')
 

@@ -229,6 +229,31 @@ def test_compare_paired_unpaired_and_too_few():
     assert none['p'] is None and none['diff'] == pytest.approx(0.7 - 0.62)
 
 
+# --------------------------------------------------------------------------- init order, colours
+def test_init_order_objectives_and_ablation_shares():
+    names = ['zzz', 'simclr+skin', 'barlow+skinBT@1.0', 'vicreg', 'barlow', 'zzz@0.5',
+             'barlow+skinBT@0.3', 'skinBT', 'barlow+skinBT', 'simclr', 'vicreg+skin',
+             'barlow+skinBT@big', 'barlow+skinBT@0.1', 'random', 'supervised', 'zzz-a',
+             'supervised+skinBT', 'supervised+skinBT@0.1']
+    stats = {(n, 'finetune'): {} for n in names}
+    assert report.layout(stats)[0] == [
+        'random', 'supervised', 'barlow', 'supervised+skinBT', 'supervised+skinBT@0.1',
+        'barlow+skinBT', 'barlow+skinBT@0.1', 'barlow+skinBT@0.3', 'barlow+skinBT@1.0',
+        'barlow+skinBT@big', 'skinBT', 'vicreg', 'vicreg+skin', 'simclr', 'simclr+skin',
+        'zzz', 'zzz@0.5', 'zzz-a']
+
+
+def test_palette_one_colour_per_init():
+    plt = report.pyplot()
+    if plt is None:
+        pytest.skip('matplotlib is not installed')
+    # 10 known inits fill tab10; '@0.1' and '@1.0' (same characters) must still differ
+    names = report.INIT_ORDER + ['barlow+skinBT@0.1', 'barlow+skinBT@0.3', 'barlow+skinBT@1.0',
+                                 'zzz-custom']
+    colors = report.palette(plt, names + ['barlow'])
+    assert len({colors[n] for n in names}) == len(names)
+
+
 # --------------------------------------------------------------------------- end to end
 BAL = {  # (init, protocol) -> balanced accuracy per seed
     ('supervised', 'finetune'): [0.61, 0.63, 0.60, 0.64, 0.62],
