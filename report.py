@@ -54,6 +54,7 @@ METRIC_SHORT = {'accuracy': 'acc', 'balanced_accuracy': 'bal. acc', 'macro_f1': 
                 'weighted_f1': 'weighted-F1', 'auroc': 'AUROC', 'knn_accuracy': 'kNN acc'}
 EXACT_MAX = 20000  # enumerate every relabelling / sign pattern up to this many, else sample
 LEVEL = 0.95       # of every interval
+VAL_PART = ' (val part)'  # split name of rows scored on the val part (finetune.py --eval-part)
 LOSS_TERMS = {'loss': 'total', 'loss_inv': 'invariance', 'loss_red': 'redundancy'}
 NO_PLOTS = ('no plots: matplotlib is not installed (`make install` installs it; or pip install '
             'matplotlib)')
@@ -135,7 +136,7 @@ def read_results(path, metrics):
                 if v is not None and not is_number(v):
                     raise UserError(f'{where}: {m} is {v!r}, expected a finite number or null')
             split = str(row.get('split', '-'))  # rows scored on the val part: tables apart
-            split += ' (val part)' if row.get('eval_part', 'test') != 'test' else ''
+            split += VAL_PART if row.get('eval_part', 'test') != 'test' else ''
             key = (str(row.get('dataset', '-')), split, budget_of(row))
             row['_group'] = key
             rows[key + (str(row['init']), str(row['protocol']), str(row['seed']))] = row
@@ -185,6 +186,11 @@ def fraction_of(share):
     except ValueError:
         return None
     return f if math.isfinite(f) else None
+
+
+def part_of(split):
+    """What a table's rows scored: 'val' under a '(val part)' split name, else 'test'."""
+    return 'val' if split.endswith(VAL_PART) else 'test'
 
 
 def per_class(budget, labels, classes):
@@ -532,7 +538,9 @@ def notes_md(args):
                  'difference of means with Welch\'s interval)')}[args.test]
     diff = diff or 'the difference of means init - baseline with Welch\'s interval'
     return [f'n = runs (seeds); metric cells = mean +- sample std (ddof=1) over those runs on '
-            f'the test set (std "-" when n = 1). ft = fine-tuning the whole network, probe = '
+            f'the test set (std "-" when n = 1; a split named "(val part)": rows of '
+            f'finetune.py --eval-part val, scored on the val part to choose budgets, in tables '
+            f'of their own). ft = fine-tuning the whole network, probe = '
             f'linear probe on frozen features; acc = accuracy, bal. acc = balanced accuracy '
             f'(mean recall over the classes in the test labels), AUROC = macro one-vs-rest.',
             f'{pm} [95% CI] = mean with the t-interval over seeds (mean +- t_0.975,n-1 s / '
@@ -559,7 +567,8 @@ def efficiency_md(curve, args):
                     for s in ss]) + ' |')
             lines.append('')
     pm = args.p_metric.replace('_', ' ')
-    return ['## Label efficiency', '', f'Test {pm} against the label budget: mean [95% '
+    return ['## Label efficiency', '', f'Test {pm} against the label budget (val {pm} for a '
+            f'split named "(val part)": those rows are never mixed with test ones): mean [95% '
             f't-interval over seeds] (seeds); x/class = labelled images per class (for a '
             f'fraction or all labels: mean labelled images / classes); curve.png draws it.',
             ''] + lines if lines else []
@@ -691,7 +700,7 @@ def plot_summary(plt, summary, metric, path):
         ax.set_xticklabels(inits, rotation=20, ha='right')
         ax.set_ylim(0, 1.1)
         ax.set_xlabel('initialisation')
-        ax.set_ylabel(f'test {metric.replace("_", " ")}\n(0-1, mean, 95% CI)')
+        ax.set_ylabel(f'{part_of(g[1])} {metric.replace("_", " ")}\n(0-1, mean, 95% CI)')
         ax.set_title(group_title(g, summary[g]))
         ax.grid(axis='y', alpha=0.3)
         ax.legend(loc='upper left', fontsize=8)
@@ -725,7 +734,7 @@ def plot_curves(plt, curve, metric, path, colors):
             ax.set_xlim(ticks[0] / 1.3, ticks[-1] * 1.3)  # every panel the same budgets
             ax.minorticks_off()
             ax.set_xlabel('labelled images per class (log scale)')
-            ax.set_ylabel(f'test {metric.replace("_", " ")} (0-1)')
+            ax.set_ylabel(f'{part_of(split)} {metric.replace("_", " ")} (0-1)')
             ax.set_title(f'{dataset} / split {split}: {PROTOCOL_LONG.get(pr, pr)}')
             ax.grid(alpha=0.3, which='both')
             ax.legend(fontsize=8, title='init (seeds); band: 95% CI', title_fontsize=8)

@@ -549,6 +549,59 @@ def test_report_label_efficiency_and_plots(tmp_path):
     assert float(c['labels_mean']) == pytest.approx(1277)
 
 
+VAL = {  # (budget, init, protocol) -> balanced accuracy per seed, scored on the val part
+    ('per_class=20', 'supervised', 'finetune'): [0.90, 0.92, 0.91],
+    ('per_class=20', 'barlow', 'finetune'): [0.95, 0.93],
+    ('all', 'barlow', 'finetune'): [0.99, 0.97, 0.98],
+}
+
+
+def test_label_efficiency_keeps_val_and_test_apart(tmp_path):
+    write_budgets(tmp_path / 'results.jsonl')  # EFF, scored on the test part
+    rows = []
+    for (budget, init, protocol), xs in VAL.items():
+        for s, x in enumerate(xs):  # the same seeds and budgets as test rows: must not merge
+            r = row(init, protocol, s, x, labels={'all': 2554}.get(budget, 160))
+            r['labels_rule'], r['eval_part'] = budget, 'val'
+            r['metrics']['per_class_recall'] = [x] * 7 + [None]
+            rows.append(r)
+    with open(tmp_path / 'results.jsonl', 'a') as f:
+        f.write(''.join(json.dumps(r) + '\n' for r in rows))
+    r = run_report('--results', 'results.jsonl', '--out', 'out', cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    md = (tmp_path / 'out' / 'summary.md').read_text()
+    _, got = table_rows(md, '## skin / split paper (val part) / per_class=20 (160 labels)')
+    assert got['barlow']['ft bal. acc [95% CI]'] == ci_cell(VAL[('per_class=20', 'barlow',
+                                                                 'finetune')])
+    eff = md.split('## Label efficiency', 1)[1]
+    assert 'val balanced accuracy' in eff.split('###')[0]  # the intro says what was scored
+    # the test curve: EFF alone, its three budgets
+    head, got = table_rows(eff, '### skin / split paper: fine-tuning')
+    assert head[1:] == ['per_class=5 (5/class)', 'per_class=20 (20/class)',
+                        f'fraction=0.5 ({1277 / 8:.3g}/class)']
+    for init in ('supervised', 'barlow'):
+        assert got[init]['per_class=20 (20/class)'] == \
+            ci_cell(EFF[('per_class=20', init, 'finetune')]) + ' (4)'
+    # the val curve: VAL alone, its two budgets, no probe (none ran on val)
+    head, got = table_rows(eff, '### skin / split paper (val part): fine-tuning')
+    assert head == ['init', 'per_class=20 (20/class)', f'all ({2554 / 8:.3g}/class)']
+    assert got['supervised'] == {head[1]: ci_cell(VAL[('per_class=20', 'supervised',
+                                                      'finetune')]) + ' (3)', head[2]: '-'}
+    assert got['barlow'][head[2]] == ci_cell(VAL[('all', 'barlow', 'finetune')]) + ' (3)'
+    assert '### skin / split paper (val part): linear probe' not in eff
+    # what curve.png draws: the same two curves, apart
+    args = report.get_args(['--results', str(tmp_path / 'results.jsonl')])
+    rows, _ = report.read_results(args.results, args.metrics + [args.p_metric])
+    curve = report.curves(report.summarise(rows, args), args.p_metric)
+    assert sorted(curve) == [('skin', 'paper'), ('skin', 'paper (val part)')]
+    assert [b for b, _ in curve[('skin', 'paper (val part)')][0]] == ['per_class=20', 'all']
+    assert [b for b, _ in curve[('skin', 'paper')][0]] == ['per_class=5', 'per_class=20',
+                                                           'fraction=0.5']
+    val = curve[('skin', 'paper (val part)')][1]['finetune']
+    assert [s['n'] if s else 0 for s in val['barlow']] == [2, 3]
+    assert 'curve.png' in pngs(tmp_path / 'out')
+
+
 def test_report_files_depend_on_budgets_and_logs(tmp_path):
     rows = [row(i, 'finetune', s, 0.6 + 0.01 * s) for i in ('supervised', 'barlow')
             for s in range(3)]
