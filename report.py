@@ -64,6 +64,9 @@ EXACT_MAX = 20000  # enumerate every relabelling / sign pattern up to this many,
 LEVEL = 0.95       # of every interval
 VAL_PART = ' (val part)'  # split name of rows scored on the val part (finetune.py --eval-part)
 LOSS_TERMS = {'loss': 'total', 'loss_inv': 'invariance', 'loss_red': 'redundancy'}
+# Dark2 and black, those least like a tab10 colour first: tab10 is taken by INIT_ORDER
+OTHER_COLORS = ['#1b9e77', '#e6ab02', '#e7298a', '#000000', '#a6761d', '#7570b3', '#66a61e',
+                '#d95f02']
 NO_PLOTS = ('no plots: matplotlib is not installed (`make install` installs it; or pip install '
             'matplotlib)')
 
@@ -755,12 +758,12 @@ def save_png(plt, fig, path):
 
 def palette(plt, names):
     """{init: colour}, one per init in every figure: the known inits tab10's, in INIT_ORDER;
-    the others (ablation shares, custom names) Dark2's in init_key order, handed out over all
-    the names of the report so no two of them share one until there are more than 8."""
-    known, other = plt.get_cmap('tab10'), plt.get_cmap('Dark2')
+    the others (ablation shares, custom names) OTHER_COLORS in init_key order, handed out over
+    all the names of the report so no two of them share one until there are more than 8."""
+    known = plt.get_cmap('tab10')
     rest = sorted((n for n in set(names) if n not in INIT_ORDER), key=init_key)
     return {**{n: known(i % 10) for i, n in enumerate(INIT_ORDER)},
-            **{n: other(i % 8) for i, n in enumerate(rest)}}
+            **{n: OTHER_COLORS[i % len(OTHER_COLORS)] for i, n in enumerate(rest)}}
 
 
 def plot_summary(plt, summary, metric, path):
