@@ -1,6 +1,6 @@
 """Results table: per init and protocol, mean +- std over seeds, n, 95% intervals and p-values
-against a baseline init, in the shape of the paper's table; label-efficiency curves; plots of
-the pretraining logs.
+against a baseline init, in the shape of the paper's table; label-efficiency curves; the metric
+against the unlabelled images of further pretraining; plots of the pretraining logs.
 
     python report.py                                  # results/results.jsonl -> results/summary.*
     python report.py --baseline barlow --test welch   # the paper's test, another baseline
@@ -16,6 +16,14 @@ against labelled images per class, when a dataset has 2+ label budgets) and resu
 (loss, RankMe and online kNN curves from --runs DIR/*/log.jsonl). One table per (dataset,
 split, label budget); the budget is the row's labels_rule (per_class=20, fraction=0.5, all), so
 per-class draws that keep lesions whole (a few images more or less per seed) share a table.
+Rows scored on the val part (finetune.py --eval-part val, to choose budgets) get tables, curves
+and sections of their own: their split reads "paper (val part)".
+
+How much unlabelled data: `make ablation` further pretrains the Barlow Twins init on shares of
+the skin pool (inits barlow+skinBT@0.1, @0.3, @1.0: '<base>@<fraction>'), and each row records
+the pool_images its init was pretrained on. When a table holds 2+ inits of one base with
+different pool sizes, summary.md gains "Unlabelled data for further pretraining" (the metric by
+pool size, the starting init barlow at 0 further images) and results/ablation.png draws it.
 Needs only numpy, no torch and no GPU: run it wherever the results file is.
 
 Why a paired test by default: seed s draws the same labelled images for every init, and which
@@ -43,7 +51,10 @@ import sys
 
 import numpy as np
 
-INIT_ORDER = ['random', 'supervised', 'barlow', 'supervised+skinBT', 'barlow+skinBT', 'skinBT']
+# today's inits, then the comparison objectives (make all OBJECTIVES="barlow vicreg simclr");
+# an ablation init '<base>@<fraction>' (make ablation) sorts right after its base (init_key)
+INIT_ORDER = ['random', 'supervised', 'barlow', 'supervised+skinBT', 'barlow+skinBT', 'skinBT',
+              'vicreg', 'vicreg+skin', 'simclr', 'simclr+skin']
 PROTOCOL_ORDER = ['finetune', 'probe']
 PROTOCOL_SHORT = {'finetune': 'ft', 'probe': 'probe'}
 PROTOCOL_LONG = {'finetune': 'fine-tuning', 'probe': 'linear probe'}
@@ -51,7 +62,11 @@ METRIC_SHORT = {'accuracy': 'acc', 'balanced_accuracy': 'bal. acc', 'macro_f1': 
                 'weighted_f1': 'weighted-F1', 'auroc': 'AUROC', 'knn_accuracy': 'kNN acc'}
 EXACT_MAX = 20000  # enumerate every relabelling / sign pattern up to this many, else sample
 LEVEL = 0.95       # of every interval
+VAL_PART = ' (val part)'  # split name of rows scored on the val part (finetune.py --eval-part)
 LOSS_TERMS = {'loss': 'total', 'loss_inv': 'invariance', 'loss_red': 'redundancy'}
+# Dark2 and black, those least like a tab10 colour first: tab10 is taken by INIT_ORDER
+OTHER_COLORS = ['#1b9e77', '#e6ab02', '#e7298a', '#000000', '#a6761d', '#7570b3', '#66a61e',
+                '#d95f02']
 NO_PLOTS = ('no plots: matplotlib is not installed (`make install` installs it; or pip install '
             'matplotlib)')
 
@@ -69,7 +84,8 @@ def get_args(argv=None):
     ap.add_argument('--results', default='results/results.jsonl', metavar='PATH',
                     help='JSON lines written by finetune.py / probe.py')
     ap.add_argument('--out', default='results', metavar='DIR',
-                    help='folder for summary.md, .csv, .png, curve.png and pretrain.png')
+                    help='folder for summary.md, .csv, .png, curve.png, ablation.png and '
+                         'pretrain.png')
     ap.add_argument('--runs', default='runs', metavar='DIR',
                     help='pretraining run folders: DIR/*/log.jsonl -> pretrain.png (skipped '
                          'when there are none)')
@@ -131,8 +147,12 @@ def read_results(path, metrics):
                 v = value(row, m)
                 if v is not None and not is_number(v):
                     raise UserError(f'{where}: {m} is {v!r}, expected a finite number or null')
+            pool = row.get('pool_images')
+            if pool is not None and not (is_number(pool) and pool >= 0):
+                raise UserError(f'{where}: pool_images is {pool!r}, expected a number of images '
+                                f'or null')
             split = str(row.get('split', '-'))  # rows scored on the val part: tables apart
-            split += ' (val part)' if row.get('eval_part', 'test') != 'test' else ''
+            split += VAL_PART if row.get('eval_part', 'test') != 'test' else ''
             key = (str(row.get('dataset', '-')), split, budget_of(row))
             row['_group'] = key
             rows[key + (str(row['init']), str(row['protocol']), str(row['seed']))] = row
@@ -163,6 +183,30 @@ def value(row, metric):
 def ranked(name, order):
     """Sort key: the names in `order` first, in that order, then the others alphabetically."""
     return (0, order.index(name), '') if name in order else (1, 0, name)
+
+
+def init_key(name):
+    """Sort key of an init: INIT_ORDER, then the others alphabetically, and an ablation init
+    '<base>@<fraction>' right after its base, by fraction (barlow+skinBT@0.1 before @0.3)."""
+    base, at, share = name.partition('@')
+    if not at:
+        return ranked(name, INIT_ORDER) + (0, 0.0, '')
+    f = fraction_of(share)  # not a finite number ('@big'): after the numeric ones, by name
+    return ranked(base, INIT_ORDER) + ((2, 0.0, share) if f is None else (1, f, share))
+
+
+def fraction_of(share):
+    """The share of '<base>@<share>' as a number; None when it is not a finite one."""
+    try:
+        f = float(share)
+    except ValueError:
+        return None
+    return f if math.isfinite(f) else None
+
+
+def part_of(split):
+    """What a table's rows scored: 'val' under a '(val part)' split name, else 'test'."""
+    return 'val' if split.endswith(VAL_PART) else 'test'
 
 
 def per_class(budget, labels, classes):
@@ -386,7 +430,25 @@ def summarise(rows, args):
                    if isinstance(r['metrics'].get('per_class_recall'), list)]
         out[g] = dict(cells=stats, labels=mean_std(labels)[0],
                       span=(min(labels), max(labels)) if labels else None,
-                      classes=max(classes) if classes else None)
+                      classes=max(classes) if classes else None, pool=pools(g, cells))
+    return out
+
+
+def pools(g, cells):
+    """{init: pool_images of its rows, None when they have none}: the unlabelled images its
+    pretraining saw. One pretraining run per init, so one value; a table mixing several (an
+    init rebuilt on another pool) is warned about, and the most frequent one kept."""
+    by = {}
+    for (init, _), rs in cells.items():
+        by.setdefault(init, []).extend(r['pool_images'] for r in rs
+                                       if is_number(r.get('pool_images')))
+    out = {}
+    for init, vs in by.items():
+        if len(set(vs)) > 1:
+            print(f'warning: {"/".join(g)}: init {init} mixes pool sizes '
+                  f'({", ".join(f"{v:g}" for v in sorted(set(vs)))} images); the most frequent '
+                  f'one is the x of the unlabelled-data section', file=sys.stderr)
+        out[init] = max(set(vs), key=lambda v: (vs.count(v), v)) if vs else None
     return out
 
 
@@ -398,7 +460,7 @@ def ordered(summary):
 
 def layout(stats):
     """The inits (rows) and protocols (column blocks) of one table, in display order."""
-    return (sorted({i for i, _ in stats}, key=lambda i: ranked(i, INIT_ORDER)),
+    return (sorted({i for i, _ in stats}, key=init_key),
             sorted({p for _, p in stats}, key=lambda p: ranked(p, PROTOCOL_ORDER)))
 
 
@@ -416,6 +478,40 @@ def curves(summary, metric):
             got = lambda i, pr: [summary[g]['cells'].get((i, pr), {}).get(metric) for g, _ in gs]
             out[ds] = ([(g[2], x) for g, x in gs],
                        {pr: {i: got(i, pr) for i in inits if any(got(i, pr))} for pr in protocols})
+    return out
+
+
+def ablations(summary, metric):
+    """How much unlabelled data: {(group, base): [(init, x, {protocol: stats})] by x} for the
+    bases of '<base>@<fraction>' inits whose inits in one table (the plain base included) ran
+    2+ pool sizes. x = unlabelled images of further pretraining: the rows' pool_images, and 0
+    for the init the further pretraining started from (the base up to its first '+': barlow
+    of barlow+skinBT), whose own pool_images counts its pretraining on the source instead. A
+    plain base without '+' and without pool_images was not further pretrained: 0 too."""
+    out = {}
+    for g in ordered(summary):
+        info = summary[g]
+        inits, protocols = layout(info['cells'])
+        for base in sorted({i.split('@', 1)[0] for i in inits if '@' in i}, key=init_key):
+            pts = []
+            for init in [i for i in inits if i.split('@', 1)[0] == base]:
+                x = info['pool'][init]
+                if x is None and init == base and '+' not in base:
+                    x = 0
+                if x is None:  # rows from before pool_images was recorded
+                    print(f'warning: {"/".join(g)}: init {init} has no pool_images in its rows; '
+                          f'left off the unlabelled-data section', file=sys.stderr)
+                    continue
+                pts.append((init, x))
+            if len({x for _, x in pts}) < 2:
+                continue
+            start = base.split('+', 1)[0]
+            if start != base and start in inits:
+                pts.append((start, 0))
+            got = lambda i: {pr: info['cells'][(i, pr)][metric] for pr in protocols
+                             if info['cells'].get((i, pr), {}).get(metric, {}).get('n')}
+            out[(g, base)] = [(i, x, got(i))
+                              for i, x in sorted(pts, key=lambda p: (p[1], init_key(p[0])))]
     return out
 
 
@@ -510,7 +606,9 @@ def notes_md(args):
                  'difference of means with Welch\'s interval)')}[args.test]
     diff = diff or 'the difference of means init - baseline with Welch\'s interval'
     return [f'n = runs (seeds); metric cells = mean +- sample std (ddof=1) over those runs on '
-            f'the test set (std "-" when n = 1). ft = fine-tuning the whole network, probe = '
+            f'the test set (std "-" when n = 1; a split named "(val part)": rows of '
+            f'finetune.py --eval-part val, scored on the val part to choose budgets, in tables '
+            f'of their own). ft = fine-tuning the whole network, probe = '
             f'linear probe on frozen features; acc = accuracy, bal. acc = balanced accuracy '
             f'(mean recall over the classes in the test labels), AUROC = macro one-vs-rest.',
             f'{pm} [95% CI] = mean with the t-interval over seeds (mean +- t_0.975,n-1 s / '
@@ -537,17 +635,41 @@ def efficiency_md(curve, args):
                     for s in ss]) + ' |')
             lines.append('')
     pm = args.p_metric.replace('_', ' ')
-    return ['## Label efficiency', '', f'Test {pm} against the label budget: mean [95% '
+    return ['## Label efficiency', '', f'Test {pm} against the label budget (val {pm} for a '
+            f'split named "(val part)": those rows are never mixed with test ones): mean [95% '
             f't-interval over seeds] (seeds); x/class = labelled images per class (for a '
             f'fraction or all labels: mean labelled images / classes); curve.png draws it.',
             ''] + lines if lines else []
 
 
-def markdown(summary, curve, args, source):
+def ablation_md(abl, summary, args):
+    """How much unlabelled data: per table, base and protocol, the p-metric by pool size."""
+    lines, pm = [], METRIC_SHORT.get(args.p_metric, args.p_metric)
+    for (g, base), pts in abl.items():
+        protocols = sorted({pr for *_, by in pts for pr in by},
+                           key=lambda p: ranked(p, PROTOCOL_ORDER))
+        for pr in protocols:
+            lines += [f'### {group_title(g, summary[g])}: {base}, {PROTOCOL_LONG.get(pr, pr)}',
+                      '', f'| init | unlabelled images | {pm} [95% CI] (n) |', '|---|---|---|']
+            lines += [f'| {init} | {x:.0f} | {fmt_ci(by[pr]["mean"], by[pr]["ci"])} '
+                      f'({by[pr]["n"]}) |' for init, x, by in pts if pr in by]
+            lines.append('')
+    name = args.p_metric.replace('_', ' ')
+    return ['## Unlabelled data for further pretraining', '',
+            f'Test {name} (val {name} for a split named "(val part)") against the unlabelled '
+            f'images the init was further pretrained on (pool_images of its rows; '
+            f'`<base>@<share>` = `make ablation`: that share of the pool, from the init named '
+            f'before the first "+"): mean [95% t-interval over seeds] (seeds). 0 = that '
+            f'starting init, without further pretraining. ablation.png draws it.',
+            ''] + lines if lines else []
+
+
+def markdown(summary, curve, abl, args, source):
     lines = ['# Results', '', source, '']
     for g in ordered(summary):
         lines += table_md(g, summary[g], args)
-    return '\n'.join(lines + notes_md(args) + efficiency_md(curve, args))
+    return '\n'.join(lines + notes_md(args) + efficiency_md(curve, args)
+                     + ablation_md(abl, summary, args))
 
 
 def csv_text(summary, args):
@@ -555,12 +677,12 @@ def csv_text(summary, args):
     w = csv.writer(buf, lineterminator='\n')
     w.writerow(['dataset', 'split', 'budget', 'init', 'protocol', 'metric', 'mean', 'std', 'n',
                 'p', 'note', 'test', 'baseline', 'p_holm', 'ci_lo', 'ci_hi', 'diff', 'diff_lo',
-                'diff_hi', 'pairs', 'labels_mean', 'per_class'])
+                'diff_hi', 'pairs', 'labels_mean', 'per_class', 'pool_images'])
     num = lambda x: '' if x is None else f'{x:.10g}'
     for g in ordered(summary):
         info = summary[g]
         x = per_class(g[2], info['labels'], info['classes'])
-        for init, pr in sorted(info['cells'], key=lambda k: (ranked(k[0], INIT_ORDER),
+        for init, pr in sorted(info['cells'], key=lambda k: (init_key(k[0]),
                                                              ranked(k[1], PROTOCOL_ORDER))):
             for m, s in info['cells'][(init, pr)].items():
                 if m == '_runs':
@@ -570,7 +692,7 @@ def csv_text(summary, args):
                             num(s['p']), s['note'] or '', s['test'] or '', args.baseline,
                             num(s['p_holm']), num(ci[0]), num(ci[1]), num(s['diff']),
                             num(dci[0]), num(dci[1]), s['pairs'] or '', num(info['labels']),
-                            num(x)])
+                            num(x), num(info['pool'].get(init))])
     return buf.getvalue()
 
 
@@ -634,11 +756,14 @@ def save_png(plt, fig, path):
     plt.close(fig)
 
 
-def color(plt, init):
-    """One colour per init in every figure: the known inits their own, the others the rest."""
-    if init in INIT_ORDER:
-        return plt.get_cmap('tab10')(INIT_ORDER.index(init))
-    return plt.get_cmap('tab10')(len(INIT_ORDER) + sum(map(ord, init)) % (10 - len(INIT_ORDER)))
+def palette(plt, names):
+    """{init: colour}, one per init in every figure: the known inits tab10's, in INIT_ORDER;
+    the others (ablation shares, custom names) OTHER_COLORS in init_key order, handed out over
+    all the names of the report so no two of them share one until there are more than 8."""
+    known = plt.get_cmap('tab10')
+    rest = sorted((n for n in set(names) if n not in INIT_ORDER), key=init_key)
+    return {**{n: known(i % 10) for i, n in enumerate(INIT_ORDER)},
+            **{n: OTHER_COLORS[i % len(OTHER_COLORS)] for i, n in enumerate(rest)}}
 
 
 def plot_summary(plt, summary, metric, path):
@@ -666,14 +791,14 @@ def plot_summary(plt, summary, metric, path):
         ax.set_xticklabels(inits, rotation=20, ha='right')
         ax.set_ylim(0, 1.1)
         ax.set_xlabel('initialisation')
-        ax.set_ylabel(f'test {metric.replace("_", " ")}\n(0-1, mean, 95% CI)')
+        ax.set_ylabel(f'{part_of(g[1])} {metric.replace("_", " ")}\n(0-1, mean, 95% CI)')
         ax.set_title(group_title(g, summary[g]))
         ax.grid(axis='y', alpha=0.3)
         ax.legend(loc='upper left', fontsize=8)
     save_png(plt, fig, path)
 
 
-def plot_curves(plt, curve, metric, path):
+def plot_curves(plt, curve, metric, path, colors):
     """The metric against labelled images per class (log x), a line per init with its 95%
     band; fine-tuning and probe side by side; a row per (dataset, split)."""
     protocols = sorted({pr for _, by in curve.values() for pr in by},
@@ -688,7 +813,7 @@ def plot_curves(plt, curve, metric, path):
                     continue
                 ns = sorted({s['n'] for _, s in got})
                 n = f'n={ns[0]}' if len(ns) == 1 else f'n={ns[0]}-{ns[-1]}'
-                c = color(plt, init)
+                c = colors[init]
                 ax.plot([x for x, _ in got], [s['mean'] for _, s in got], 'o-', color=c,
                         label=f'{init} ({n})')
                 band = [(x, *s['ci']) for x, s in got if s['ci']]
@@ -700,14 +825,70 @@ def plot_curves(plt, curve, metric, path):
             ax.set_xlim(ticks[0] / 1.3, ticks[-1] * 1.3)  # every panel the same budgets
             ax.minorticks_off()
             ax.set_xlabel('labelled images per class (log scale)')
-            ax.set_ylabel(f'test {metric.replace("_", " ")} (0-1)')
+            ax.set_ylabel(f'{part_of(split)} {metric.replace("_", " ")} (0-1)')
             ax.set_title(f'{dataset} / split {split}: {PROTOCOL_LONG.get(pr, pr)}')
             ax.grid(alpha=0.3, which='both')
             ax.legend(fontsize=8, title='init (seeds); band: 95% CI', title_fontsize=8)
     save_png(plt, fig, path)
 
 
-def plot_pretrain(plt, runs, path):
+def seeds(stats):  # 'n=5', or 'n=3-5' when the points of a line ran different numbers
+    ns = sorted({s['n'] for s in stats})
+    return f'n={ns[0]}' if len(ns) == 1 else f'n={ns[0]}-{ns[-1]}'
+
+
+def errorbars(ax, pts, **style):
+    """Means at [(x, stats)] with their 95% t-interval as bars (none when n = 1)."""
+    lo = [s['mean'] - (s['ci'] or (s['mean'],))[0] for _, s in pts]
+    hi = [(s['ci'] or (0, s['mean']))[1] - s['mean'] for _, s in pts]
+    ax.errorbar([x for x, _ in pts], [s['mean'] for _, s in pts], yerr=[lo, hi], capsize=3,
+                ms=6, **style)
+
+
+def plot_ablation(plt, abl, summary, metric, path):
+    """The metric against the unlabelled images of further pretraining (log x), a line with
+    95% error bars per protocol through the '<base>@<fraction>' inits, the plain base as an
+    open square just right of its x (it may share it with base@1.0), the starting init (0
+    images, off a log axis) as a dashed line with its 95% band; a panel per (table, base)."""
+    cols = min(2, len(abl))
+    rows = -(-len(abl) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(7 * cols, 5.6 * rows), squeeze=False)
+    for ax in axes.flat[len(abl):]:
+        ax.axis('off')
+    for ax, ((g, base), pts) in zip(axes.flat, abl.items()):
+        protocols = sorted({pr for *_, by in pts for pr in by},
+                           key=lambda p: ranked(p, PROTOCOL_ORDER))
+        for j, pr in enumerate(protocols):
+            c, long = f'C{j}', PROTOCOL_LONG.get(pr, pr)
+            dodge = 1.025 ** (j - (len(protocols) - 1) / 2)  # the protocols' bars apart
+            got = [(init, x * dodge, by[pr]) for init, x, by in pts if pr in by]
+            for init, _, s in [p for p in got if p[1] == 0]:  # 0 is off a log axis: a level
+                ax.axhline(s['mean'], color=c, ls='--', lw=1.2,
+                           label=f'{init}, no further pretraining: {long} ({seeds([s])})')
+                if s['ci']:
+                    ax.axhspan(*s['ci'], color=c, alpha=0.08, lw=0)
+            shares = [(x, s) for init, x, s in got if x > 0 and '@' in init]
+            if shares:
+                errorbars(ax, shares, fmt='o-', color=c, lw=1.5,
+                          label=f'{base}@share: {long} ({seeds([s for _, s in shares])})')
+            for init, x, s in [p for p in got if p[1] > 0 and '@' not in p[0]]:
+                errorbars(ax, [(x * 1.08, s)], fmt='s', color=c, mfc='white',
+                          label=f'{init}: {long} ({seeds([s])})')
+        ticks = sorted({x for _, x, _ in pts if x > 0})
+        ax.set_xscale('log')
+        ax.set_xticks(ticks, [f'{x:.0f}' for x in ticks])
+        ax.set_xlim(ticks[0] / 1.6, ticks[-1] * 1.6)
+        ax.minorticks_off()
+        ax.set_xlabel('unlabelled images of further pretraining (log scale)')
+        ax.set_ylabel(f'{part_of(g[1])} {metric.replace("_", " ")}\n(0-1, mean, 95% CI)')
+        ax.set_title(f'{group_title(g, summary[g])}\n{base}', fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7.5, title='seeds; bars and band: 95% CI', title_fontsize=7.5,
+                  loc='upper center', bbox_to_anchor=(0.5, -0.2), ncol=2)  # off the lines
+    save_png(plt, fig, path)
+
+
+def plot_pretrain(plt, runs, path, colors):
     """A loss panel per run (log y; the invariance and redundancy terms when logged), then
     RankMe and online-kNN panels over all runs when any run logged them."""
     panels = [('loss', name) for name, recs in runs.items() if series(recs, 'loss')[0]]
@@ -734,7 +915,7 @@ def plot_pretrain(plt, runs, path):
                 xs, ys = series(recs, key)
                 if xs:
                     ax.plot(xs, ys, 'o-' if len(xs) < 30 else '-', ms=3, lw=1,
-                            color=color(plt, name_), label=name_)
+                            color=colors[name_], label=name_)
             ax.set_ylabel('RankMe (effective rank, dims)' if key == 'rankme' else
                           'online kNN balanced accuracy (0-1, val)')
             ax.set_title('RankMe' if key == 'rankme' else 'kNN monitor')
@@ -767,10 +948,11 @@ def main(argv=None):
             print(f'warning: {dataset}/{split}: no per_class_recall in the rows, so the number '
                   f'of classes is unknown; {", ".join(left)} left off curve.png',
                   file=sys.stderr)
+    abl = ablations(summary, args.p_metric)
     runs = read_logs(args.runs)
     source = (f'From `{args.results}`: {n_lines} lines, {len(rows)} runs after reruns '
               f'replaced earlier lines ({n_lines - len(rows)} replaced).')
-    md = markdown(summary, curve, args, source)
+    md = markdown(summary, curve, abl, args, source)
     os.makedirs(args.out, exist_ok=True)
     write_text(os.path.join(args.out, 'summary.md'), md)
     write_text(os.path.join(args.out, 'summary.csv'), csv_text(summary, args))
@@ -780,13 +962,17 @@ def main(argv=None):
     if plt is None:
         print(f'wrote {args.out}/{", ".join(made)}; {NO_PLOTS}')
         return
+    colors = palette(plt, [i for info in summary.values() for i, _ in info['cells']] + list(runs))
     plot_summary(plt, summary, args.p_metric, os.path.join(args.out, 'summary.png'))
     made.append('summary.png')
     drawable = {ds: c for ds, c in curve.items() if sum(x is not None for _, x in c[0]) > 1}
     if drawable:
-        plot_curves(plt, drawable, args.p_metric, os.path.join(args.out, 'curve.png'))
+        plot_curves(plt, drawable, args.p_metric, os.path.join(args.out, 'curve.png'), colors)
         made.append('curve.png')
-    if runs and plot_pretrain(plt, runs, os.path.join(args.out, 'pretrain.png')):
+    if abl:
+        plot_ablation(plt, abl, summary, args.p_metric, os.path.join(args.out, 'ablation.png'))
+        made.append('ablation.png')
+    if runs and plot_pretrain(plt, runs, os.path.join(args.out, 'pretrain.png'), colors):
         made.append('pretrain.png')
     print(f'wrote {args.out}/{", ".join(made)}')
 

@@ -229,6 +229,31 @@ def test_compare_paired_unpaired_and_too_few():
     assert none['p'] is None and none['diff'] == pytest.approx(0.7 - 0.62)
 
 
+# --------------------------------------------------------------------------- init order, colours
+def test_init_order_objectives_and_ablation_shares():
+    names = ['zzz', 'simclr+skin', 'barlow+skinBT@1.0', 'vicreg', 'barlow', 'zzz@0.5',
+             'barlow+skinBT@0.3', 'skinBT', 'barlow+skinBT', 'simclr', 'vicreg+skin',
+             'barlow+skinBT@big', 'barlow+skinBT@0.1', 'random', 'supervised', 'zzz-a',
+             'supervised+skinBT', 'supervised+skinBT@0.1']
+    stats = {(n, 'finetune'): {} for n in names}
+    assert report.layout(stats)[0] == [
+        'random', 'supervised', 'barlow', 'supervised+skinBT', 'supervised+skinBT@0.1',
+        'barlow+skinBT', 'barlow+skinBT@0.1', 'barlow+skinBT@0.3', 'barlow+skinBT@1.0',
+        'barlow+skinBT@big', 'skinBT', 'vicreg', 'vicreg+skin', 'simclr', 'simclr+skin',
+        'zzz', 'zzz@0.5', 'zzz-a']
+
+
+def test_palette_one_colour_per_init():
+    plt = report.pyplot()
+    if plt is None:
+        pytest.skip('matplotlib is not installed')
+    # 10 known inits fill tab10; '@0.1' and '@1.0' (same characters) must still differ
+    names = report.INIT_ORDER + ['barlow+skinBT@0.1', 'barlow+skinBT@0.3', 'barlow+skinBT@1.0',
+                                 'zzz-custom']
+    colors = report.palette(plt, names + ['barlow'])
+    assert len({colors[n] for n in names}) == len(names)
+
+
 # --------------------------------------------------------------------------- end to end
 BAL = {  # (init, protocol) -> balanced accuracy per seed
     ('supervised', 'finetune'): [0.61, 0.63, 0.60, 0.64, 0.62],
@@ -524,6 +549,161 @@ def test_report_label_efficiency_and_plots(tmp_path):
     assert float(c['labels_mean']) == pytest.approx(1277)
 
 
+VAL = {  # (budget, init, protocol) -> balanced accuracy per seed, scored on the val part
+    ('per_class=20', 'supervised', 'finetune'): [0.90, 0.92, 0.91],
+    ('per_class=20', 'barlow', 'finetune'): [0.95, 0.93],
+    ('all', 'barlow', 'finetune'): [0.99, 0.97, 0.98],
+}
+
+
+def test_label_efficiency_keeps_val_and_test_apart(tmp_path):
+    write_budgets(tmp_path / 'results.jsonl')  # EFF, scored on the test part
+    rows = []
+    for (budget, init, protocol), xs in VAL.items():
+        for s, x in enumerate(xs):  # the same seeds and budgets as test rows: must not merge
+            r = row(init, protocol, s, x, labels={'all': 2554}.get(budget, 160))
+            r['labels_rule'], r['eval_part'] = budget, 'val'
+            r['metrics']['per_class_recall'] = [x] * 7 + [None]
+            rows.append(r)
+    with open(tmp_path / 'results.jsonl', 'a') as f:
+        f.write(''.join(json.dumps(r) + '\n' for r in rows))
+    r = run_report('--results', 'results.jsonl', '--out', 'out', cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    md = (tmp_path / 'out' / 'summary.md').read_text()
+    _, got = table_rows(md, '## skin / split paper (val part) / per_class=20 (160 labels)')
+    assert got['barlow']['ft bal. acc [95% CI]'] == ci_cell(VAL[('per_class=20', 'barlow',
+                                                                 'finetune')])
+    eff = md.split('## Label efficiency', 1)[1]
+    assert 'val balanced accuracy' in eff.split('###')[0]  # the intro says what was scored
+    # the test curve: EFF alone, its three budgets
+    head, got = table_rows(eff, '### skin / split paper: fine-tuning')
+    assert head[1:] == ['per_class=5 (5/class)', 'per_class=20 (20/class)',
+                        f'fraction=0.5 ({1277 / 8:.3g}/class)']
+    for init in ('supervised', 'barlow'):
+        assert got[init]['per_class=20 (20/class)'] == \
+            ci_cell(EFF[('per_class=20', init, 'finetune')]) + ' (4)'
+    # the val curve: VAL alone, its two budgets, no probe (none ran on val)
+    head, got = table_rows(eff, '### skin / split paper (val part): fine-tuning')
+    assert head == ['init', 'per_class=20 (20/class)', f'all ({2554 / 8:.3g}/class)']
+    assert got['supervised'] == {head[1]: ci_cell(VAL[('per_class=20', 'supervised',
+                                                      'finetune')]) + ' (3)', head[2]: '-'}
+    assert got['barlow'][head[2]] == ci_cell(VAL[('all', 'barlow', 'finetune')]) + ' (3)'
+    assert '### skin / split paper (val part): linear probe' not in eff
+    # what curve.png draws: the same two curves, apart
+    args = report.get_args(['--results', str(tmp_path / 'results.jsonl')])
+    rows, _ = report.read_results(args.results, args.metrics + [args.p_metric])
+    curve = report.curves(report.summarise(rows, args), args.p_metric)
+    assert sorted(curve) == [('skin', 'paper'), ('skin', 'paper (val part)')]
+    assert [b for b, _ in curve[('skin', 'paper (val part)')][0]] == ['per_class=20', 'all']
+    assert [b for b, _ in curve[('skin', 'paper')][0]] == ['per_class=5', 'per_class=20',
+                                                           'fraction=0.5']
+    val = curve[('skin', 'paper (val part)')][1]['finetune']
+    assert [s['n'] if s else 0 for s in val['barlow']] == [2, 3]
+    assert 'curve.png' in pngs(tmp_path / 'out')
+
+
+# --------------------------------------------------------------------------- unlabelled data
+ABL = {  # (init, protocol) -> (pool_images of its rows, balanced accuracy per seed)
+    ('supervised', 'finetune'): (None, [0.60, 0.62, 0.61, 0.63]),
+    ('barlow', 'finetune'): (50000, [0.63, 0.64, 0.62, 0.65]),  # its source pool: x = 0
+    ('barlow', 'probe'): (50000, [0.55, 0.53, 0.56]),
+    ('barlow+skinBT@0.1', 'finetune'): (120, [0.64, 0.66, 0.65, 0.63]),
+    ('barlow+skinBT@0.1', 'probe'): (120, [0.57, 0.58, 0.56]),
+    ('barlow+skinBT@0.3', 'finetune'): (360, [0.66, 0.67, 0.68, 0.66]),
+    ('barlow+skinBT@0.3', 'probe'): (360, [0.60]),
+    ('barlow+skinBT@1.0', 'finetune'): (1200, [0.69, 0.70, 0.68, 0.67]),
+    ('barlow+skinBT', 'finetune'): (1200, [0.68, 0.69, 0.70]),
+    ('barlow+skinBT@0.5', 'finetune'): (None, [0.50, 0.51]),  # no pool recorded: left off
+    ('supervised+skinBT', 'finetune'): (1200, [0.66, 0.64]),  # one pool size: no section
+    ('supervised+skinBT@1.0', 'finetune'): (1200, [0.65, 0.66]),
+}
+
+
+def abl_rows(fixture, **extra):
+    rows = []
+    for (init, protocol), (pool, xs) in fixture.items():
+        for s, x in enumerate(xs):
+            r = row(init, protocol, s, x, labels=160)
+            r.update(labels_rule='per_class=20', **extra)
+            if pool is not None:
+                r['pool_images'] = pool
+            rows.append(r)
+    return rows
+
+
+def test_report_unlabelled_data_section(tmp_path):
+    rows = abl_rows(ABL)
+    # scored on the val part: a table of its own, its section apart (two pool sizes there)
+    val = {k: (pool, [x + 0.2 for x in xs]) for k, (pool, xs) in ABL.items()
+           if k[0] in ('barlow', 'barlow+skinBT@0.1', 'barlow+skinBT@0.3')}
+    rows += abl_rows(val, eval_part='val')
+    (tmp_path / 'results.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    r = run_report('--results', 'results.jsonl', '--out', 'out', cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    md = (tmp_path / 'out' / 'summary.md').read_text()
+    _, table = table_rows(md, '## skin / split paper / per_class=20 (160 labels)')
+    assert list(table) == ['supervised', 'barlow', 'supervised+skinBT', 'supervised+skinBT@1.0',
+                           'barlow+skinBT', 'barlow+skinBT@0.1', 'barlow+skinBT@0.3',
+                           'barlow+skinBT@0.5', 'barlow+skinBT@1.0']
+    sec = md.split('## Unlabelled data for further pretraining', 1)[1]
+    want = lambda init, pr: (f'{ci_cell(ABL[(init, pr)][1])} ({len(ABL[(init, pr)][1])})'
+                             if len(ABL[(init, pr)][1]) > 1 else
+                             f'{ABL[(init, pr)][1][0]:.3f} (1)')
+    head, got = table_rows(sec, '### skin / split paper / per_class=20 (160 labels): '
+                                'barlow+skinBT, fine-tuning')
+    assert head == ['init', 'unlabelled images', 'bal. acc [95% CI] (n)']
+    # by pool size; barlow, where the further pretraining started, at 0 further images
+    assert list(got) == ['barlow', 'barlow+skinBT@0.1', 'barlow+skinBT@0.3', 'barlow+skinBT',
+                         'barlow+skinBT@1.0']
+    assert [got[i]['unlabelled images'] for i in got] == ['0', '120', '360', '1200', '1200']
+    for init in got:
+        assert got[init]['bal. acc [95% CI] (n)'] == want(init, 'finetune'), init
+    _, got = table_rows(sec, '### skin / split paper / per_class=20 (160 labels): '
+                             'barlow+skinBT, linear probe')
+    assert {i: c['unlabelled images'] for i, c in got.items()} == \
+        {'barlow': '0', 'barlow+skinBT@0.1': '120', 'barlow+skinBT@0.3': '360'}
+    for init in got:
+        assert got[init]['bal. acc [95% CI] (n)'] == want(init, 'probe'), init
+    assert 'supervised+skinBT' not in sec  # @1.0 and the plain one: the same pool
+    # the val part: its own numbers only
+    _, got = table_rows(sec, '### skin / split paper (val part) / per_class=20 (160 labels): '
+                             'barlow+skinBT, fine-tuning')
+    assert {i: c['bal. acc [95% CI] (n)'] for i, c in got.items()} == {
+        i: f'{ci_cell([x + 0.2 for x in ABL[(i, "finetune")][1]])} (4)'
+        for i in ('barlow', 'barlow+skinBT@0.1', 'barlow+skinBT@0.3')}
+    warn = [l for l in r.stderr.splitlines() if 'warning' in l]
+    assert len(warn) == 1 and 'barlow+skinBT@0.5 has no pool_images' in warn[0]
+    assert pngs(tmp_path / 'out') == ['ablation.png', 'summary.png']
+    got = {(c['init'], c['protocol'], c['metric']): c
+           for c in csv.DictReader(open(tmp_path / 'out' / 'summary.csv'))
+           if c['split'] == 'paper'}
+    assert got[('barlow+skinBT@0.3', 'probe', 'accuracy')]['pool_images'] == '360'
+    assert got[('supervised', 'finetune', 'accuracy')]['pool_images'] == ''
+
+
+def test_pools_one_size_per_init(capsys):
+    cells = {('a', 'finetune'): [{'pool_images': 10}, {'pool_images': 10}],
+             ('a', 'probe'): [{'pool_images': 20}, {'pool_images': None}], ('b', 'probe'): [{}]}
+    assert report.pools(('skin', 'paper', 'all'), cells) == {'a': 10, 'b': None}
+    err = capsys.readouterr().err
+    assert 'skin/paper/all: init a mixes pool sizes (10, 20 images)' in err
+
+
+def test_report_no_unlabelled_data_section_without_pool_sizes(tmp_path):
+    # the shares in different tables, or one pool size per base: no section, no ablation.png
+    rows = abl_rows({k: v for k, v in ABL.items() if k[0] in ('supervised', 'barlow',
+                                                              'barlow+skinBT@0.1')})
+    rows += [dict(r, labels_rule='all', labels=2554)
+             for r in abl_rows({k: v for k, v in ABL.items() if k[0] in
+                                ('supervised', 'barlow+skinBT@0.3', 'supervised+skinBT',
+                                 'supervised+skinBT@1.0')})]
+    (tmp_path / 'results.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    r = run_report('--results', 'results.jsonl', '--out', 'out', cwd=tmp_path)
+    assert r.returncode == 0 and r.stderr == '', r.stderr
+    assert 'Unlabelled data' not in (tmp_path / 'out' / 'summary.md').read_text()
+    assert 'ablation.png' not in pngs(tmp_path / 'out')
+
+
 def test_report_files_depend_on_budgets_and_logs(tmp_path):
     rows = [row(i, 'finetune', s, 0.6 + 0.01 * s) for i in ('supervised', 'barlow')
             for s in range(3)]
@@ -559,8 +739,10 @@ def test_report_bad_input(tmp_path):
     (tmp_path / 'bad.jsonl').write_text('\n'.join(lines) + '\n')
     (tmp_path / 'empty.jsonl').write_text('\n')
     (tmp_path / 'nokey.jsonl').write_text('{"init": "x", "seed": 0, "metrics": {}}\n')
+    (tmp_path / 'pool.jsonl').write_text(json.dumps(dict(rows[0], pool_images='many')) + '\n')
     for name, expect in [('bad.jsonl', 'bad.jsonl:3:'), ('empty.jsonl', 'empty'),
-                         ('missing.jsonl', 'does not exist'), ('nokey.jsonl', 'protocol')]:
+                         ('missing.jsonl', 'does not exist'), ('nokey.jsonl', 'protocol'),
+                         ('pool.jsonl', "pool.jsonl:1: pool_images is 'many'")]:
         r = run_report('--results', name, '--out', 'out', cwd=tmp_path)
         assert r.returncode == 2, name
         assert len(r.stderr.strip().splitlines()) == 1 and expect in r.stderr, r.stderr
