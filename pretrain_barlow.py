@@ -139,7 +139,7 @@ def knn_monitor(rt, backbone, ds, cache, split, size, per_class=25, k=20, batch=
 
     @torch.no_grad()
     def monitor(epoch):
-        out = {}
+        out, t0 = {}, time.time()
         if rt.is_main:
             was = backbone.training
             backbone.eval()
@@ -152,8 +152,9 @@ def knn_monitor(rt, backbone, ds, cache, split, size, per_class=25, k=20, batch=
             probs = C.knn_predict(fr, yr, fv, len(cache['classes']), k)
             out['knn_bal_acc'] = C.classification_metrics(probs, yv, len(cache['classes']))[
                 'balanced_accuracy']
+            out['knn_s'] = round(time.time() - t0, 2)  # what the monitor costs
             C.print0(f'epoch {epoch}: kNN on the val part, balanced accuracy '
-                     f'{out["knn_bal_acc"]:.4f}')
+                     f'{out["knn_bal_acc"]:.4f} ({out["knn_s"]} s)')
         if rt.world > 1:
             torch.distributed.barrier()
         return out
