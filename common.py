@@ -6,8 +6,9 @@ A library to copy: every function takes plain keyword arguments (never a scripts
 object), and tests/test_library.py drives this file alone from a 40-line script. Read it top
 to bottom: each `# ---` banner is one topic, in this order.
 
-  errors, files      UserError, main_guard, atomic_write, write_json, read_json, torch_save,
-                     append_jsonl, read_csv, few
+  errors, files      UserError, main_guard, os_error, check_writable, claim, tmp_name,
+                     remove_stale_tmp, atomic_write, write_json, read_json, torch_save,
+                     append_jsonl, read_jsonl, read_csv, few
   dataset readers    read_dataset (auto-detects ImageFolder, folder, ISIC 2019/2020,
                      HAM10000, DermaMNIST), make_dataset, load_image
   splits             make_split, save_split, load_split, split_path, labelled_subset
@@ -33,6 +34,7 @@ to bottom: each `# ---` banner is one topic, in this order.
 import argparse
 import collections
 import csv
+import errno
 import hashlib
 import json
 import math
@@ -58,6 +60,11 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageOps
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+try:
+    import fcntl  # run-folder locks (claim); absent on Windows
+except ImportError:
+    fcntl = None
+
 IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 
 
@@ -67,19 +74,147 @@ class UserError(Exception):
 
 
 def main_guard(fn):
-    """Run fn(); turn a UserError into one line on stderr and exit status 2, no traceback."""
+    """Run fn(); turn an expected mistake into one line on stderr and exit status 2, no
+    traceback: a UserError, an OSError (permissions, a missing or wrong-kind path, a full disk,
+    a symlink loop; named by its path) or a text input that is not UTF-8. Anything else is a
+    bug and keeps its traceback."""
     try:
         fn()
+        return
     except UserError as e:
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
+        msg = str(e)
+    except OSError as e:
+        msg = os_error(e)
+    except UnicodeDecodeError as e:  # readers name the file; this is the fallback
+        msg = f'a text input is not UTF-8 ({e.reason} at byte {e.start}); is it the right file?'
+    except KeyboardInterrupt:  # Ctrl-C outside training (fit checkpoints on its own)
+        print('interrupted', file=sys.stderr)
+        sys.exit(130)
+    print(f'error: {msg}', file=sys.stderr)
+    sys.exit(2)
+
+
+_OS_HINTS = {  # errno -> what to do, for os_error
+    'EACCES': 'no permission: fix its permissions or choose another path',
+    'EPERM': 'not permitted: fix its permissions or choose another path',
+    'EROFS': 'a read-only filesystem: choose another path',
+    'ENOSPC': 'the disk is full: free space or choose another path',
+    'EDQUOT': 'the disk quota is exceeded: free space or choose another path',
+    'ENOTDIR': 'a file stands where a folder is expected',
+    'EISDIR': 'a folder stands where a file is expected',
+    'ELOOP': 'a symlink loop',
+    'ENOENT': 'no such file or folder',
+    'EEXIST': 'already exists and is in the way',
+}
+
+
+def os_error(e):
+    """One line for an OSError: the path(s) it names, what went wrong, what to do."""
+    paths = ' -> '.join(str(p) for p in (e.filename, e.filename2) if p is not None)
+    hint = _OS_HINTS.get(errno.errorcode.get(e.errno, ''), e.strerror or str(e))
+    return f'{paths}: {hint}' if paths else f'{e.strerror or e}: {hint}'
+
+
+# Temporary names carry host and pid: a later run removes those its host's dead processes
+# left (a killed write), never a live writer's, even on a filesystem shared by nodes.
+_HOST = re.sub(r'[^\w.]', '_', os.uname().nodename if hasattr(os, 'uname') else 'host')
+
+
+def check_writable(path, flag, kind='dir'):
+    """Refuse at start-up, before any work, an output location that cannot be written, with
+    one line naming it. kind: 'dir' (a folder, made if missing), 'file' (written by rename),
+    'append' (a file appended to). The test creates and removes a temporary file in the
+    folder (or its nearest existing ancestor): permission bits say nothing for root or a
+    read-only mount, a real write does."""
+    if not str(path).strip():
+        raise UserError(f'{flag} is empty; give a path')
+    path = os.path.abspath(path)
+    if os.path.islink(path) and not os.path.exists(path):
+        raise UserError(f'{flag} {path}: a dangling symlink or a symlink loop')
+    if kind == 'dir' and os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f'{flag} {path}: is a file; a folder is expected there')
+    if kind != 'dir' and os.path.isdir(path):
+        raise UserError(f'{flag} {path}: is a folder; a file is expected there')
+    folder = path if kind == 'dir' else os.path.dirname(path)
+    while not os.path.exists(folder):  # made later: the nearest existing ancestor decides
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise UserError(f'{flag} {path}: {folder} is a file, so nothing can be made below it')
+    probe = os.path.join(folder, f'.write-test.{_HOST}-{os.getpid()}')
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        os.remove(probe)
+        if kind == 'append' and os.path.exists(path):
+            os.close(os.open(path, os.O_WRONLY | os.O_APPEND))
+    except OSError as e:
+        raise UserError(f'{flag} {path}: cannot be written ({os_error(e)})')
+
+
+_CLAIMED = {}  # lock file -> its descriptor, locked until this process exits
+
+
+def claim(folder, flag='--out'):
+    """Hold folder/.lock (flock) until this process exits, so that a second copy of the
+    same command cannot train into the folder at the same time and mix checkpoints. The
+    kernel releases the lock of a killed process, so nothing stale remains. Rank 0 only."""
+    if fcntl is None:  # no flock on this platform: no guard
+        return
+    os.makedirs(folder, exist_ok=True)
+    lock = os.path.realpath(os.path.join(folder, '.lock'))
+    if lock in _CLAIMED:  # ours already (a second run in one process): take it afresh
+        os.close(_CLAIMED.pop(lock))
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 200, 0).decode(errors='replace').strip() or 'another process'
+        os.close(fd)
+        raise UserError(f'{flag} {folder} is in use by {holder}; wait for it to finish, or '
+                        f'use another {flag}')
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f'process {os.getpid()} on {_HOST}'.encode(), 0)
+    _CLAIMED[lock] = fd
+
+
+def tmp_name(path, suffix='.tmp'):
+    return f'{path}.{_HOST}-{os.getpid()}{suffix}'
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        pass
+    return True
+
+
+def remove_stale_tmp(path):
+    """Remove the temporary files of `path` (tmp_name's, any suffix) that a killed process of
+    this host left behind; returns how many."""
+    folder, base = os.path.split(os.path.abspath(path))
+    pattern = re.compile(re.escape(base) + r'\.(.+)-(\d+)\.tmp[\w.]*$')
+    removed = 0
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        m = pattern.match(name)
+        if m and m.group(1) == _HOST and int(m.group(2)) != os.getpid() and \
+                not _alive(int(m.group(2))):
+            try:
+                os.remove(os.path.join(folder, name))
+                removed += 1
+            except FileNotFoundError:  # another run cleaned it first
+                pass
+    return removed
 
 
 def atomic_write(path, write_fn, mode='w'):
-    """Write through write_fn(file) to a temporary name, then rename: never half a file."""
+    """Write through write_fn(file) to a temporary name, then rename: never half a file.
+    Temporary files a killed earlier write left beside it are removed first."""
     path = str(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f'{path}.{os.getpid()}.tmp'
+    remove_stale_tmp(path)
+    tmp = tmp_name(path)
     try:
         with open(tmp, mode) as f:
             write_fn(f)
@@ -95,12 +230,15 @@ def write_json(path, obj):
 
 def read_json(path, what='file'):
     try:
-        with open(path) as f:
+        with open(path, encoding='utf-8') as f:
             return json.load(f)
     except FileNotFoundError:
         raise UserError(f'{what} {path} does not exist')
-    except json.JSONDecodeError as e:
-        raise UserError(f'{what} {path} is not valid JSON ({e}); delete it or pass another')
+    except IsADirectoryError:
+        raise UserError(f'{what} {path} is a folder; a JSON file is expected')
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        why = e.msg if isinstance(e, json.JSONDecodeError) else 'not UTF-8 text'
+        raise UserError(f'{what} {path} is not valid JSON ({why}); delete it or pass another')
 
 
 def torch_save(obj, path):
@@ -108,28 +246,66 @@ def torch_save(obj, path):
 
 
 def append_jsonl(path, row):
-    """Append one JSON line in a single write call (O_APPEND keeps concurrent lines whole)."""
+    """Append one JSON line in a single write call (O_APPEND keeps concurrent lines whole).
+    A file whose last line is incomplete (a killed writer, a full disk) gets a newline first,
+    so the row never glues onto it; readers name that torn line."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     line = (json.dumps(row) + '\n').encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, line)
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b'\n':
+            print0(f'note: {path} ended with an incomplete line; the new row starts a line '
+                   f'of its own')
+            line = b'\n' + line
+        if os.write(fd, line) < len(line):  # a full disk may take part of it, silently
+            raise OSError(errno.ENOSPC, 'short write', path)
     finally:
         os.close(fd)
+
+
+def read_jsonl(path):
+    """(line number, object) for each line of a JSON-lines file. A line cut short by a killed
+    writer or a full disk (it starts like a JSON object but does not parse; anywhere, since
+    append_jsonl starts a new line after it) is named as path:line on stderr and skipped;
+    any other line that is not a JSON object is refused, naming it."""
+    out = []
+    with open(path, encoding='utf-8', errors='replace') as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                if line.lstrip().startswith('{'):
+                    print0(f'warning: {path}:{lineno}: an incomplete line (a write cut '
+                           f'short), ignored', file=sys.stderr)
+                    continue
+                raise UserError(f'{path}:{lineno}: not valid JSON ({e.msg}, column {e.colno});'
+                                f' fix or delete that line')
+            if not isinstance(obj, dict):
+                raise UserError(f'{path}:{lineno}: expected a JSON object, got '
+                                f'{type(obj).__name__}; fix or delete that line')
+            out.append((lineno, obj))
+    return out
 
 
 def read_csv(path, required):
     """Rows of a CSV as dicts; one clear error when the file or a required column is missing."""
     if not os.path.isfile(path):
         raise UserError(f'{path} does not exist')
-    with open(path, newline='', encoding='utf-8-sig') as f:
-        reader = csv.DictReader(f)
-        cols = reader.fieldnames or []
-        missing = [c for c in required if c not in cols]
-        if missing:
-            raise UserError(f'{path}: missing column(s) {", ".join(missing)} '
-                            f'(found: {", ".join(cols) or "nothing"})')
-        return list(reader)
+    try:
+        with open(path, newline='', encoding='utf-8-sig') as f:
+            reader = csv.DictReader(f)
+            cols = reader.fieldnames or []
+            missing = [c for c in required if c not in cols]
+            if missing:
+                raise UserError(f'{path}: missing column(s) {", ".join(missing)} '
+                                f'(found: {", ".join(cols) or "nothing"})')
+            return list(reader)
+    except (UnicodeDecodeError, csv.Error) as e:
+        why = 'not UTF-8 text' if isinstance(e, UnicodeDecodeError) else str(e)
+        raise UserError(f'{path}: not a readable CSV ({why}); is it the right file?')
 
 
 def few(items, n=5):
@@ -799,7 +975,9 @@ def build_cache(ds, size, cache_dir='cache', workers=2, skip_bad=False, verbose=
         return cache
     n = len(ds['paths'])
     os.makedirs(cache_dir, exist_ok=True)
-    tmp = f'{stem}.{os.getpid()}.tmp.npy'
+    if remove_stale_tmp(stem):
+        print0(f'note: removed the temporary files of an interrupted build of {stem}.npy')
+    tmp = tmp_name(stem, '.tmp.npy')
     np.lib.format.open_memmap(tmp, mode='w+', dtype=np.uint8, shape=(n, size, size, 3)).flush()
     chunk = max(1, min(256, n // (4 * max(1, workers)) or 1))
     jobs = [(tmp, size, s, ds['paths'][s:s + chunk]) for s in range(0, n, chunk)]
@@ -831,7 +1009,7 @@ def build_cache(ds, size, cache_dir='cache', workers=2, skip_bad=False, verbose=
         keep = sorted(set(range(n)) - {i for i, _ in bad})
         if bad:  # compact: the cache holds readable images only
             src = np.load(tmp, mmap_mode='r')
-            tmp2 = f'{stem}.{os.getpid()}.tmp2.npy'
+            tmp2 = tmp_name(stem, '.tmp2.npy')
             dst = np.lib.format.open_memmap(tmp2, 'w+', np.uint8, (len(keep), size, size, 3))
             for s in range(0, len(keep), 1024):
                 dst[s:s + 1024] = src[keep[s:s + 1024]]
@@ -840,8 +1018,9 @@ def build_cache(ds, size, cache_dir='cache', workers=2, skip_bad=False, verbose=
             os.replace(tmp2, tmp)
         os.replace(tmp, stem + '.npy')
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        for t in (tmp, tmp_name(stem, '.tmp2.npy')):
+            if os.path.exists(t):
+                os.remove(t)
     cache = {'file': stem + '.npy', 'size': size, 'format': ds['format'], 'root': ds['root'],
              'classes': ds['classes'], 'ids': [ds['ids'][i] for i in keep],
              'labels': [ds['labels'][i] for i in keep],
