@@ -351,21 +351,36 @@ def _detect_imagefolder(path):
         return False
     subs = [e for e in os.scandir(path) if e.is_dir() and not e.name.startswith('.')]
     loose = [e for e in os.scandir(path) if e.is_file() and _is_image(e.name)]
-    return bool(subs) and not loose and all(
-        any(_is_image(f) for f in os.listdir(s.path)) for s in subs)
+    # one class folder with images is enough: an empty one must not turn a labelled dataset
+    # into an unlabelled folder without a word (the reader refuses it, naming it)
+    return bool(subs) and not loose and any(_has_images(s.path) for s in subs)
+
+
+def _has_images(folder):
+    for d, dirs, files in os.walk(folder):
+        dirs[:] = [x for x in dirs if not x.startswith('.')]
+        if any(_is_image(f) for f in files):
+            return True
+    return False
 
 
 def _read_imagefolder(path, opts):
     classes = sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith('.'))
-    ids, paths, labels = [], [], []
+    ids, paths, labels, empty = [], [], [], []
     for k, c in enumerate(classes):
-        for p in _find_images(os.path.join(path, c)):
+        found = _find_images(os.path.join(path, c))
+        empty += [] if found else [c]
+        for p in found:
             ids.append(os.path.relpath(p, path))
             paths.append(p)
             labels.append(k)
     if not paths:
         raise UserError(f'{path}: no images in its class folders ({few(classes)}); '
                         f'expected root/<class>/*.jpg')
+    if empty:  # as torchvision's ImageFolder: a class without images cannot be learnt
+        raise UserError(f'{path}: class folder(s) {few(empty)} hold no images (the other '
+                        f'{len(classes) - len(empty)} do); add images or remove the empty '
+                        f'folder(s), or pass --format folder to read it unlabelled')
     return make_dataset('imagefolder', path, classes, ids, paths, labels)
 
 
@@ -794,6 +809,10 @@ def make_split(ds, protocol, seed=0, per_class=500, test_fraction=0.2, val_fract
             for k in members[g]:
                 side[k] = s
     parts = {p: [k for k in range(n) if side[k] == p] for p in ('train', 'val', 'test')}
+    if not parts['train']:  # every later script would fail on it, each in its own words
+        raise UserError(f'{ds["root"]}: the {protocol} split leaves no image in train (val '
+                        f'{len(parts["val"])}, test {len(parts["test"])}); lower the test and '
+                        f'val fractions')
     test_groups = {ds['groups'][k] for k in parts['test']}
     # unlabelled images of a labelled dataset: pretrain only, and never next to a test group
     free = [k for k in range(n) if side[k] is None and ds['groups'][k] not in test_groups
@@ -954,14 +973,40 @@ def _cache_stem(ds, size, cache_dir):
 
 
 def find_cache(ds, size, cache_dir, skip_bad=False, fp=None):
-    """The cache dict of a finished cache of ds whose fingerprint matches, else None."""
+    """The cache dict of a finished cache of ds whose fingerprint matches, else None. A cache
+    whose files cannot be read (a damaged description, an array shorter than it says) is
+    not an error: it is rebuilt, with a note."""
     stem = _cache_stem(ds, size, cache_dir)
-    if os.path.exists(stem + '.json') and os.path.exists(stem + '.npy'):
+    if not (os.path.exists(stem + '.json') and os.path.exists(stem + '.npy')):
+        return None
+    try:
         cache = read_json(stem + '.json', 'cache description')
-        if cache.get('fingerprint') == (fp or fingerprint(ds['paths'])) and \
-                (skip_bad or not cache['bad']):
-            return cache
+        if not isinstance(cache, dict) or not {'ids', 'labels', 'bad'} <= set(cache):
+            raise UserError(f'cache description {stem}.json is not one')
+        _check_npy(stem + '.npy', (len(cache['ids']), size, size, 3))
+    except UserError as e:
+        print0(f'note: {e}; rebuilding the cache')
+        return None
+    if cache.get('fingerprint') == (fp or fingerprint(ds['paths'])) and \
+            (skip_bad or not cache['bad']):
+        return cache
     return None
+
+
+def _check_npy(file, shape):
+    """Raise UserError unless file is a uint8 .npy of `shape` with all its bytes present."""
+    try:
+        with open(file, 'rb') as f:
+            version = np.lib.format.read_magic(f)
+            read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0)
+            got, _, dtype = read(f)
+            need = f.tell() + int(np.prod(shape))
+    except (OSError, ValueError) as e:
+        raise UserError(f'cache array {file} is not readable ({e})')
+    if tuple(got) != tuple(shape) or dtype != np.uint8 or os.path.getsize(file) < need:
+        raise UserError(f'cache array {file} is damaged or incomplete ({tuple(got)} {dtype}, '
+                        f'{os.path.getsize(file)} bytes; expected {tuple(shape)} uint8)')
 
 
 def build_cache(ds, size, cache_dir='cache', workers=2, skip_bad=False, verbose=True):
@@ -1489,6 +1534,12 @@ def augment_views(x, views, generator):
 # combines: a script has exactly the flags it uses, so a flag it would ignore is an error.
 # Numeric flags carry their range in their type: a bad value stops before any work.
 
+MAX_SIDE = 4096  # pixels: --size and --cache-size (a 4096 px cache of 25k images is 1.2 TB)
+MAX_SEED = 2**31 - 1  # seeds feed torch.manual_seed and numpy, and are mixed into step seeds
+MAX_EPOCHS = 100_000  # any epoch count, warmups included: epochs x steps stays an integer
+MAX_LR = 100.0  # per 256 images; lr x batch / 256 must stay a float32 (1e308 overflows)
+
+
 def number(kind=int, lo=None, hi=None, auto=False):
     """An argparse type: kind(text) within [lo, hi] (finite for floats); auto=True also
     accepts the word 'auto'."""
@@ -1524,9 +1575,9 @@ def add_data_args(p, size=224, cache_size=256, split=True):
     if split:
         g.add_argument('--split', default=None,
                        help='split JSON, made once by `python common.py split`')
-    g.add_argument('--size', type=number(int, 8), default=size,
+    g.add_argument('--size', type=number(int, 8, MAX_SIDE), default=size,
                    help='training resolution (pixels)')
-    g.add_argument('--cache-size', type=number(int, 8), default=cache_size,
+    g.add_argument('--cache-size', type=number(int, 8, MAX_SIDE), default=cache_size,
                    help='side of the cached square images; a bit above --size leaves room '
                         'for crops')
     g.add_argument('--cache-dir', default='cache', help='where decoded uint8 caches live')
@@ -1553,7 +1604,7 @@ def add_runtime_args(p):
     g.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'])
     g.add_argument('--precision', default='auto', choices=['auto', 'bf16', 'fp16', 'fp32'],
                    help='auto: bf16 autocast on CUDA, fp32 on CPU')
-    g.add_argument('--workers', type=number(int, 0), default=default_workers(),
+    g.add_argument('--workers', type=number(int, 0, 256), default=default_workers(),
                    help='loader and cache-build processes per rank (0: in the main process; '
                         'default: the cores of this machine less one, per rank)')
     return g
@@ -1564,16 +1615,16 @@ def add_train_args(p, epochs=1, batch_size=256, lr=0.1, lr_auto=False, out=None,
     g = p.add_argument_group('training')
     g.add_argument('--out', default=out, required=out is None,
                    help='run folder (resumes if it has ckpt.pt)')
-    g.add_argument('--epochs', type=number(int, 1), default=epochs)
+    g.add_argument('--epochs', type=number(int, 1, MAX_EPOCHS), default=epochs)
     g.add_argument('--max-steps', type=number(int, 0), default=0,
                    help='stop after this many steps (0: no limit); for smoke runs')
-    g.add_argument('--batch-size', type=number(int, 1), default=batch_size,
-                   help='global batch, split evenly over ranks')
-    g.add_argument('--lr', type=number(float, 1e-12, auto=lr_auto), default=lr,
+    g.add_argument('--batch-size', type=number(int, 2), default=batch_size,
+                   help='global batch, split evenly over ranks (BatchNorm needs 2+ per rank)')
+    g.add_argument('--lr', type=number(float, 1e-12, MAX_LR, auto=lr_auto), default=lr,
                    help='peak learning rate per 256 images'
                         + (', or auto: a short range test picks it' if lr_auto else ''))
     if seed:
-        g.add_argument('--seed', type=number(int, 0), default=0)
+        g.add_argument('--seed', type=number(int, 0, MAX_SEED), default=0)
     g.add_argument('--compile', action='store_true', help='torch.compile the model')
     g.add_argument('--log-every', type=number(int, 1), default=10,
                    help='steps between log lines (and the loss and stop checks)')
@@ -1622,13 +1673,14 @@ def parse_seeds(text):
         out = []
         for part in str(text).split(','):
             a, _, b = part.partition('-')
-            out += list(range(int(a), int(b) + 1)) if b else [int(a)]
-        if not out or min(out) < 0:
-            raise ValueError
+            a, b = int(a), int(b) if b else int(a)
+            if not 0 <= a <= b <= MAX_SEED or b - a >= 10_000 or len(out) >= 10_000:
+                raise ValueError  # a typo like 0-40000000 must not build a huge list
+            out += range(a, b + 1)
         return list(dict.fromkeys(out))
     except ValueError:
         raise argparse.ArgumentTypeError(f'{text}: expected a range like 0-4 or a list like '
-                                         f'0,2,7 of seeds >= 0')
+                                         f'0,2,7 of at most 10000 seeds in [0, {MAX_SEED}]')
 
 
 # --------------------------------------------------------------------------- runtime
@@ -1667,10 +1719,14 @@ def setup_runtime(device='auto', precision='auto', seed=0):
                                  is_main=rank == 0, dtype=dtype, precision=prec)
 
 
-def local_batch(batch_size, world):
-    """The per-rank share of a global batch; it must divide evenly."""
+def local_batch(batch_size, world, least=2):
+    """The per-rank share of a global batch; it must divide evenly and leave each rank at
+    least `least` images (BatchNorm cannot train on one: its variance is 0/0)."""
     if batch_size % world:
         raise UserError(f'--batch-size {batch_size} does not divide by {world} ranks')
+    if batch_size // world < least:
+        raise UserError(f'--batch-size {batch_size} leaves {batch_size // world} image(s) per '
+                        f'rank on {world} rank(s); BatchNorm needs at least {least} per rank')
     return batch_size // world
 
 
@@ -2306,15 +2362,23 @@ def result_key(row):
 
 
 def done_keys(path):
-    """Keys of the result rows already in a results file, to skip finished seeds."""
+    """Keys of the result rows already in a results file, to skip finished seeds. Bad lines
+    are treated as report.py treats them, before any training: a torn line is named and
+    ignored, a line that is no result row is refused; a row that lacks part of the key (an
+    older version's) is named and matches nothing."""
     keys = set()
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    keys.add(result_key(json.loads(line)))
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    pass  # a torn or foreign line: report.py names it
+    if not os.path.exists(path):
+        return keys
+    for lineno, row in read_jsonl(path):
+        missing = [k for k in ('init', 'protocol', 'seed', 'metrics') if k not in row]
+        if missing:
+            raise UserError(f'{path}:{lineno}: missing key(s) {", ".join(missing)}; fix or '
+                            f'delete that line')
+        try:
+            keys.add(result_key(row))
+        except (KeyError, TypeError) as e:
+            print0(f'note: {path}:{lineno}: a row without a usable {e}, matched against no '
+                   f'seed', file=sys.stderr)
     return keys
 
 
@@ -2424,15 +2488,19 @@ def _cli(argv=None):
                    help='random: test share')
     s.add_argument('--val-fraction', type=number(float, 0, 0.99), default=0.1,
                    help='validation share (paper: of the non-kept images)')
-    s.add_argument('--seed', type=number(int, 0), default=0)
+    s.add_argument('--seed', type=number(int, 0, MAX_SEED), default=0)
     s.add_argument('--extra', action='append', default=[],
                    help='extra unlabelled folder for the pretraining pool (repeatable)')
     s.add_argument('--out', default=None, help='default: splits/<dataset>-<protocol>.json')
-    c.add_argument('--cache-size', type=number(int, 8), default=256)
+    c.add_argument('--cache-size', type=number(int, 8, MAX_SIDE), default=256)
     c.add_argument('--cache-dir', default='cache')
-    c.add_argument('--workers', type=number(int, 0), default=default_workers())
+    c.add_argument('--workers', type=number(int, 0, 256), default=default_workers())
     c.add_argument('--skip-bad', action='store_true')
     args = p.parse_args(argv)
+    if args.cmd == 'cache':
+        check_writable(args.cache_dir, '--cache-dir')
+    elif args.out:
+        check_writable(args.out, '--out', 'file')
     ds = read_dataset(args.data, args.format, drop_downsampled=args.drop_downsampled)
     if args.cmd == 'cache':
         cache = build_cache(ds, args.cache_size, args.cache_dir, args.workers, args.skip_bad)
