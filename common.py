@@ -26,7 +26,8 @@ to bottom: each `# ---` banner is one topic, in this order.
   optimisers         LARS, make_optimizer, lr_factor
   training loop      wrap_model, step_generator, grad_scaler, train_step, fit,
                      write_handoff, git_revision, phase_lr, predict
-  evaluation runs    get_split, split_sha, check_held_out, labels_rule, result_stub,
+  evaluation runs    get_split, split_sha, lineage_entry, init_lineage, path_overlaps,
+                     check_held_out, label_counts, short_classes, labels_rule, result_stub,
                      result_key, done_keys, pending_rows
   metrics            classification_metrics
   command line tools `python common.py split|cache ...`
@@ -2325,17 +2326,90 @@ def split_sha(split):
     return hashlib.sha1('\n'.join(split['test']).encode()).hexdigest()[:10]
 
 
-def check_held_out(init, ds, split):
-    """Refuse a backbone (--init PATH with a meta.json beside it) that was pretrained on this
-    dataset without this split's test part held out: its features have seen the test set."""
-    init = init_file(init)
-    meta = os.path.join(os.path.dirname(os.path.abspath(init)), 'meta.json')
-    if not os.path.isfile(init) or not os.path.isfile(meta):
-        return
+def lineage_entry(script, out, data_root, extra, held_out):
+    """One pretraining run as meta.json's lineage records it: where its pool came from (the
+    data root and the extra folders, resolved) and the split_sha whose test images it held
+    out (None: none). fit refuses a resume with another pool, so this holds for every segment
+    of the run, from its first step."""
+    return dict(script=script, out=os.path.abspath(out), held_out=held_out,
+                roots=[os.path.realpath(p) for p in [data_root, *extra]])
+
+
+def init_lineage(init, backbone_sha):
+    """The pretraining runs (oldest first) behind the weights of --init, backbone_sha their
+    state_fingerprint: [] for random and named weights and for a file with no meta.json beside
+    it (a foreign checkpoint); else what that meta.json records, if it describes these very
+    weights. A run recorded before lineages were is returned with proven=False."""
+    if init == 'random' or any(init == name for name, _ in NAMED_WEIGHTS):
+        return []
+    path = init_file(init)
+    meta = os.path.join(os.path.dirname(os.path.abspath(path)), 'meta.json')
+    if not os.path.isfile(path):
+        return []
+    if not os.path.isfile(meta):
+        state = load_checkpoint(path)
+        if isinstance(state, dict) and isinstance(state.get('config'), dict):
+            raise UserError(f'{path} is the checkpoint of an unfinished run: what it was '
+                            f'trained on is recorded when the run hands off; finish the run '
+                            f'and pass its backbone.pt')
+        return []  # a foreign checkpoint: nothing of ours to know
     info = read_json(meta, 'run metadata')
-    if info.get('data_root') == ds['root'] and info.get('held_out') != split_sha(split):
-        raise UserError(f'{init} was pretrained on {ds["root"]} without holding out this '
-                        f'split\'s test images; pretrain it with the same --split')
+    if not isinstance(info, dict) or info.get('backbone_sha') != backbone_sha:
+        raise UserError(f'{meta} describes other weights than {path} (backbone_sha '
+                        f'{info.get("backbone_sha") if isinstance(info, dict) else None}, the '
+                        f'file {backbone_sha}), so what they were trained on is unknown; '
+                        f'remove that meta.json if the file is foreign, or pretrain again')
+    if 'lineage' in info:
+        return info['lineage']
+    roots = [os.path.realpath(info['data_root'])] if info.get('data_root') else []
+    return [dict(script=info.get('script'), out=os.path.dirname(os.path.abspath(meta)),
+                 held_out=info.get('held_out'), roots=roots, proven=False)]
+
+
+def path_overlaps(roots, root):
+    """Whether a pool drawn from `roots` can hold images of the dataset at `root`."""
+    root = os.path.realpath(root)
+    return any(os.path.commonpath([r, root]) in (r, root) for r in roots)
+
+
+def check_held_out(init, ds, split, backbone_sha=None):
+    """Refuse a backbone (--init PATH with a meta.json beside it) any of whose pretraining
+    runs drew on this dataset (its root or a folder inside it) without this split's test part
+    held out, in every segment: its features have seen the test set. backbone_sha: the
+    state_fingerprint of the loaded weights (read from the file when None)."""
+    if backbone_sha is None:
+        path = init_file(init)
+        if not os.path.isfile(path):
+            return
+        backbone_sha = state_fingerprint(clean_state_dict(load_checkpoint(path), path))
+    sha = split_sha(split)
+    for run in init_lineage(init, backbone_sha):
+        proven = run.get('proven', True)
+        if path_overlaps(run['roots'], ds['root']) and (run['held_out'] != sha or not proven):
+            why = ('without holding out this split\'s test images' if proven
+                   else 'by a version that did not record whether all of it held out this '
+                        'split\'s test images')
+            raise UserError(f'{init} comes from {run["out"]}, pretrained on {ds["root"]} {why};'
+                            f' pretrain it with the same --split')
+
+
+def label_counts(ds, ids):
+    """{class name: labelled images among ids}, every class of ds listed (0 when absent):
+    the rows record it per seed, and it shows a --labels-per-class above what a class has."""
+    k_of = {i: k for k, i in enumerate(ds['ids'])}  # image id -> its place in ds
+    n = collections.Counter(ds['labels'][k_of[i]] for i in ids)
+    return {c: n[k] for k, c in enumerate(ds['classes'])}
+
+
+def short_classes(ds, train_ids, per_class):
+    """{class: images} of the classes whose train part holds fewer than per_class labelled
+    images (each seed then gets them all), with a note; {} without per_class."""
+    short = {c: n for c, n in label_counts(ds, train_ids).items() if n < (per_class or 0)}
+    if short:
+        print0(f'note: --labels-per-class {per_class}: the train part holds fewer for '
+               f'{few(f"{c} ({n})" for c, n in short.items())}; every seed gets all of those '
+               f'(the rows record them as labels_short)')
+    return short
 
 
 def labels_rule(per_class=None, fraction=None):
