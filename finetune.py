@@ -40,11 +40,11 @@ def get_args(argv=None):
     C.add_runtime_args(p)
     C.add_eval_args(p)
     g = p.add_argument_group('fine-tuning')
-    g.add_argument('--head-epochs', type=C.number(float, 0), default=1,
+    g.add_argument('--head-epochs', type=C.number(float, 0, C.MAX_EPOCHS), default=1,
                    help='epochs training the head alone first (BN stays trainable)')
-    g.add_argument('--weight-decay', type=C.number(float, 0), default=0.0)
+    g.add_argument('--weight-decay', type=C.number(float, 0, 1), default=0.0)
     g.add_argument('--optimizer', default='adamw', choices=['adamw', 'sgd', 'lars'])
-    g.add_argument('--tta', type=C.number(int, 1), default=3,
+    g.add_argument('--tta', type=C.number(int, 1, 1000), default=3,
                    help='test-time passes (1: the eval view alone); the mean softmax is used')
     g.add_argument('--class-weights', action='store_true',
                    help='weight the loss by inverse class frequency of the labelled set')
@@ -94,7 +94,8 @@ def lr_range_test(rt, model, raw, loader, step_fn, optimizer, seed, steps=100):
 
 
 def run_seed(rt, args, row, ds, split, cache, backbone_sd, width):
-    """Train one seed (row['seed']) from the given init; return its result row."""
+    """Train one seed (row['seed']) from the given init; return its result row and its run
+    folder (deleted by the caller once the row is safely appended)."""
     t0, seed = time.time(), row['seed']
     torch.manual_seed(seed)
     labelled = C.labelled_subset(ds, split['train'], seed, args.labels_per_class,
@@ -102,9 +103,9 @@ def run_seed(rt, args, row, ds, split, cache, backbone_sd, width):
     train, test = C.cache_positions(cache, labelled), C.cache_positions(cache, split['test'])
     classes = len(cache['classes'])
     batch = min(args.batch_size, len(train) - len(train) % rt.world)
-    if batch < rt.world:
-        raise C.UserError(f'{len(train)} labelled images cannot make a batch on {rt.world} '
-                          f'ranks; label more or use fewer processes')
+    if batch // rt.world < 2:  # BatchNorm cannot train on one image
+        raise C.UserError(f'{len(train)} labelled images cannot make a batch of 2 per rank on '
+                          f'{rt.world} rank(s); label more or use fewer processes')
     loader = C.make_loader(cache, train, batch // rt.world, rt.rank, rt.world, seed=seed,
                            workers=args.workers, pin=rt.device.type == 'cuda')
     spe = len(loader)
@@ -128,6 +129,8 @@ def run_seed(rt, args, row, ds, split, cache, backbone_sd, width):
         return C.make_optimizer({'backbone': raw.backbone, 'head': raw.head}, args.optimizer,
                                 lr, lr, args.weight_decay, batch)
 
+    if rt.is_main:
+        C.claim(out)  # two runs of this seed at once would mix checkpoints
     lr, chosen = args.lr, os.path.join(out, 'lr.json')
     if lr == 'auto' and os.path.exists(chosen):  # a resumed seed keeps its choice
         lr = C.read_json(chosen)['lr']
@@ -151,39 +154,55 @@ def run_seed(rt, args, row, ds, split, cache, backbone_sd, width):
 
     raw.eval()
     views = [eval_view] + [view] * (args.tta - 1)
+    if step < 1:  # a row must come from training
+        raise C.UserError(f'seed {seed}: 0 optimisation steps were taken; no row written')
     probs, labels = C.predict(rt, raw, cache, test, max(1, args.batch_size), views,
                               softmax=True, seed=seed, workers=0)
-    if rt.is_main:
-        shutil.rmtree(out, ignore_errors=True)  # the result row is the artifact; drop ckpt.pt
-    return dict(row, labels=len(labelled), metrics=C.classification_metrics(probs, labels,
-                classes), epochs=args.epochs, steps=step, lr=lr, tta=args.tta,
-                size=args.size, wall_s=round(time.time() - t0, 1))
+    return dict(row, labels=len(labelled), labels_by_class=C.label_counts(ds, labelled),
+                metrics=C.classification_metrics(probs, labels, classes), epochs=args.epochs,
+                steps=step, lr=lr, tta=args.tta, size=args.size,
+                wall_s=round(time.time() - t0, 1)), out
 
 
 def main():
     args = get_args()
     args.init_name = args.init_name or args.init
+    for path, flag, kind in ((args.out, '--out', 'dir'), (args.cache_dir, '--cache-dir', 'dir'),
+                             (args.results, '--results', 'append')):
+        C.check_writable(path, flag, kind)
     rt = C.setup_runtime(args.device, args.precision)
+    if args.batch_size // rt.world < 2:
+        raise C.UserError(f'--batch-size {args.batch_size} leaves fewer than 2 images per rank '
+                          f'on {rt.world} rank(s); BatchNorm needs 2')
     ds = C.read_dataset(args.data, args.format)
     split, split_file = C.get_split(ds, args.split, args.protocol, rt.is_main)
-    cache = C.prepare_cache(rt, ds, args.cache_size, args.cache_dir, args.workers, args.skip_bad)
     backbone, width = C.make_backbone(args.arch)
     source = C.load_backbone(backbone, args.arch, args.init, args.offline)
-    C.check_held_out(args.init, ds, split)
     backbone_sd = {k: v.clone() for k, v in backbone.state_dict().items()}
+    sha = C.state_fingerprint(backbone_sd)
+    C.check_held_out(args.init, ds, split, sha)
     rule = C.labels_rule(args.labels_per_class, args.label_fraction)
     stubs = [C.result_stub(ds, split, split_file, seed, init=args.init_name, init_source=source,
-                           arch=args.arch, backbone_sha=C.state_fingerprint(backbone_sd),
-                           labels_rule=rule, protocol='finetune') for seed in args.seeds]
-    for row in C.pending_rows(args.results, stubs):
+                           arch=args.arch, backbone_sha=sha, labels_rule=rule,
+                           protocol='finetune') for seed in args.seeds]
+    todo = C.pending_rows(args.results, stubs)
+    if not todo:
+        return C.teardown(rt)
+    short = C.short_classes(ds, split['train'], args.labels_per_class)
+    cache = C.prepare_cache(rt, ds, args.cache_size, args.cache_dir, args.workers, args.skip_bad)
+    for row in todo:
         seed = row['seed']
-        row = run_seed(rt, args, row, ds, split, cache, backbone_sd, width)
+        row, out = run_seed(rt, args, row, ds, split, cache, backbone_sd, width)
+        row['labels_short'] = short
         m = row['metrics']
         C.print0(f'{args.init_name} seed {seed}: accuracy {m["accuracy"]:.4f} balanced '
                  f'{m["balanced_accuracy"]:.4f} macro-F1 {m["macro_f1"]:.4f} '
                  f'({row["labels"]} labels, {row["wall_s"]}s)')
         if rt.is_main:
             C.append_jsonl(args.results, row)
+            # only now: the row is the artifact; until it is written, ckpt.pt lets a rerun
+            # evaluate the trained seed again instead of losing it
+            shutil.rmtree(out, ignore_errors=True)
     C.teardown(rt)
 
 
