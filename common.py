@@ -167,7 +167,10 @@ def claim(folder, flag='--out'):
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as e:
+        if e.errno not in (errno.EAGAIN, errno.EACCES):  # no flock on this filesystem
+            os.close(fd)
+            return
         holder = os.pread(fd, 200, 0).decode(errors='replace').strip() or 'another process'
         os.close(fd)
         raise UserError(f'{flag} {folder} is in use by {holder}; wait for it to finish, or '
@@ -1139,6 +1142,9 @@ def make_loader(cache, positions, batch_size, rank=0, world=1, shuffle=True, see
     """A DataLoader of uint8 batches of the cache images at `positions`; batch_size is per
     rank; pin=True when batches go to a GPU. len(loader) is the steps per epoch; call
     loader.sampler.set_epoch(epoch, skip) before each epoch (fit does)."""
+    if not len(positions):  # not a batch size problem: say what is missing
+        raise UserError('no images to load: the part is empty, or every image of it was '
+                        'excluded as unreadable (--skip-bad)')
     if drop_last and len(positions) < batch_size * world:
         raise UserError(f'{len(positions)} images cannot fill one batch of '
                         f'{batch_size * world}; lower --batch-size')
@@ -2308,16 +2314,21 @@ def predict(rt, fn, cache, positions, batch_size, views, softmax=False, seed=0, 
 def get_split(ds, split_file=None, protocol='random', is_main=True):
     """(split, file): split_file when given (it must exist); else
     splits/<dataset>-<protocol>.json, made once and reused by every later script (each rank
-    makes the same split, being seeded; the main process writes it)."""
+    makes the same split, being seeded; the main process writes it). The evaluation scripts
+    use it: a split without test images is refused before any work."""
     if split_file:
-        return load_split(split_file, ds), split_file
-    path = split_path(ds, protocol)
-    if os.path.exists(path):
-        return load_split(path, ds), path
-    split = make_split(ds, protocol, seed=0)
-    if is_main:
-        save_split(path, split)
-        print0(f'split: wrote {path}')
+        split, path = load_split(split_file, ds), split_file
+    elif os.path.exists(split_path(ds, protocol)):
+        path = split_path(ds, protocol)
+        split = load_split(path, ds)
+    else:
+        split, path = make_split(ds, protocol, seed=0), split_path(ds, protocol)
+        if is_main:
+            save_split(path, split)
+            print0(f'split: wrote {path}')
+    if not split['test']:
+        raise UserError(f'split {path} has no test images: nothing to evaluate on; make one '
+                        f'with a test part (common.py split --test-fraction > 0)')
     return split, path
 
 
