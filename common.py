@@ -6,8 +6,9 @@ A library to copy: every function takes plain keyword arguments (never a scripts
 object), and tests/test_library.py drives this file alone from a 40-line script. Read it top
 to bottom: each `# ---` banner is one topic, in this order.
 
-  errors, files      UserError, main_guard, atomic_write, write_json, read_json, torch_save,
-                     append_jsonl, read_csv, few
+  errors, files      UserError, main_guard, os_error, check_writable, claim, tmp_name,
+                     remove_stale_tmp, atomic_write, write_json, read_json, torch_save,
+                     append_jsonl, read_jsonl, read_csv, few
   dataset readers    read_dataset (auto-detects ImageFolder, folder, ISIC 2019/2020,
                      HAM10000, DermaMNIST), make_dataset, load_image
   splits             make_split, save_split, load_split, split_path, labelled_subset,
@@ -26,8 +27,9 @@ to bottom: each `# ---` banner is one topic, in this order.
   optimisers         LARS, make_optimizer, lr_factor
   training loop      wrap_model, step_generator, grad_scaler, train_step, fit,
                      write_handoff, git_revision, phase_lr, predict
-  evaluation runs    get_split, split_sha, check_held_out, labels_rule, result_stub,
-                     result_key, done_keys, pending_rows, run_seeds
+  evaluation runs    get_split, split_sha, lineage_entry, init_lineage, path_overlaps,
+                     check_held_out, init_meta, label_counts, short_classes, labels_rule,
+                     result_stub, result_key, done_keys, pending_rows, run_seeds
   metrics            classification_metrics, knn_predict, feature_stats
   using a model      save_classifier, load_classifier, classifier_views, predict_images
   command line tools `python common.py split|cache|predict ...`
@@ -35,6 +37,7 @@ to bottom: each `# ---` banner is one topic, in this order.
 import argparse
 import collections
 import csv
+import errno
 import hashlib
 import inspect
 import json
@@ -61,6 +64,11 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageOps
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+try:
+    import fcntl  # run-folder locks (claim); absent on Windows
+except ImportError:
+    fcntl = None
+
 IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 
 
@@ -70,19 +78,150 @@ class UserError(Exception):
 
 
 def main_guard(fn):
-    """Run fn(); turn a UserError into one line on stderr and exit status 2, no traceback."""
+    """Run fn(); turn an expected mistake into one line on stderr and exit status 2, no
+    traceback: a UserError, an OSError (permissions, a missing or wrong-kind path, a full disk,
+    a symlink loop; named by its path) or a text input that is not UTF-8. Anything else is a
+    bug and keeps its traceback."""
     try:
         fn()
+        return
     except UserError as e:
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
+        msg = str(e)
+    except OSError as e:
+        msg = os_error(e)
+    except UnicodeDecodeError as e:  # readers name the file; this is the fallback
+        msg = f'a text input is not UTF-8 ({e.reason} at byte {e.start}); is it the right file?'
+    except KeyboardInterrupt:  # Ctrl-C outside training (fit checkpoints on its own)
+        print('interrupted', file=sys.stderr)
+        sys.exit(130)
+    print(f'error: {msg}', file=sys.stderr)
+    sys.exit(2)
+
+
+_OS_HINTS = {  # errno -> what to do, for os_error
+    'EACCES': 'no permission: fix its permissions or choose another path',
+    'EPERM': 'not permitted: fix its permissions or choose another path',
+    'EROFS': 'a read-only filesystem: choose another path',
+    'ENOSPC': 'the disk is full: free space or choose another path',
+    'EDQUOT': 'the disk quota is exceeded: free space or choose another path',
+    'ENOTDIR': 'a file stands where a folder is expected',
+    'EISDIR': 'a folder stands where a file is expected',
+    'ELOOP': 'a symlink loop',
+    'ENOENT': 'no such file or folder',
+    'EEXIST': 'already exists and is in the way',
+}
+
+
+def os_error(e):
+    """One line for an OSError: the path(s) it names, what went wrong, what to do."""
+    paths = ' -> '.join(str(p) for p in (e.filename, e.filename2) if p is not None)
+    hint = _OS_HINTS.get(errno.errorcode.get(e.errno, ''), e.strerror or str(e))
+    return f'{paths}: {hint}' if paths else f'{e.strerror or e}: {hint}'
+
+
+# Temporary names carry host and pid: a later run removes those its host's dead processes
+# left (a killed write), never a live writer's, even on a filesystem shared by nodes.
+_HOST = re.sub(r'[^\w.]', '_', os.uname().nodename if hasattr(os, 'uname') else 'host')
+
+
+def check_writable(path, flag, kind='dir'):
+    """Refuse at start-up, before any work, an output location that cannot be written, with
+    one line naming it. kind: 'dir' (a folder, made if missing), 'file' (written by rename),
+    'append' (a file appended to). The test creates and removes a temporary file in the
+    folder (or its nearest existing ancestor): permission bits say nothing for root or a
+    read-only mount, a real write does."""
+    if not str(path).strip():
+        raise UserError(f'{flag} is empty; give a path')
+    path = os.path.abspath(path)
+    if os.path.islink(path) and not os.path.exists(path):
+        raise UserError(f'{flag} {path}: a dangling symlink or a symlink loop')
+    if kind == 'dir' and os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f'{flag} {path}: is a file; a folder is expected there')
+    if kind != 'dir' and os.path.isdir(path):
+        raise UserError(f'{flag} {path}: is a folder; a file is expected there')
+    folder = path if kind == 'dir' else os.path.dirname(path)
+    while not os.path.exists(folder):  # made later: the nearest existing ancestor decides
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise UserError(f'{flag} {path}: {folder} is a file, so nothing can be made below it')
+    probe = os.path.join(folder, f'.write-test.{_HOST}-{os.getpid()}')
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        os.remove(probe)
+        if kind == 'append' and os.path.exists(path):
+            os.close(os.open(path, os.O_WRONLY | os.O_APPEND))
+    except OSError as e:
+        raise UserError(f'{flag} {path}: cannot be written ({os_error(e)})')
+
+
+_CLAIMED = {}  # lock file -> its descriptor, locked until this process exits
+
+
+def claim(folder, flag='--out'):
+    """Hold folder/.lock (flock) until this process exits, so that a second copy of the
+    same command cannot train into the folder at the same time and mix checkpoints. The
+    kernel releases the lock of a killed process, so nothing stale remains. Rank 0 only."""
+    if fcntl is None:  # no flock on this platform: no guard
+        return
+    os.makedirs(folder, exist_ok=True)
+    lock = os.path.realpath(os.path.join(folder, '.lock'))
+    if lock in _CLAIMED:  # ours already (a second run in one process): take it afresh
+        os.close(_CLAIMED.pop(lock))
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EAGAIN, errno.EACCES):  # no flock on this filesystem
+            os.close(fd)
+            return
+        holder = os.pread(fd, 200, 0).decode(errors='replace').strip() or 'another process'
+        os.close(fd)
+        raise UserError(f'{flag} {folder} is in use by {holder}; wait for it to finish, or '
+                        f'use another {flag}')
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f'process {os.getpid()} on {_HOST}'.encode(), 0)
+    _CLAIMED[lock] = fd
+
+
+def tmp_name(path, suffix='.tmp'):
+    return f'{path}.{_HOST}-{os.getpid()}{suffix}'
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        pass
+    return True
+
+
+def remove_stale_tmp(path):
+    """Remove the temporary files of `path` (tmp_name's, any suffix) that a killed process of
+    this host left behind; returns how many."""
+    folder, base = os.path.split(os.path.abspath(path))
+    pattern = re.compile(re.escape(base) + r'\.(.+)-(\d+)\.tmp[\w.]*$')
+    removed = 0
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        m = pattern.match(name)
+        if m and m.group(1) == _HOST and int(m.group(2)) != os.getpid() and \
+                not _alive(int(m.group(2))):
+            try:
+                os.remove(os.path.join(folder, name))
+                removed += 1
+            except FileNotFoundError:  # another run cleaned it first
+                pass
+    return removed
 
 
 def atomic_write(path, write_fn, mode='w'):
-    """Write through write_fn(file) to a temporary name, then rename: never half a file."""
+    """Write through write_fn(file) to a temporary name, then rename: never half a file.
+    Temporary files a killed earlier write left beside it are removed first."""
     path = str(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f'{path}.{os.getpid()}.tmp'
+    remove_stale_tmp(path)
+    tmp = tmp_name(path)
     try:
         with open(tmp, mode) as f:
             write_fn(f)
@@ -98,12 +237,15 @@ def write_json(path, obj):
 
 def read_json(path, what='file'):
     try:
-        with open(path) as f:
+        with open(path, encoding='utf-8') as f:
             return json.load(f)
     except FileNotFoundError:
         raise UserError(f'{what} {path} does not exist')
-    except json.JSONDecodeError as e:
-        raise UserError(f'{what} {path} is not valid JSON ({e}); delete it or pass another')
+    except IsADirectoryError:
+        raise UserError(f'{what} {path} is a folder; a JSON file is expected')
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        why = e.msg if isinstance(e, json.JSONDecodeError) else 'not UTF-8 text'
+        raise UserError(f'{what} {path} is not valid JSON ({why}); delete it or pass another')
 
 
 def torch_save(obj, path):
@@ -111,28 +253,66 @@ def torch_save(obj, path):
 
 
 def append_jsonl(path, row):
-    """Append one JSON line in a single write call (O_APPEND keeps concurrent lines whole)."""
+    """Append one JSON line in a single write call (O_APPEND keeps concurrent lines whole).
+    A file whose last line is incomplete (a killed writer, a full disk) gets a newline first,
+    so the row never glues onto it; readers name that torn line."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     line = (json.dumps(row) + '\n').encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, line)
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b'\n':
+            print0(f'note: {path} ended with an incomplete line; the new row starts a line '
+                   f'of its own')
+            line = b'\n' + line
+        if os.write(fd, line) < len(line):  # a full disk may take part of it, silently
+            raise OSError(errno.ENOSPC, 'short write', path)
     finally:
         os.close(fd)
+
+
+def read_jsonl(path):
+    """(line number, object) for each line of a JSON-lines file. A line cut short by a killed
+    writer or a full disk (it starts like a JSON object but does not parse; anywhere, since
+    append_jsonl starts a new line after it) is named as path:line on stderr and skipped;
+    any other line that is not a JSON object is refused, naming it."""
+    out = []
+    with open(path, encoding='utf-8', errors='replace') as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                if line.lstrip().startswith('{'):
+                    print0(f'warning: {path}:{lineno}: an incomplete line (a write cut '
+                           f'short), ignored', file=sys.stderr)
+                    continue
+                raise UserError(f'{path}:{lineno}: not valid JSON ({e.msg}, column {e.colno});'
+                                f' fix or delete that line')
+            if not isinstance(obj, dict):
+                raise UserError(f'{path}:{lineno}: expected a JSON object, got '
+                                f'{type(obj).__name__}; fix or delete that line')
+            out.append((lineno, obj))
+    return out
 
 
 def read_csv(path, required):
     """Rows of a CSV as dicts; one clear error when the file or a required column is missing."""
     if not os.path.isfile(path):
         raise UserError(f'{path} does not exist')
-    with open(path, newline='', encoding='utf-8-sig') as f:
-        reader = csv.DictReader(f)
-        cols = reader.fieldnames or []
-        missing = [c for c in required if c not in cols]
-        if missing:
-            raise UserError(f'{path}: missing column(s) {", ".join(missing)} '
-                            f'(found: {", ".join(cols) or "nothing"})')
-        return list(reader)
+    try:
+        with open(path, newline='', encoding='utf-8-sig') as f:
+            reader = csv.DictReader(f)
+            cols = reader.fieldnames or []
+            missing = [c for c in required if c not in cols]
+            if missing:
+                raise UserError(f'{path}: missing column(s) {", ".join(missing)} '
+                                f'(found: {", ".join(cols) or "nothing"})')
+            return list(reader)
+    except (UnicodeDecodeError, csv.Error) as e:
+        why = 'not UTF-8 text' if isinstance(e, UnicodeDecodeError) else str(e)
+        raise UserError(f'{path}: not a readable CSV ({why}); is it the right file?')
 
 
 def few(items, n=5):
@@ -178,21 +358,36 @@ def _detect_imagefolder(path):
         return False
     subs = [e for e in os.scandir(path) if e.is_dir() and not e.name.startswith('.')]
     loose = [e for e in os.scandir(path) if e.is_file() and _is_image(e.name)]
-    return bool(subs) and not loose and all(
-        any(_is_image(f) for f in os.listdir(s.path)) for s in subs)
+    # one class folder with images is enough: an empty one must not turn a labelled dataset
+    # into an unlabelled folder without a word (the reader refuses it, naming it)
+    return bool(subs) and not loose and any(_has_images(s.path) for s in subs)
+
+
+def _has_images(folder):
+    for d, dirs, files in os.walk(folder):
+        dirs[:] = [x for x in dirs if not x.startswith('.')]
+        if any(_is_image(f) for f in files):
+            return True
+    return False
 
 
 def _read_imagefolder(path, opts):
     classes = sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith('.'))
-    ids, paths, labels = [], [], []
+    ids, paths, labels, empty = [], [], [], []
     for k, c in enumerate(classes):
-        for p in _find_images(os.path.join(path, c)):
+        found = _find_images(os.path.join(path, c))
+        empty += [] if found else [c]
+        for p in found:
             ids.append(os.path.relpath(p, path))
             paths.append(p)
             labels.append(k)
     if not paths:
         raise UserError(f'{path}: no images in its class folders ({few(classes)}); '
                         f'expected root/<class>/*.jpg')
+    if empty:  # as torchvision's ImageFolder: a class without images cannot be learnt
+        raise UserError(f'{path}: class folder(s) {few(empty)} hold no images (the other '
+                        f'{len(classes) - len(empty)} do); add images or remove the empty '
+                        f'folder(s), or pass --format folder to read it unlabelled')
     return make_dataset('imagefolder', path, classes, ids, paths, labels)
 
 
@@ -621,6 +816,10 @@ def make_split(ds, protocol, seed=0, per_class=500, test_fraction=0.2, val_fract
             for k in members[g]:
                 side[k] = s
     parts = {p: [k for k in range(n) if side[k] == p] for p in ('train', 'val', 'test')}
+    if not parts['train']:  # every later script would fail on it, each in its own words
+        raise UserError(f'{ds["root"]}: the {protocol} split leaves no image in train (val '
+                        f'{len(parts["val"])}, test {len(parts["test"])}); lower the test and '
+                        f'val fractions')
     test_groups = {ds['groups'][k] for k in parts['test']}
     # unlabelled images of a labelled dataset: pretrain only, and never next to a test group
     free = [k for k in range(n) if side[k] is None and ds['groups'][k] not in test_groups
@@ -800,14 +999,40 @@ def _cache_stem(ds, size, cache_dir):
 
 
 def find_cache(ds, size, cache_dir, skip_bad=False, fp=None):
-    """The cache dict of a finished cache of ds whose fingerprint matches, else None."""
+    """The cache dict of a finished cache of ds whose fingerprint matches, else None. A cache
+    whose files cannot be read (a damaged description, an array shorter than it says) is
+    not an error: it is rebuilt, with a note."""
     stem = _cache_stem(ds, size, cache_dir)
-    if os.path.exists(stem + '.json') and os.path.exists(stem + '.npy'):
+    if not (os.path.exists(stem + '.json') and os.path.exists(stem + '.npy')):
+        return None
+    try:
         cache = read_json(stem + '.json', 'cache description')
-        if cache.get('fingerprint') == (fp or fingerprint(ds['paths'])) and \
-                (skip_bad or not cache['bad']):
-            return cache
+        if not isinstance(cache, dict) or not {'ids', 'labels', 'bad'} <= set(cache):
+            raise UserError(f'cache description {stem}.json is not one')
+        _check_npy(stem + '.npy', (len(cache['ids']), size, size, 3))
+    except UserError as e:
+        print0(f'note: {e}; rebuilding the cache')
+        return None
+    if cache.get('fingerprint') == (fp or fingerprint(ds['paths'])) and \
+            (skip_bad or not cache['bad']):
+        return cache
     return None
+
+
+def _check_npy(file, shape):
+    """Raise UserError unless file is a uint8 .npy of `shape` with all its bytes present."""
+    try:
+        with open(file, 'rb') as f:
+            version = np.lib.format.read_magic(f)
+            read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0)
+            got, _, dtype = read(f)
+            need = f.tell() + int(np.prod(shape))
+    except (OSError, ValueError) as e:
+        raise UserError(f'cache array {file} is not readable ({e})')
+    if tuple(got) != tuple(shape) or dtype != np.uint8 or os.path.getsize(file) < need:
+        raise UserError(f'cache array {file} is damaged or incomplete ({tuple(got)} {dtype}, '
+                        f'{os.path.getsize(file)} bytes; expected {tuple(shape)} uint8)')
 
 
 def build_cache(ds, size, cache_dir='cache', workers=2, skip_bad=False, verbose=True):
@@ -821,7 +1046,9 @@ def build_cache(ds, size, cache_dir='cache', workers=2, skip_bad=False, verbose=
         return cache
     n = len(ds['paths'])
     os.makedirs(cache_dir, exist_ok=True)
-    tmp = f'{stem}.{os.getpid()}.tmp.npy'
+    if remove_stale_tmp(stem):
+        print0(f'note: removed the temporary files of an interrupted build of {stem}.npy')
+    tmp = tmp_name(stem, '.tmp.npy')
     np.lib.format.open_memmap(tmp, mode='w+', dtype=np.uint8, shape=(n, size, size, 3)).flush()
     chunk = max(1, min(256, n // (4 * max(1, workers)) or 1))
     jobs = [(tmp, size, s, ds['paths'][s:s + chunk]) for s in range(0, n, chunk)]
@@ -853,7 +1080,7 @@ def build_cache(ds, size, cache_dir='cache', workers=2, skip_bad=False, verbose=
         keep = sorted(set(range(n)) - {i for i, _ in bad})
         if bad:  # compact: the cache holds readable images only
             src = np.load(tmp, mmap_mode='r')
-            tmp2 = f'{stem}.{os.getpid()}.tmp2.npy'
+            tmp2 = tmp_name(stem, '.tmp2.npy')
             dst = np.lib.format.open_memmap(tmp2, 'w+', np.uint8, (len(keep), size, size, 3))
             for s in range(0, len(keep), 1024):
                 dst[s:s + 1024] = src[keep[s:s + 1024]]
@@ -862,8 +1089,9 @@ def build_cache(ds, size, cache_dir='cache', workers=2, skip_bad=False, verbose=
             os.replace(tmp2, tmp)
         os.replace(tmp, stem + '.npy')
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        for t in (tmp, tmp_name(stem, '.tmp2.npy')):
+            if os.path.exists(t):
+                os.remove(t)
     cache = {'file': stem + '.npy', 'size': size, 'format': ds['format'], 'root': ds['root'],
              'classes': ds['classes'], 'ids': [ds['ids'][i] for i in keep],
              'labels': [ds['labels'][i] for i in keep],
@@ -936,6 +1164,9 @@ def make_loader(cache, positions, batch_size, rank=0, world=1, shuffle=True, see
     """A DataLoader of uint8 batches of the cache images at `positions`; batch_size is per
     rank; pin=True when batches go to a GPU. len(loader) is the steps per epoch; call
     loader.sampler.set_epoch(epoch, skip) before each epoch (fit does)."""
+    if not len(positions):  # not a batch size problem: say what is missing
+        raise UserError('no images to load: the part is empty, or every image of it was '
+                        'excluded as unreadable (--skip-bad)')
     if drop_last and len(positions) < batch_size * world:
         raise UserError(f'{len(positions)} images cannot fill one batch of '
                         f'{batch_size * world}; lower --batch-size')
@@ -1332,6 +1563,12 @@ def augment_views(x, views, generator):
 # combines: a script has exactly the flags it uses, so a flag it would ignore is an error.
 # Numeric flags carry their range in their type: a bad value stops before any work.
 
+MAX_SIDE = 4096  # pixels: --size and --cache-size (a 4096 px cache of 25k images is 1.2 TB)
+MAX_SEED = 2**31 - 1  # seeds feed torch.manual_seed and numpy, and are mixed into step seeds
+MAX_EPOCHS = 100_000  # any epoch count, warmups included: epochs x steps stays an integer
+MAX_LR = 100.0  # per 256 images; lr x batch / 256 must stay a float32 (1e308 overflows)
+
+
 def number(kind=int, lo=None, hi=None, auto=False):
     """An argparse type: kind(text) within [lo, hi] (finite for floats); auto=True also
     accepts the word 'auto'."""
@@ -1367,9 +1604,9 @@ def add_data_args(p, size=224, cache_size=256, split=True):
     if split:
         g.add_argument('--split', default=None,
                        help='split JSON, made once by `python common.py split`')
-    g.add_argument('--size', type=number(int, 8), default=size,
+    g.add_argument('--size', type=number(int, 8, MAX_SIDE), default=size,
                    help='training resolution (pixels)')
-    g.add_argument('--cache-size', type=number(int, 8), default=cache_size,
+    g.add_argument('--cache-size', type=number(int, 8, MAX_SIDE), default=cache_size,
                    help='side of the cached square images; a bit above --size leaves room '
                         'for crops')
     g.add_argument('--cache-dir', default='cache', help='where decoded uint8 caches live')
@@ -1396,7 +1633,7 @@ def add_runtime_args(p):
     g.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'])
     g.add_argument('--precision', default='auto', choices=['auto', 'bf16', 'fp16', 'fp32'],
                    help='auto: bf16 autocast on CUDA, fp32 on CPU')
-    g.add_argument('--workers', type=number(int, 0), default=default_workers(),
+    g.add_argument('--workers', type=number(int, 0, 256), default=default_workers(),
                    help='loader and cache-build processes per rank (0: in the main process; '
                         'default: the cores of this machine less one, per rank)')
     return g
@@ -1407,16 +1644,16 @@ def add_train_args(p, epochs=1, batch_size=256, lr=0.1, lr_auto=False, out=None,
     g = p.add_argument_group('training')
     g.add_argument('--out', default=out, required=out is None,
                    help='run folder (resumes if it has ckpt.pt)')
-    g.add_argument('--epochs', type=number(int, 1), default=epochs)
+    g.add_argument('--epochs', type=number(int, 1, MAX_EPOCHS), default=epochs)
     g.add_argument('--max-steps', type=number(int, 0), default=0,
                    help='stop after this many steps (0: no limit); for smoke runs')
-    g.add_argument('--batch-size', type=number(int, 1), default=batch_size,
-                   help='global batch, split evenly over ranks')
-    g.add_argument('--lr', type=number(float, 1e-12, auto=lr_auto), default=lr,
+    g.add_argument('--batch-size', type=number(int, 2), default=batch_size,
+                   help='global batch, split evenly over ranks (BatchNorm needs 2+ per rank)')
+    g.add_argument('--lr', type=number(float, 1e-12, MAX_LR, auto=lr_auto), default=lr,
                    help='peak learning rate per 256 images'
                         + (', or auto: a short range test picks it' if lr_auto else ''))
     if seed:
-        g.add_argument('--seed', type=number(int, 0), default=0)
+        g.add_argument('--seed', type=number(int, 0, MAX_SEED), default=0)
     g.add_argument('--compile', action='store_true', help='torch.compile the model')
     g.add_argument('--log-every', type=number(int, 1), default=10,
                    help='steps between log lines (and the loss and stop checks)')
@@ -1469,13 +1706,14 @@ def parse_seeds(text):
         out = []
         for part in str(text).split(','):
             a, _, b = part.partition('-')
-            out += list(range(int(a), int(b) + 1)) if b else [int(a)]
-        if not out or min(out) < 0:
-            raise ValueError
+            a, b = int(a), int(b) if b else int(a)
+            if not 0 <= a <= b <= MAX_SEED or b - a >= 10_000 or len(out) >= 10_000:
+                raise ValueError  # a typo like 0-40000000 must not build a huge list
+            out += range(a, b + 1)
         return list(dict.fromkeys(out))
     except ValueError:
         raise argparse.ArgumentTypeError(f'{text}: expected a range like 0-4 or a list like '
-                                         f'0,2,7 of seeds >= 0')
+                                         f'0,2,7 of at most 10000 seeds in [0, {MAX_SEED}]')
 
 
 # --------------------------------------------------------------------------- runtime
@@ -1528,10 +1766,14 @@ def seeds_of(rt, seeds):
     return list(seeds)[rt.seed_rank::rt.seed_ranks]
 
 
-def local_batch(batch_size, world):
-    """The per-rank share of a global batch; it must divide evenly."""
+def local_batch(batch_size, world, least=2):
+    """The per-rank share of a global batch; it must divide evenly and leave each rank at
+    least `least` images (BatchNorm cannot train on one: its variance is 0/0)."""
     if batch_size % world:
         raise UserError(f'--batch-size {batch_size} does not divide by {world} ranks')
+    if batch_size // world < least:
+        raise UserError(f'--batch-size {batch_size} leaves {batch_size // world} image(s) per '
+                        f'rank on {world} rank(s); BatchNorm needs at least {least} per rank')
     return batch_size // world
 
 
@@ -2223,16 +2465,21 @@ def predict(rt, fn, cache, positions, batch_size, views, softmax=False, seed=0, 
 def get_split(ds, split_file=None, protocol='random'):
     """(split, file): split_file when given (it must exist); else
     splits/<dataset>-<protocol>.json, made once and reused by every later script (each rank
-    makes the same split, being seeded; the job's rank 0 writes it)."""
+    makes the same split, being seeded; the job's rank 0 writes it). The evaluation scripts
+    use it: a split without test images is refused before any work."""
     if split_file:
-        return load_split(split_file, ds), split_file
-    path = split_path(ds, protocol)
-    if os.path.exists(path):
-        return load_split(path, ds), path
-    split = make_split(ds, protocol, seed=0)
-    if dist_info()[0] == 0:
-        save_split(path, split)
-        print0(f'split: wrote {path}')
+        split, path = load_split(split_file, ds), split_file
+    elif os.path.exists(split_path(ds, protocol)):
+        path = split_path(ds, protocol)
+        split = load_split(path, ds)
+    else:
+        split, path = make_split(ds, protocol, seed=0), split_path(ds, protocol)
+        if dist_info()[0] == 0:
+            save_split(path, split)
+            print0(f'split: wrote {path}')
+    if not split['test']:
+        raise UserError(f'split {path} has no test images: nothing to evaluate on; make one '
+                        f'with a test part (common.py split --test-fraction > 0)')
     return split, path
 
 
@@ -2250,17 +2497,90 @@ def init_meta(init):
         os.path.isfile(meta) else {}
 
 
-def check_held_out(init, ds, split):
-    """Refuse a backbone (--init PATH with a meta.json beside it) that was pretrained on this
-    dataset without this split's test part held out: its features have seen the test set."""
-    init = init_file(init)
-    meta = os.path.join(os.path.dirname(os.path.abspath(init)), 'meta.json')
-    if not os.path.isfile(init) or not os.path.isfile(meta):
-        return
+def lineage_entry(script, out, data_root, extra, held_out):
+    """One pretraining run as meta.json's lineage records it: where its pool came from (the
+    data root and the extra folders, resolved) and the split_sha whose test images it held
+    out (None: none). fit refuses a resume with another pool, so this holds for every segment
+    of the run, from its first step."""
+    return dict(script=script, out=os.path.abspath(out), held_out=held_out,
+                roots=[os.path.realpath(p) for p in [data_root, *extra]])
+
+
+def init_lineage(init, backbone_sha):
+    """The pretraining runs (oldest first) behind the weights of --init, backbone_sha their
+    state_fingerprint: [] for random and named weights and for a file with no meta.json beside
+    it (a foreign checkpoint); else what that meta.json records, if it describes these very
+    weights. A run recorded before lineages were is returned with proven=False."""
+    if init == 'random' or any(init == name for name, _ in NAMED_WEIGHTS):
+        return []
+    path = init_file(init)
+    meta = os.path.join(os.path.dirname(os.path.abspath(path)), 'meta.json')
+    if not os.path.isfile(path):
+        return []
+    if not os.path.isfile(meta):
+        state = load_checkpoint(path)
+        if isinstance(state, dict) and isinstance(state.get('config'), dict):
+            raise UserError(f'{path} is the checkpoint of an unfinished run: what it was '
+                            f'trained on is recorded when the run hands off; finish the run '
+                            f'and pass its backbone.pt')
+        return []  # a foreign checkpoint: nothing of ours to know
     info = read_json(meta, 'run metadata')
-    if info.get('data_root') == ds['root'] and info.get('held_out') != split_sha(split):
-        raise UserError(f'{init} was pretrained on {ds["root"]} without holding out this '
-                        f'split\'s test images; pretrain it with the same --split')
+    if not isinstance(info, dict) or info.get('backbone_sha') != backbone_sha:
+        raise UserError(f'{meta} describes other weights than {path} (backbone_sha '
+                        f'{info.get("backbone_sha") if isinstance(info, dict) else None}, the '
+                        f'file {backbone_sha}), so what they were trained on is unknown; '
+                        f'remove that meta.json if the file is foreign, or pretrain again')
+    if 'lineage' in info:
+        return info['lineage']
+    roots = [os.path.realpath(info['data_root'])] if info.get('data_root') else []
+    return [dict(script=info.get('script'), out=os.path.dirname(os.path.abspath(meta)),
+                 held_out=info.get('held_out'), roots=roots, proven=False)]
+
+
+def path_overlaps(roots, root):
+    """Whether a pool drawn from `roots` can hold images of the dataset at `root`."""
+    root = os.path.realpath(root)
+    return any(os.path.commonpath([r, root]) in (r, root) for r in roots)
+
+
+def check_held_out(init, ds, split, backbone_sha=None):
+    """Refuse a backbone (--init PATH with a meta.json beside it) any of whose pretraining
+    runs drew on this dataset (its root or a folder inside it) without this split's test part
+    held out, in every segment: its features have seen the test set. backbone_sha: the
+    state_fingerprint of the loaded weights (read from the file when None)."""
+    if backbone_sha is None:
+        path = init_file(init)
+        if not os.path.isfile(path):
+            return
+        backbone_sha = state_fingerprint(clean_state_dict(load_checkpoint(path), path))
+    sha = split_sha(split)
+    for run in init_lineage(init, backbone_sha):
+        proven = run.get('proven', True)
+        if path_overlaps(run['roots'], ds['root']) and (run['held_out'] != sha or not proven):
+            why = ('without holding out this split\'s test images' if proven
+                   else 'by a version that did not record whether all of it held out this '
+                        'split\'s test images')
+            raise UserError(f'{init} comes from {run["out"]}, pretrained on {ds["root"]} {why};'
+                            f' pretrain it with the same --split')
+
+
+def label_counts(ds, ids):
+    """{class name: labelled images among ids}, every class of ds listed (0 when absent):
+    the rows record it per seed, and it shows a --labels-per-class above what a class has."""
+    k_of = {i: k for k, i in enumerate(ds['ids'])}  # image id -> its place in ds
+    n = collections.Counter(ds['labels'][k_of[i]] for i in ids)
+    return {c: n[k] for k, c in enumerate(ds['classes'])}
+
+
+def short_classes(ds, train_ids, per_class):
+    """{class: images} of the classes whose train part holds fewer than per_class labelled
+    images (each seed then gets them all), with a note; {} without per_class."""
+    short = {c: n for c, n in label_counts(ds, train_ids).items() if n < (per_class or 0)}
+    if short:
+        print0(f'note: --labels-per-class {per_class}: the train part holds fewer for '
+               f'{few(f"{c} ({n})" for c, n in short.items())}; every seed gets all of those '
+               f'(the rows record them as labels_short)')
+    return short
 
 
 def labels_rule(per_class=None, fraction=None):
@@ -2290,15 +2610,23 @@ def result_key(row):
 
 
 def done_keys(path):
-    """Keys of the result rows already in a results file, to skip finished seeds."""
+    """Keys of the result rows already in a results file, to skip finished seeds. Bad lines
+    are treated as report.py treats them, before any training: a torn line is named and
+    ignored, a line that is no result row is refused; a row that lacks part of the key (an
+    older version's) is named and matches nothing."""
     keys = set()
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    keys.add(result_key(json.loads(line)))
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    pass  # a torn or foreign line: report.py names it
+    if not os.path.exists(path):
+        return keys
+    for lineno, row in read_jsonl(path):
+        missing = [k for k in ('init', 'protocol', 'seed', 'metrics') if k not in row]
+        if missing:
+            raise UserError(f'{path}:{lineno}: missing key(s) {", ".join(missing)}; fix or '
+                            f'delete that line')
+        try:
+            keys.add(result_key(row))
+        except (KeyError, TypeError) as e:
+            print0(f'note: {path}:{lineno}: a row without a usable {e}, matched against no '
+                   f'seed', file=sys.stderr)
     return keys
 
 
@@ -2315,15 +2643,18 @@ def pending_rows(results, seeds, ds, split, split_file, **fields):
 
 
 def run_seeds(rt, rows, run, results, describe):
-    """Run run(row) -> finished row for each pending result stub, print describe(finished)
-    and append the finished row to `results` (each runtime's main process; one O_APPEND write
-    per row, so processes sharing the file keep their lines whole). Under parallel_seeds a
-    failing seed is reported with its rank and seed and the others go on; the command then
-    stops with one line naming them. Returns the finished rows."""
+    """Run run(row) for each pending result stub: it returns the finished row, or (finished
+    row, then) with then() to call once the row is safely appended (finetune.py deletes the
+    seed's checkpoint there). Print describe(finished) and append the row to `results` (each
+    runtime's main process; one O_APPEND write per row, so processes sharing the file keep
+    their lines whole). Under parallel_seeds a failing seed is reported with its rank and
+    seed and the others go on; the command then stops with one line naming them. Returns
+    the finished rows."""
     done, failed = [], []
     for row in rows:
         try:
-            row = run(row)
+            out = run(row)
+            row, then = out if isinstance(out, tuple) else (out, None)
         except Exception as e:  # noqa: BLE001 -- reported with its seed, then re-raised
             if rt.seed_ranks == 1:
                 raise
@@ -2337,6 +2668,8 @@ def run_seeds(rt, rows, run, results, describe):
             print0(describe(row))
         if rt.is_main:
             append_jsonl(results, row)
+            if then:
+                then()
         done.append(row)
     if failed:
         raise UserError(f'rank {rt.seed_rank}: seed(s) {few(failed)} failed (reasons above); '
@@ -2583,13 +2916,13 @@ def _cli(argv=None):
                    help='random: test share')
     s.add_argument('--val-fraction', type=number(float, 0, 0.99), default=0.1,
                    help='validation share (paper: of the non-kept images)')
-    s.add_argument('--seed', type=number(int, 0), default=0)
+    s.add_argument('--seed', type=number(int, 0, MAX_SEED), default=0)
     s.add_argument('--extra', action='append', default=[],
                    help='extra unlabelled folder for the pretraining pool (repeatable)')
     s.add_argument('--out', default=None, help='default: splits/<dataset>-<protocol>.json')
-    c.add_argument('--cache-size', type=number(int, 8), default=256)
+    c.add_argument('--cache-size', type=number(int, 8, MAX_SIDE), default=256)
     c.add_argument('--cache-dir', default='cache')
-    c.add_argument('--workers', type=number(int, 0), default=default_workers())
+    c.add_argument('--workers', type=number(int, 0, 256), default=default_workers())
     c.add_argument('--skip-bad', action='store_true')
     r.add_argument('--model', required=True, help='DIR/<init-name>-seed<N>.pt of finetune.py '
                    '--save-model DIR')
@@ -2607,6 +2940,10 @@ def _cli(argv=None):
     args = p.parse_args(argv)
     if args.cmd == 'predict' and args.part and not args.split:
         p.error('--part needs --split')
+    if args.cmd == 'cache':
+        check_writable(args.cache_dir, '--cache-dir')
+    elif args.out:
+        check_writable(args.out, '--out', 'file')
     ds = read_dataset(args.data, args.format, drop_downsampled=args.drop_downsampled)
     if args.cmd == 'predict':
         model, info = load_classifier(args.model)

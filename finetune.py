@@ -42,11 +42,11 @@ def get_args(argv=None):
     C.add_runtime_args(p)
     C.add_eval_args(p)
     g = p.add_argument_group('fine-tuning')
-    g.add_argument('--head-epochs', type=C.number(float, 0), default=1,
+    g.add_argument('--head-epochs', type=C.number(float, 0, C.MAX_EPOCHS), default=1,
                    help='epochs training the head alone first (BN stays trainable)')
-    g.add_argument('--weight-decay', type=C.number(float, 0), default=0.0)
+    g.add_argument('--weight-decay', type=C.number(float, 0, 1), default=0.0)
     g.add_argument('--optimizer', default='adamw', choices=['adamw', 'sgd', 'lars'])
-    g.add_argument('--tta', type=C.number(int, 1), default=3,
+    g.add_argument('--tta', type=C.number(int, 1, 1000), default=3,
                    help='test-time passes (1: the eval view alone); the mean softmax is used')
     g.add_argument('--class-weights', action='store_true',
                    help='weight the loss by inverse class frequency of the labelled set')
@@ -103,7 +103,8 @@ def lr_range_test(rt, model, raw, loader, step_fn, optimizer, seed, steps=100):
 
 
 def run_seed(rt, args, row, ds, split, cache, backbone_sd, width):
-    """Train one seed (row['seed']) from the given init; return its result row."""
+    """Train one seed (row['seed']) from the given init; return its result row and its run
+    folder (deleted by the caller once the row is safely appended)."""
     t0, seed = time.time(), row['seed']
     torch.manual_seed(seed)
     labelled = C.labelled_subset(ds, split['train'], seed, args.labels_per_class,
@@ -112,9 +113,9 @@ def run_seed(rt, args, row, ds, split, cache, backbone_sd, width):
     test = C.cache_positions(cache, split[args.eval_part])  # the val part to choose budgets
     classes = len(cache['classes'])
     batch = min(args.batch_size, len(train) - len(train) % rt.world)
-    if batch < rt.world:
-        raise C.UserError(f'{len(train)} labelled images cannot make a batch on {rt.world} '
-                          f'ranks; label more or use fewer processes')
+    if batch // rt.world < 2:  # BatchNorm cannot train on one image
+        raise C.UserError(f'{len(train)} labelled images cannot make a batch of 2 per rank on '
+                          f'{rt.world} rank(s); label more or use fewer processes')
     loader = C.make_loader(cache, train, batch // rt.world, rt.rank, rt.world, seed=seed,
                            workers=args.workers, pin=rt.device.type == 'cuda')
     spe = len(loader)
@@ -138,6 +139,8 @@ def run_seed(rt, args, row, ds, split, cache, backbone_sd, width):
         return C.make_optimizer({'backbone': raw.backbone, 'head': raw.head}, args.optimizer,
                                 lr, lr, args.weight_decay, batch)
 
+    if rt.is_main:
+        C.claim(out)  # two runs of this seed at once would mix checkpoints
     lr, chosen = args.lr, os.path.join(out, 'lr.json')
     if lr == 'auto' and os.path.exists(chosen):  # a resumed seed keeps its choice
         lr = C.read_json(chosen)['lr']
@@ -161,6 +164,8 @@ def run_seed(rt, args, row, ds, split, cache, backbone_sd, width):
 
     raw.eval()
     views = [eval_view] + [view] * (args.tta - 1)
+    if step < 1:  # a row must come from training
+        raise C.UserError(f'seed {seed}: 0 optimisation steps were taken; no row written')
     probs, labels = C.predict(rt, raw, cache, test, max(1, args.batch_size), views,
                               softmax=True, seed=seed, workers=0)
     if args.save_model and rt.is_main:  # the test's settings go along: predict reproduces it
@@ -169,11 +174,10 @@ def run_seed(rt, args, row, ds, split, cache, backbone_sd, width):
                           classes=cache['classes'], size=args.size, cache_size=args.cache_size,
                           aug=args.aug, tta=args.tta, batch_size=max(1, args.batch_size),
                           seed=seed, mean=eval_view['mean'], std=eval_view['std'], result=row)
-    if rt.is_main:
-        shutil.rmtree(out, ignore_errors=True)  # the result row is the artifact; drop ckpt.pt
-    return dict(row, labels=len(labelled), metrics=C.classification_metrics(probs, labels,
-                classes), epochs=args.epochs, steps=step, lr=lr, tta=args.tta,
-                size=args.size, wall_s=round(time.time() - t0, 1))
+    return dict(row, labels=len(labelled), labels_by_class=C.label_counts(ds, labelled),
+                metrics=C.classification_metrics(probs, labels, classes), epochs=args.epochs,
+                steps=step, lr=lr, tta=args.tta, size=args.size,
+                wall_s=round(time.time() - t0, 1)), out
 
 
 def describe(row):
@@ -186,25 +190,39 @@ def describe(row):
 def main():
     args = get_args()
     args.init_name = args.init_name or args.init
+    for path, flag, kind in ((args.out, '--out', 'dir'), (args.cache_dir, '--cache-dir', 'dir'),
+                             (args.results, '--results', 'append')):
+        C.check_writable(path, flag, kind)
     rt = C.setup_runtime(args.device, args.precision, parallel_seeds=args.parallel == 'seeds')
+    if args.batch_size // rt.world < 2:
+        raise C.UserError(f'--batch-size {args.batch_size} leaves fewer than 2 images per rank '
+                          f'on {rt.world} rank(s); BatchNorm needs 2')
     ds = C.read_dataset(args.data, args.format)
     split, split_file = C.get_split(ds, args.split, args.protocol)
-    cache = C.prepare_cache(ds, args.cache_size, args.cache_dir, args.workers, args.skip_bad)
     backbone, width = C.make_backbone(args.arch)
     source = C.load_backbone(backbone, args.arch, args.init, args.offline)
-    C.check_held_out(args.init, ds, split)
     backbone_sd = {k: v.clone() for k, v in backbone.state_dict().items()}
+    sha = C.state_fingerprint(backbone_sd)
+    C.check_held_out(args.init, ds, split, sha)
     if not split[args.eval_part]:
         raise C.UserError(f'--eval-part {args.eval_part}: the split {split_file} has no '
                           f'{args.eval_part} images')
     todo = C.pending_rows(args.results, C.seeds_of(rt, args.seeds), ds, split, split_file,
                           init=args.init_name, init_source=source, arch=args.arch,
-                          backbone_sha=C.state_fingerprint(backbone_sd), protocol='finetune',
-                          eval_part=args.eval_part,
+                          backbone_sha=sha, protocol='finetune', eval_part=args.eval_part,
                           labels_rule=C.labels_rule(args.labels_per_class, args.label_fraction),
                           pool_images=C.init_meta(args.init).get('pool_images'))
-    C.run_seeds(rt, todo, lambda row: run_seed(rt, args, row, ds, split, cache, backbone_sd,
-                                               width), args.results, describe)
+    if not todo:
+        return C.teardown(rt)
+    short = C.short_classes(ds, split['train'], args.labels_per_class)
+    cache = C.prepare_cache(ds, args.cache_size, args.cache_dir, args.workers, args.skip_bad)
+
+    def run(row):  # the row, and what to do once it is safely appended
+        row, out = run_seed(rt, args, row, ds, split, cache, backbone_sd, width)
+        # the row is the artifact; until it is written, ckpt.pt lets a rerun evaluate the
+        # trained seed again instead of losing it
+        return dict(row, labels_short=short), lambda: shutil.rmtree(out, ignore_errors=True)
+    C.run_seeds(rt, todo, run, args.results, describe)
     C.teardown(rt)
 
 

@@ -26,9 +26,13 @@ batch's backbone features, a warning when the rank collapses, and with --split a
 (k=20) of the split's val part on its labelled train part every --monitor-every epochs.
 """
 import argparse
+import functools
+import hashlib
 import os
+import re
 import time
 
+import numpy as np
 import torch
 
 import common as C
@@ -56,18 +60,18 @@ def get_args(argv=None):
     g.add_argument('--preset', choices=list(PRESETS),
                    help='skin: the paper\'s further-pretraining recipe (batch 128, Adam '
                         'one-cycle, lambda 1/8192, 1 projector-only epoch, its views)')
-    g.add_argument('--projector', default='8192-8192-8192',
+    g.add_argument('--projector', default='8192-8192-8192', type=projector_widths,
                    help='projector widths; 2048-2048 or narrower for small runs')
-    g.add_argument('--lambd', type=C.number(float, 0), default=0.0051,
+    g.add_argument('--lambd', type=C.number(float, 0, 100), default=0.0051,
                    help='weight of the off-diagonal term (1/projector width is the paper\'s)')
-    g.add_argument('--lr-biases', type=C.number(float, 0), default=0.0048,
+    g.add_argument('--lr-biases', type=C.number(float, 0, C.MAX_LR), default=0.0048,
                    help='peak lr of biases and BN parameters, per 256 images')
-    g.add_argument('--weight-decay', type=C.number(float, 0), default=1e-6)
+    g.add_argument('--weight-decay', type=C.number(float, 0, 1), default=1e-6)
     g.add_argument('--optimizer', default='lars', choices=['lars', 'sgd', 'adamw'],
                    help='lars for big batches; adamw (lr ~1e-3) for small-batch users')
     g.add_argument('--schedule', default='cosine', choices=['cosine', 'onecycle', 'constant'])
-    g.add_argument('--warmup-epochs', type=C.number(float, 0), default=10)
-    g.add_argument('--head-warmup-epochs', type=C.number(float, 0), default=0,
+    g.add_argument('--warmup-epochs', type=C.number(float, 0, C.MAX_EPOCHS), default=10)
+    g.add_argument('--head-warmup-epochs', type=C.number(float, 0, C.MAX_EPOCHS), default=0,
                    help='train the projector alone this long first, before --epochs '
                         '(backbone BN stays trainable)')
     g.add_argument('--train-blocks', default='all', choices=['all', 'layer4', 'last'],
@@ -87,8 +91,48 @@ def get_args(argv=None):
                         'time (never test images): how much unlabelled data is needed')
     g.add_argument('--extra-data', action='append', default=[],
                    help='an extra folder of unlabelled images for the pool (repeatable); '
-                        'refused if it holds images the --split marks as test')
+                        'refused if it holds images the --split marks as test: by file name, '
+                        'by file bytes (sha1) and, once cached, by decoded pixels (sha1 of the '
+                        'uint8 image at --cache-size: a losslessly re-encoded copy)')
     return C.parse_args(p, PRESETS, argv)
+
+
+def projector_widths(text):
+    """'8192-8192-8192': checked here, before any work (the projector is built much later)."""
+    if not re.fullmatch(r'[1-9]\d{0,5}(-[1-9]\d{0,5})*', text):
+        raise argparse.ArgumentTypeError(f'{text}: expected widths like 8192-8192-8192 '
+                                         f'(integers from 1 to 999999)')
+    return text
+
+
+def file_sha1(path):
+    h = hashlib.sha1()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            h.update(block)
+    return h.hexdigest()
+
+
+def same_bytes(paths, test_paths):
+    """The paths whose file bytes equal a test image's (sha1). Only files the size of some
+    test image are read: two files of different sizes never match."""
+    by_size = {}
+    for p in test_paths:
+        if '.npz:' not in p:  # an array entry (DermaMNIST) has no file bytes of its own
+            by_size.setdefault(os.path.getsize(p), []).append(p)
+    sha = functools.lru_cache(maxsize=None)(file_sha1)
+    return [p for p in paths
+            if any(sha(p) == sha(q) for q in by_size.get(os.path.getsize(p), ()))]
+
+
+def same_pixels(cache, pool, test):
+    """The positions in `pool` whose cached uint8 pixels equal those of a position in
+    `test` (sha1 of each (S, S, 3) image): copies under another name or re-encoded without
+    loss. About 0.1 ms per 256 px image."""
+    arr = np.load(cache['file'], mmap_mode='r')
+    digest = lambda k: hashlib.sha1(arr[k].tobytes()).digest()
+    seen = {digest(k) for k in test}
+    return [k for k in pool if digest(k) in seen]
 
 
 def freeze(backbone, train_blocks):
@@ -163,24 +207,42 @@ def knn_monitor(rt, backbone, ds, cache, split, size, per_class=25, k=20, batch=
 
 def main():
     args = get_args()
+    for path, flag in ((args.out, '--out'), (args.cache_dir, '--cache-dir')):
+        C.check_writable(path, flag)
     rt = C.setup_runtime(args.device, args.precision, args.seed)
+    local_batch = C.local_batch(args.batch_size, rt.world)
     t0 = time.time()
 
     # --- data: the unlabelled pool (labels ignored), never the split's test images
     ds = C.read_dataset(args.data, args.format)
-    ids, test, held_out, root, folders = ds['ids'], set(), None, ds['root'], args.extra_data
+    ids, test, held_out, root, folders = ds['ids'], [], None, ds['root'], args.extra_data
+    split_file_sha = None
     if args.split:
         split = C.load_split(args.split, ds)
-        ids, test, held_out = split['pretrain'], set(split['test']), C.split_sha(split)
-        folders = list(dict.fromkeys(split['extra'] + folders))
+        ids, test, held_out = split['pretrain'], split['test'], C.split_sha(split)
+        split_file_sha = file_sha1(args.split)
+        folders = split['extra'] + folders
+    folders = list(dict.fromkeys(os.path.abspath(f) for f in folders))
     stem = lambda i: os.path.splitext(os.path.basename(i))[0]
     test_stems = {stem(t) for t in test}  # test ids may carry folders and extensions
+    path_of = dict(zip(ds['ids'], ds['paths']))
+    test_paths = [path_of[i] for i in test]
+    seen = {os.path.abspath(p) for p in ds['paths']}
     for folder in folders:  # extra unlabelled images join the pool (one cache)
         extra = C.read_dataset(folder, 'folder')
+        twice = [i for i, p in zip(extra['ids'], extra['paths']) if os.path.abspath(p) in seen]
+        if twice:  # a folder inside --data (or inside another extra folder)
+            raise C.UserError(f'--extra-data {folder}: {len(twice)} image(s) are already in '
+                              f'the dataset or an earlier folder: {C.few(twice)}; pass folders '
+                              f'that do not overlap')
+        seen.update(os.path.abspath(p) for p in extra['paths'])
         leak = [i for i in extra['ids'] if i in test or stem(i) in test_stems]
+        copies = set(same_bytes(extra['paths'], test_paths)) if test else set()
+        leak += [i for i, p in zip(extra['ids'], extra['paths']) if p in copies and i not in leak]
         if leak:
             raise C.UserError(f'--extra-data {folder}: {len(leak)} image(s) are test images of '
-                              f'{args.split}: {C.few(leak)}; remove them from the folder')
+                              f'{args.split} (by name or file bytes): {C.few(leak)}; remove '
+                              f'them from the folder')
         extra_ids = [f'{folder}:{i}' for i in extra['ids']]
         # one dataset, one cache; the split's images keep their labels (for the kNN monitor)
         ds = C.make_dataset('mixed', f'{ds["root"]}+{extra["root"]}', ds['classes'],
@@ -189,9 +251,14 @@ def main():
         ids = ids + extra_ids
     cache = C.prepare_cache(ds, args.cache_size, args.cache_dir, args.workers, args.skip_bad)
     positions = C.cache_positions(cache, C.pool_subset(ds, ids, args.pool_fraction, args.seed))
-    loader = C.make_loader(cache, positions, C.local_batch(args.batch_size, rt.world), rt.rank,
-                           rt.world, seed=args.seed, workers=args.workers,
-                           pin=rt.device.type == 'cuda')
+    if test:  # a copy under another name, or re-encoded: the same pixels once decoded
+        copies = same_pixels(cache, positions, C.cache_positions(cache, test))
+        if copies:
+            raise C.UserError(f'{len(copies)} pool image(s) have the pixels of test images of '
+                              f'{args.split}: {C.few(cache["ids"][k] for k in copies)}; remove '
+                              f'those copies from the pool')
+    loader = C.make_loader(cache, positions, local_batch, rt.rank, rt.world, seed=args.seed,
+                           workers=args.workers, pin=rt.device.type == 'cuda')
     steps_per_epoch = len(loader)
     C.print0(f'pool: {len(positions)} images, {steps_per_epoch} steps/epoch of '
              f'{args.batch_size}')
@@ -199,6 +266,9 @@ def main():
     # --- model
     backbone, width = C.make_backbone(args.arch)
     source = C.load_backbone(backbone, args.arch, args.init, args.offline)
+    init_sha = C.state_fingerprint(backbone.state_dict())
+    lineage = C.init_lineage(args.init, init_sha) + [
+        C.lineage_entry('pretrain_barlow', args.out, root, folders, held_out)]
     freeze(backbone, args.train_blocks)
     settings = {'barlow': dict(lambd=args.lambd), 'simclr': dict(temperature=args.temperature),
                 'vicreg': {}}[args.objective]
@@ -232,13 +302,17 @@ def main():
             if rt.is_main:
                 C.append_jsonl(os.path.join(args.out, 'log.jsonl'), dict(step=0, epoch=0, **rec))
 
-    # --- train (resumes from <out>/ckpt.pt when it was made with the same settings and pool)
+    # --- train (resumes from <out>/ckpt.pt when it was made with the same settings, init and
+    # pool: then the lineage written at the end holds for every step of the run)
     config = dict(arch=args.arch, batch_size=args.batch_size, size=args.size,
                   epochs=args.epochs, seed=args.seed, projector=args.projector,
                   objective=args.objective,
-                  train_blocks=args.train_blocks, data_root=root, held_out=held_out,
+                  train_blocks=args.train_blocks, init_sha=init_sha, data_root=root,
+                  held_out=held_out, split_file_sha1=split_file_sha, extra_data=folders,
                   pool_fingerprint=cache['fingerprint'], pool_images=len(positions),
                   pool_fraction=args.pool_fraction)
+    if rt.is_main:
+        C.claim(args.out)  # one process per run folder
     step = C.fit(rt, model, raw, optimizer, loader, step_fn, args.out, total, lr_fn,
                  config=config, seed=args.seed, max_steps=args.max_steps,
                  log_every=args.log_every, ckpt_every=args.ckpt_every,
@@ -247,10 +321,10 @@ def main():
 
     # --- hand-off
     C.write_handoff(rt, args.out, raw.backbone, dict(
-        script='pretrain_barlow', objective=args.objective, args=vars(args), init=source, steps=step, data_root=root,
-        held_out=held_out, pool_images=len(positions), pool_fraction=args.pool_fraction,
-        data_fingerprint=cache['fingerprint'],
-        wall_s=round(time.time() - t0, 1)))
+        script='pretrain_barlow', objective=args.objective, args=vars(args), init=source,
+        steps=step, data_root=root, held_out=held_out, lineage=lineage,
+        pool_images=len(positions), pool_fraction=args.pool_fraction,
+        data_fingerprint=cache['fingerprint'], wall_s=round(time.time() - t0, 1)))
     C.print0(f'done: {args.out}/backbone.pt after {step} steps')
     C.teardown(rt)
 

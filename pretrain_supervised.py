@@ -28,11 +28,12 @@ def get_args(argv=None):
     C.add_train_args(p, epochs=90, batch_size=1024, lr=0.1, out='runs/supervised')
     C.add_runtime_args(p)
     g = p.add_argument_group('supervised')
-    g.add_argument('--label-smoothing', type=C.number(float, 0, 1), default=0.1)
-    g.add_argument('--weight-decay', type=C.number(float, 0), default=5e-5)
+    g.add_argument('--label-smoothing', type=C.number(float, 0, 0.99), default=0.1,
+                   help='1 would make every target uniform: nothing left to learn')
+    g.add_argument('--weight-decay', type=C.number(float, 0, 1), default=5e-5)
     g.add_argument('--optimizer', default='sgd', choices=['sgd', 'lars', 'adamw'],
                    help='sgd (nesterov momentum 0.9); lars for batches of 4096 and more')
-    g.add_argument('--warmup-epochs', type=C.number(float, 0), default=5)
+    g.add_argument('--warmup-epochs', type=C.number(float, 0, C.MAX_EPOCHS), default=5)
     g.add_argument('--val-fraction', type=C.number(float, 0, 0.99), default=0.02,
                    help='held out for validation when no --split is given')
     g.add_argument('--aug', default='supervised', choices=list(C.AUG_PRESETS),
@@ -44,7 +45,10 @@ def get_args(argv=None):
 
 def main():
     args = get_args()
+    for path, flag in ((args.out, '--out'), (args.cache_dir, '--cache-dir')):
+        C.check_writable(path, flag)
     rt = C.setup_runtime(args.device, args.precision, args.seed)
+    local_batch = C.local_batch(args.batch_size, rt.world)
     t0 = time.time()
 
     # --- data: train and validation parts of a labelled dataset
@@ -57,12 +61,17 @@ def main():
     else:
         split = C.make_split(ds, 'random', seed=args.seed, test_fraction=0.0,
                              val_fraction=args.val_fraction)
+    k_of = {i: k for k, i in enumerate(ds['ids'])}
+    present = sorted({ds['labels'][k_of[i]] for i in split['train']})
+    if len(present) < 2:  # one class: the loss reaches 0 at once and teaches nothing
+        raise C.UserError(f'--data {args.data}: the train part holds {len(present)} class(es)'
+                          f' ({" ".join(ds["classes"][c] for c in present) or "none"}); '
+                          f'supervised pretraining needs at least 2')
     cache = C.prepare_cache(ds, args.cache_size, args.cache_dir, args.workers, args.skip_bad)
     train = C.cache_positions(cache, split['train'])
     val = C.cache_positions(cache, split['val'])
-    loader = C.make_loader(cache, train, C.local_batch(args.batch_size, rt.world), rt.rank,
-                           rt.world, seed=args.seed, workers=args.workers,
-                           pin=rt.device.type == 'cuda')
+    loader = C.make_loader(cache, train, local_batch, rt.rank, rt.world, seed=args.seed,
+                           workers=args.workers, pin=rt.device.type == 'cuda')
     steps_per_epoch = len(loader)
     classes = cache['classes']
     C.print0(f'{len(classes)} classes, train {len(train)}, val {len(val)}, '
@@ -71,6 +80,10 @@ def main():
     # --- model
     backbone, width = C.make_backbone(args.arch)
     source = C.load_backbone(backbone, args.arch, args.init, args.offline)
+    init_sha = C.state_fingerprint(backbone.state_dict())
+    held_out = C.split_sha(split) if split['test'] else None
+    lineage = C.init_lineage(args.init, init_sha) + [
+        C.lineage_entry('pretrain_supervised', args.out, ds['root'], [], held_out)]
     scale = (args.min_scale, 1.0) if args.min_scale else None
     view = C.preset_params(args.aug, size=args.size, scale=scale)[0]
     model, raw, step_fn = C.classifier_task(rt, backbone, width, len(classes), view,
@@ -99,8 +112,11 @@ def main():
 
     # --- train (resumes from <out>/ckpt.pt when it was made with the same settings and data)
     config = dict(arch=args.arch, batch_size=args.batch_size, size=args.size,
-                  epochs=args.epochs, seed=args.seed, classes=classes,
-                  data_fingerprint=cache['fingerprint'], held_out=C.split_sha(split))
+                  epochs=args.epochs, seed=args.seed, classes=classes, init_sha=init_sha,
+                  data_root=ds['root'], data_fingerprint=cache['fingerprint'],
+                  held_out=C.split_sha(split))
+    if rt.is_main:
+        C.claim(args.out)  # one process per run folder
     step = C.fit(rt, model, raw, optimizer, loader, step_fn, args.out, total, lr_fn,
                  config=config, seed=args.seed, max_steps=args.max_steps,
                  log_every=args.log_every, ckpt_every=args.ckpt_every,
@@ -112,9 +128,8 @@ def main():
     # --- hand-off
     C.write_handoff(rt, args.out, raw.backbone, dict(
         script='pretrain_supervised', args=vars(args), init=source, steps=step,
-        classes=classes, val=figures, data_root=ds['root'],
-        held_out=C.split_sha(split) if split['test'] else None,
-        data_fingerprint=cache['fingerprint'],
+        classes=classes, val=figures, data_root=ds['root'], held_out=held_out,
+        lineage=lineage, data_fingerprint=cache['fingerprint'],
         wall_s=round(time.time() - t0, 1)))
     C.print0(f'done: {args.out}/backbone.pt after {step} steps')
     C.teardown(rt)

@@ -48,7 +48,7 @@ def get_args(argv=None):
                    help='neighbours of the kNN classifier')
     g.add_argument('--max-iter', type=C.number(int, 1), default=30,
                    help='L-BFGS iterations per fit (warm-started along the L2 grid)')
-    g.add_argument('--aug-views', type=C.number(int, 0), default=16,
+    g.add_argument('--aug-views', type=C.number(int, 0, 1000), default=16,
                    help='augmented passes over the labelled train images added to the '
                         'probe\'s training features (0: the eval view alone); each costs one '
                         'forward pass over them; 16 matched a 100-epoch probe in the README\'s '
@@ -59,12 +59,16 @@ def get_args(argv=None):
 
 
 def l2_grid(text):
+    """Strengths in [0, 1e4]: above that the weights are 0 anyway, and near float's limit
+    the penalty overflows to a non-finite fit."""
     try:
         grid = tuple(float(v) for v in text.split(','))
-        assert grid and all(0 <= v < float('inf') for v in grid)
-        return grid
-    except (ValueError, AssertionError):
-        raise argparse.ArgumentTypeError(f'{text}: comma-separated numbers >= 0, e.g. 1e-4,1e-2')
+        if grid and all(0 <= v <= 1e4 for v in grid):
+            return grid
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f'{text}: comma-separated numbers in [0, 1e4], e.g. '
+                                     f'1e-4,1e-2')
 
 
 def labelled_ids(args, ds, split, seeds):
@@ -84,7 +88,16 @@ def features(rt, args, backbone, cache, split, sha, train_ids):
                        f'{json.dumps([split[p] for p in ("train", "val", "test")])}'.encode()
                        ).hexdigest()[:12]
     path = os.path.join(args.cache_dir, f'features-{key}.pt')
-    out = C.load_checkpoint(path) if os.path.exists(path) else {}
+    out = {}
+    if os.path.exists(path):
+        try:
+            out = C.load_checkpoint(path)
+            if not isinstance(out, dict) or not all(
+                    isinstance(v, dict) and {'ids', 'x', 'y'} <= set(v) for v in out.values()):
+                raise C.UserError(f'{path}: not a feature file')
+        except C.UserError as e:  # derived data: make it again rather than block later runs
+            C.print0(f'note: {str(e)[:200]}; extracting the features again')
+            out = {}
     have = set(out['train']['ids']) if 'train' in out else set()
     wanted, cached = set(train_ids), set(cache['ids'])
     new = [i for i in split['train'] if i in wanted and i in cached and i not in have]
@@ -181,6 +194,9 @@ def run_seed(args, row, labelled, feats, classes):
                 best_l2, best, (w, b) = l2, score['balanced_accuracy'], wb
     else:
         w, b = fit_logreg(xfit, yfit, classes, best_l2, args.max_iter, None, xt)
+    if not (torch.isfinite(w).all() and torch.isfinite(b).all()):
+        raise C.UserError(f'seed {row["seed"]}: the probe fit at l2 {best_l2} is not finite; '
+                          f'try other --l2 values')
     te = feats['test']
     metrics = C.classification_metrics(torch.softmax(norm(te['x']) @ w + b, 1), te['y'],
                                        classes)
@@ -200,24 +216,28 @@ def describe(row):
 def main():
     args = get_args()
     args.init_name = args.init_name or args.init
+    for path, flag, kind in ((args.cache_dir, '--cache-dir', 'dir'),
+                             (args.results, '--results', 'append')):
+        C.check_writable(path, flag, kind)
     rt = C.setup_runtime(args.device, args.precision, parallel_seeds=args.parallel == 'seeds')
     ds = C.read_dataset(args.data, args.format)
     split, split_file = C.get_split(ds, args.split, args.protocol)
-    cache = C.prepare_cache(ds, args.cache_size, args.cache_dir, args.workers, args.skip_bad)
     backbone, _ = C.make_backbone(args.arch)
     source = C.load_backbone(backbone, args.arch, args.init, args.offline)
-    C.check_held_out(args.init, ds, split)
+    sha = C.state_fingerprint(backbone.state_dict())
+    C.check_held_out(args.init, ds, split, sha)
     backbone = backbone.to(rt.device).eval()
     for p in backbone.parameters():
         p.requires_grad_(False)
-    sha = C.state_fingerprint(backbone.state_dict())
     todo = C.pending_rows(args.results, C.seeds_of(rt, args.seeds), ds, split, split_file,
-                          init=args.init_name,
-                          init_source=source, arch=args.arch, backbone_sha=sha, protocol='probe',
+                          init=args.init_name, init_source=source, arch=args.arch,
+                          backbone_sha=sha, protocol='probe',
                           labels_rule=C.labels_rule(args.labels_per_class, args.label_fraction),
                           pool_images=C.init_meta(args.init).get('pool_images'))
     if not todo:
         return C.teardown(rt)
+    short = C.short_classes(ds, split['train'], args.labels_per_class)
+    cache = C.prepare_cache(ds, args.cache_size, args.cache_dir, args.workers, args.skip_bad)
     labelled = labelled_ids(args, ds, split, [row['seed'] for row in todo])
     t0 = time.time()
     feats = features(rt, args, backbone, cache, split, sha, set().union(*labelled.values()))
@@ -226,8 +246,12 @@ def main():
              f'{time.time() - t0:.1f}s')
     if C.state_fingerprint(backbone.state_dict()) != sha:  # frozen means frozen
         raise RuntimeError('the backbone changed while extracting features')
-    C.run_seeds(rt, todo, lambda row: run_seed(args, row, labelled[row['seed']], feats,
-                                               len(cache['classes'])), args.results, describe)
+
+    def run(row):
+        ids = labelled[row['seed']]
+        return dict(run_seed(args, row, ids, feats, len(cache['classes'])),
+                    labels_by_class=C.label_counts(ds, ids), labels_short=short)
+    C.run_seeds(rt, todo, run, args.results, describe)
     C.teardown(rt)
 
 

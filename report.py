@@ -120,12 +120,17 @@ def get_args(argv=None):
 # --------------------------------------------------------------------------- reading rows
 def read_results(path, metrics):
     """Rows keyed by (dataset, split, budget, init, protocol, seed); later lines replace
-    earlier ones. Returns (rows, number of lines read)."""
+    earlier ones. Returns (rows, number of lines read). As common.read_jsonl: a line cut
+    short by a killed writer or a full disk (it starts like a JSON object but does not parse;
+    anywhere, since the writers start a new line after one) is named and ignored, any other
+    bad line is refused, naming it."""
+    if os.path.isdir(path):
+        raise UserError(f'--results {path} is a folder; pass the results file')
     if not os.path.isfile(path):
         raise UserError(f'{path} does not exist; run finetune.py or probe.py first, or pass '
                         f'--results')
     rows, n_lines = {}, 0
-    with open(path, encoding='utf-8') as f:
+    with open(path, encoding='utf-8', errors='replace') as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -134,6 +139,10 @@ def read_results(path, metrics):
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
+                if line.lstrip().startswith('{'):
+                    print(f'warning: {where}: an incomplete line (a write cut short), ignored',
+                          file=sys.stderr)
+                    continue
                 raise UserError(f'{where}: not valid JSON ({e.msg}, column {e.colno}); '
                                 f'fix or delete that line')
             if not isinstance(row, dict):
@@ -696,6 +705,26 @@ def csv_text(summary, args):
     return buf.getvalue()
 
 
+def check_out(path):
+    """Refuse an --out that cannot be written, before any work: a file in its place, or a
+    folder where a real write (not the permission bits: root ignores them) fails."""
+    if not path.strip():
+        raise UserError('--out is empty; give a folder')
+    folder = os.path.abspath(path)
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UserError(f'--out {path}: is a file; a folder is expected there')
+    while not os.path.exists(folder):  # made later: the nearest existing ancestor decides
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise UserError(f'--out {path}: {folder} is a file, so nothing can be made below it')
+    probe = os.path.join(folder, f'.write-test.{os.getpid()}')
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f'--out {path}: cannot be written ({e.filename}: {e.strerror})')
+
+
 def write_text(path, text):
     """Temporary name, then rename: an interrupted run never leaves half a table."""
     tmp = f'{path}.{os.getpid()}.tmp'
@@ -930,6 +959,7 @@ def plot_pretrain(plt, runs, path, colors):
 # --------------------------------------------------------------------------- main
 def main(argv=None):
     args = get_args(argv)
+    check_out(args.out)
     needed = args.metrics + [args.p_metric]
     rows, n_lines = read_results(args.results, needed)
     for m in needed:
@@ -982,4 +1012,7 @@ if __name__ == '__main__':
         main()
     except UserError as e:
         print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # a path of the wrong kind, permissions, a full disk: one line
+        print(f'error: {e.filename or ""}: {e.strerror or e}', file=sys.stderr)
         sys.exit(2)

@@ -35,25 +35,41 @@ def test_resume_into_another_model_is_refused(run_script, imagefolder, tmp_path)
 
 
 def test_backbone_pretrained_without_the_test_part_held_out_is_refused(tmp_path):
+    """check_held_out walks the lineage meta.json records (every pretraining run behind the
+    weights, each held out in all its segments or not at all); a meta.json of the older kind
+    (the last segment's held_out only) proves nothing about a run on this dataset."""
     import json
     import common as C
     import pytest
     ds = {'root': str(tmp_path / 'skin')}
     split = {'test': ['a', 'b']}
+    sha = C.split_sha(split)
     run = tmp_path / 'run'
     run.mkdir()
-    (run / 'backbone.pt').write_bytes(b'')
-    for held_out, ok in ((C.split_sha(split), True), (None, False), ('other', False)):
-        (run / 'meta.json').write_text(json.dumps({'data_root': ds['root'],
-                                                   'held_out': held_out}))
+    sd = {'w': torch.arange(4.0)}
+    torch.save(sd, run / 'backbone.pt')
+    here, elsewhere = [ds['root']], [str(tmp_path / 'elsewhere')]
+    entry = lambda held_out, roots: dict(script='pretrain_barlow', out='x', held_out=held_out,
+                                         roots=roots)
+    cases = [([entry(sha, here)], True), ([entry(None, here)], False),
+             ([entry('other', here)], False), ([entry(None, elsewhere)], True),
+             ([entry(None, here), entry(sha, here)], False),  # continued from a leaky init
+             ([entry(None, [ds['root'] + '/extra'])], False)]  # a folder inside the dataset
+    metas = [(dict(lineage=lineage), ok) for lineage, ok in cases]
+    metas += [({'data_root': ds['root'], 'held_out': sha}, False),
+              ({'data_root': elsewhere[0], 'held_out': None}, True)]
+    for meta, ok in metas:
+        meta['backbone_sha'] = C.state_fingerprint(sd)
+        (run / 'meta.json').write_text(json.dumps(meta))
         for init in (str(run / 'backbone.pt'), str(run)):  # a file or its run folder
             if ok:
                 C.check_held_out(init, ds, split)
             else:
                 with pytest.raises(C.UserError, match='same --split'):
                     C.check_held_out(init, ds, split)
-    (run / 'meta.json').write_text(json.dumps({'data_root': '/elsewhere', 'held_out': None}))
-    C.check_held_out(str(run), ds, split)  # pretrained on another dataset: nothing to leak
+    (run / 'meta.json').write_text(json.dumps(dict(metas[0][0], backbone_sha='stale')))
+    with pytest.raises(C.UserError, match='describes other weights'):
+        C.check_held_out(str(run), ds, split)
 
 
 # --------------------------------------------------------------------------- probe.py's fit

@@ -735,7 +735,7 @@ def test_report_without_matplotlib(tmp_path):
 def test_report_bad_input(tmp_path):
     rows = write_results(tmp_path / 'results.jsonl')
     lines = [json.dumps(r) for r in rows[:4]]
-    lines[2] = lines[2][:-5]  # truncated JSON on line 3
+    lines[2] = lines[2][5:]  # line 3 is no JSON (a truncated one is a torn write: warned)
     (tmp_path / 'bad.jsonl').write_text('\n'.join(lines) + '\n')
     (tmp_path / 'empty.jsonl').write_text('\n')
     (tmp_path / 'nokey.jsonl').write_text('{"init": "x", "seed": 0, "metrics": {}}\n')
