@@ -328,8 +328,8 @@ def barlow_step(rt, cfg, compile=False):
         return model(*C.augment_views(x, views, gen))
 
     def step(batch):
-        loss = C.train_step(rt, step_fn, optimizer, scaler, batch,
-                            C.step_generator(0, count[0], rt.rank))
+        loss, _ = C.train_step(rt, step_fn, optimizer, scaler, batch,
+                               C.step_generator(0, count[0], rt.rank))
         count[0] += 1
         return loss
     return step
@@ -402,8 +402,8 @@ def finetune_task(rt, cfg, compile=False):
     model.train()
 
     def step(batch):
-        loss = C.train_step(rt, step_fn, optimizer, scaler, batch,
-                            C.step_generator(0, count[0], rt.rank))
+        loss, _ = C.train_step(rt, step_fn, optimizer, scaler, batch,
+                               C.step_generator(0, count[0], rt.rank))
         count[0] += 1
         return loss
     return step, raw

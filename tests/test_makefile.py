@@ -88,7 +88,7 @@ def test_whole_chain_smoke(tmp_path):
     check_chain(tmp_path, r)
     again = make(*tiny(tmp_path))                          # everything is up to date
     assert again.returncode == 0 and 'pretrain_' not in again.stdout  # no script ran again
-    assert 'finetune.py' not in again.stdout and 'probe.py' not in again.stdout
+    assert '==> fine-tune' not in again.stdout and '==> linear probe' not in again.stdout
     os.remove(f'{tmp_path}/runs/skinBT/backbone.pt')       # a missing step is redone alone
     again = make(*tiny(tmp_path))
     assert again.returncode == 0

@@ -89,4 +89,5 @@ def test_interrupted_parallel_run_completes_on_rerun(lesions, torch_home):
     with open(results) as f:
         lines = [json.loads(line) for line in f]
     assert sorted(row['seed'] for row in lines) == [0, 1, 2, 3]  # each seed exactly once
-    assert all(f'seed {row["seed"]}: already in' in r.stdout for row in first.values())
+    # rank 0 says which of its seeds it skips (rank 1's lines: print0 prints rank 0's only)
+    assert all(f'seed {seed}: already in' in r.stdout for _, seed in first if seed % 2 == 0)

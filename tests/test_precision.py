@@ -47,8 +47,9 @@ def barlow_step(rt, model, raw, batch, optimizer='lars', size=16):
     for g in opt.param_groups:
         g['lr'] = g['peak_lr'] * 0.1
     views = C.preset_params('barlow_imagenet', size=size)
-    return C.train_step(rt, lambda x, y, gen: model(*C.augment_views(x, views, gen)), opt,
-                        C.grad_scaler(rt), batch, C.step_generator(0, 0, 0))
+    loss, _ = C.train_step(rt, lambda x, y, gen: model(*C.augment_views(x, views, gen)), opt,
+                           C.grad_scaler(rt), batch, C.step_generator(0, 0, 0))
+    return loss
 
 
 # --------------------------------------------------------------------------- bf16 autocast
