@@ -2365,8 +2365,8 @@ def fit(rt, model, raw, optimizer, loader, step_fn, out, total_steps, lr_fn, *, 
                 if epoch_fn and step % steps_per_epoch == 0:
                     rec = epoch_fn(step // steps_per_epoch)
                     if rec and rt.is_main:
-                        append_jsonl(os.path.join(out, 'log.jsonl'),
-                                     dict(step=step, epoch=step // steps_per_epoch, **rec))
+                        append_jsonl(os.path.join(out, 'log.jsonl'),  # rec may set epoch
+                                     {'step': step, 'epoch': step // steps_per_epoch, **rec})
                 if check and ((ckpt_every and step % ckpt_every == 0) or late or signum):
                     save(step)
                     saved_step, t_ckpt = step, now

@@ -114,6 +114,18 @@ def test_pretrain_supervised(work, sup):
     assert meta['classes'] == ['c0', 'c1', 'c2']
 
 
+def test_pretrain_supervised_validates_at_each_epoch_end(work, imagefolder, run_script):
+    """Two whole epochs: the loop's epoch hook runs (its record names its epoch itself)."""
+    r = run_script('pretrain_supervised.py', '--data', imagefolder, '--split',
+                   work / 'split.json', *TINY, '--batch-size', '8', '--epochs', '2',
+                   '--cache-dir', work / 'cache', '--out', work / 'sup-epochs', cwd=work)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(work / 'sup-epochs' / 'log.jsonl') as f:
+        epochs = [rec for rec in map(json.loads, f) if 'top1' in rec]
+    assert [rec['epoch'] for rec in epochs] == [1, 2]
+    assert r.stdout.count('val top-1') == 2
+
+
 def is_conv(k):
     return k.endswith('.weight') and ('conv' in k or 'downsample.0' in k)
 
