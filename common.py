@@ -1665,15 +1665,18 @@ def add_train_args(p, epochs=1, batch_size=256, lr=0.1, lr_auto=False, out=None,
     return g
 
 
-def add_eval_args(p):
-    """Flags shared by finetune.py and probe.py."""
+def add_eval_args(p, budgets=False):
+    """Flags shared by finetune.py and probe.py. budgets=True: --labels-per-class and
+    --label-fraction take one or more values (a list, each value its own rows)."""
     g = p.add_argument_group('evaluation')
+    many = dict(nargs='+') if budgets else {}
+    each = ' (one or more: each its own rows)' if budgets else ''
     g.add_argument('--protocol', default='random', choices=list(SPLIT_RULES),
                    help='split rule when no --split file is given (made once, then reused)')
-    g.add_argument('--labels-per-class', type=number(int, 1), default=None,
-                   help='labelled images per class drawn from the train part, per seed')
-    g.add_argument('--label-fraction', type=number(float, 1e-9, 1), default=None,
-                   help='fraction of each class of the train part, per seed')
+    g.add_argument('--labels-per-class', type=number(int, 1), default=None, **many,
+                   help='labelled images per class drawn from the train part, per seed' + each)
+    g.add_argument('--label-fraction', type=number(float, 1e-9, 1), default=None, **many,
+                   help='fraction of each class of the train part, per seed' + each)
     g.add_argument('--seeds', type=parse_seeds, default=[0],
                    help='repeats, e.g. 0-4 or 0,3,7; finished seeds are skipped')
     g.add_argument('--parallel', default='none', choices=['none', 'seeds'],

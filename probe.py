@@ -1,7 +1,8 @@
 """Linear probe on frozen features, over repeated seeds: does an initialisation give better
 features, not only a better starting point? One result row per seed in results/results.jsonl.
 
-The backbone runs once, in eval mode, over the labelled train images of the seeds to run, the
+The backbone runs once, in eval mode, over the labelled train images of the seeds (and label
+budgets: `--labels-per-class 5 10 20` probes each in one process) to run, the
 val part and the test part (the eval view), plus --aug-views augmented passes over those train
 images (few labels need augmentation even with frozen features); the features are cached per
 (backbone, dataset, split, size, views), and a later run adds only the images it lacks. Each
@@ -12,7 +13,7 @@ a small grid), plus a cosine kNN (k=20) as a second number. Seconds per seed, wh
 benchmarks).
 
     python probe.py --data ISIC_2019 --split splits/ISIC_2019-paper.json \\
-        --init runs/barlow/backbone.pt --init-name barlow --labels-per-class 50 --seeds 0-4
+        --init runs/barlow/backbone.pt --init-name barlow --labels-per-class 10 50 --seeds 0-4
 Tiny CPU run:
     python probe.py --data data/skin --arch resnet18 --size 32 --cache-size 40 \\
         --labels-per-class 4 --seeds 0-1
@@ -38,7 +39,7 @@ def get_args(argv=None):
     C.add_data_args(p, size=256, cache_size=256)
     C.add_model_args(p)
     C.add_runtime_args(p)
-    C.add_eval_args(p)
+    C.add_eval_args(p, budgets=True)
     g = p.add_argument_group('probe')
     g.add_argument('--batch-size', type=C.number(int, 1), default=256,
                    help='images per forward pass while extracting features')
@@ -71,10 +72,14 @@ def l2_grid(text):
                                      f'1e-4,1e-2')
 
 
-def labelled_ids(args, ds, split, seeds):
-    """{seed: labelled train ids}: the subsets the probe will see."""
-    return {s: C.labelled_subset(ds, split['train'], s, args.labels_per_class,
-                                 args.label_fraction) for s in seeds}
+def budgets(args):
+    """[(per_class, fraction)]: the label budgets to probe, one process for all of them (the
+    features are extracted once, for the union of their labelled subsets)."""
+    if args.labels_per_class:
+        return [(k, None) for k in dict.fromkeys(args.labels_per_class)]
+    if args.label_fraction:
+        return [(None, f) for f in dict.fromkeys(args.label_fraction)]
+    return [(None, None)]
 
 
 @torch.no_grad()
@@ -229,16 +234,22 @@ def main():
     backbone = backbone.to(rt.device).eval()
     for p in backbone.parameters():
         p.requires_grad_(False)
-    todo = C.pending_rows(args.results, C.seeds_of(rt, args.seeds), ds, split, split_file,
-                          init=args.init_name, init_source=source, arch=args.arch,
-                          backbone_sha=sha, protocol='probe',
-                          labels_rule=C.labels_rule(args.labels_per_class, args.label_fraction),
-                          pool_images=C.init_meta(args.init).get('pool_images'))
+    todo, labelled, short = [], {}, {}  # labelled: (labels rule, seed) -> train ids
+    for per_class, fraction in budgets(args):
+        rule = C.labels_rule(per_class, fraction)
+        rows = C.pending_rows(args.results, C.seeds_of(rt, args.seeds), ds, split, split_file,
+                              init=args.init_name, init_source=source, arch=args.arch,
+                              backbone_sha=sha, protocol='probe', labels_rule=rule,
+                              pool_images=C.init_meta(args.init).get('pool_images'))
+        for row in rows:
+            labelled[rule, row['seed']] = C.labelled_subset(ds, split['train'], row['seed'],
+                                                            per_class, fraction)
+        if rows:
+            short[rule] = C.short_classes(ds, split['train'], per_class)
+        todo += rows
     if not todo:
         return C.teardown(rt)
-    short = C.short_classes(ds, split['train'], args.labels_per_class)
     cache = C.prepare_cache(ds, args.cache_size, args.cache_dir, args.workers, args.skip_bad)
-    labelled = labelled_ids(args, ds, split, [row['seed'] for row in todo])
     t0 = time.time()
     feats = features(rt, args, backbone, cache, split, sha, set().union(*labelled.values()))
     C.print0(f'features: {sum(len(v["ids"]) for v in feats.values())} images '
@@ -248,9 +259,10 @@ def main():
         raise RuntimeError('the backbone changed while extracting features')
 
     def run(row):
-        ids = labelled[row['seed']]
+        rule = row['labels_rule']
+        ids = labelled[rule, row['seed']]
         return dict(run_seed(args, row, ids, feats, len(cache['classes'])),
-                    labels_by_class=C.label_counts(ds, ids), labels_short=short)
+                    labels_by_class=C.label_counts(ds, ids), labels_short=short[rule])
     C.run_seeds(rt, todo, run, args.results, describe)
     C.teardown(rt)
 

@@ -57,6 +57,23 @@ def test_dry_run_default_pretrains_on_the_synthetic_source():
     assert '.venv/bin/torchrun' not in out
 
 
+def test_dry_run_probe_budgets_share_one_process_per_kind():
+    """The probe's counts per class go in one command per init (the features are extracted
+    once), fractions in another; fine-tuning gets one command per budget."""
+    r = make('-n', 'all', 'LABELS=5 0.5', 'PROBE_LABELS=3 7', 'OUT=/tmp/never',
+             'RESULTS=/tmp/never-results', 'DATA=/tmp/never-data')
+    assert r.returncode == 0, r.stderr
+    probe = [l for l in r.stdout.splitlines() if 'probe.py' in l]
+    assert len(probe) == 12                                # 6 inits x (counts, fractions)
+    counts = [l for l in probe if '--labels-per-class' in l]
+    assert len(counts) == 6 and all(
+        sorted(l.split('--labels-per-class ')[1].split(' --')[0].split()) == ['3', '5', '7']
+        for l in counts)
+    assert all('--label-fraction 0.5 --init' in l for l in probe if l not in counts)
+    ft = [l for l in r.stdout.splitlines() if 'finetune.py' in l]
+    assert len(ft) == 12 and sum('--labels-per-class 5 ' in l for l in ft) == 6
+
+
 def tiny(tmp, nproc=1):
     return ['all', f'DATA={tmp}/data', f'OUT={tmp}/runs', f'RESULTS={tmp}/results',
             f'CACHE_DIR={tmp}/cache', f'SPLIT={tmp}/split.json', f'NPROC={nproc}',

@@ -262,6 +262,26 @@ def test_probe_grows_its_feature_cache(work, evals, imagefolder, run_script):
 
 
 @pytest.mark.slow
+def test_probe_several_budgets_in_one_run(work, evals, imagefolder, run_script):
+    """--labels-per-class 4 8: one process, one row per (budget, seed); the 8-label rows are
+    those of the single-budget run, and a rerun skips all four."""
+    out = work / 'probe-D.jsonl'
+    script, args = eval_args('probe.py', work, imagefolder, out, 'cache-D')
+    i = args.index('--labels-per-class') + 1
+    args[i:i + 1] = ['4', '8']
+    for _ in range(2):
+        r = run_script(script, *args, cwd=work)
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count('already in') == 4
+    got = {(row['labels_rule'], row['seed']): row for row in rows(out)}
+    assert sorted(got) == [('per_class=4', 0), ('per_class=4', 1),
+                           ('per_class=8', 0), ('per_class=8', 1)]
+    assert all(got['per_class=4', s]['labels'] < got['per_class=8', s]['labels'] for s in (0, 1))
+    for a in rows(work / 'probe-A.jsonl'):
+        same_result(got['per_class=8', a['seed']], a, ['metrics', 'knn_accuracy', 'l2', 'labels'])
+
+
+@pytest.mark.slow
 def test_finetune_refuses_checkpoint_of_another_arch(evals, work):
     r = evals['arch']
     assert r.returncode == 2, r.stderr[-3000:]
