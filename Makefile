@@ -65,6 +65,9 @@ endif
 SYS   := --arch $(ARCH) --size $(SIZE) --cache-size $(CACHE_SIZE) --device $(DEVICE) \
          --workers $(WORKERS) --cache-dir $(CACHE_DIR)
 TRAIN := $(SYS) --max-steps $(MAX_STEPS)
+# a self-supervised run on the source set is watched on the target task: the kNN of the
+# skin split's val part (train and val images only), as the skin runs are
+WATCH := --monitor-data $(SKIN_DIR) --monitor-split $(SPLIT)
 EVAL  := $(SYS) --data $(SKIN_DIR) --split $(SPLIT) --seeds $(SEEDS) \
          --results $(RESULTS)/results.jsonl $(if $(filter 1,$(NPROC)),,--parallel seeds)
 labels_flag = $(if $(filter all,$(1)),,$(if $(findstring .,$(1)),--label-fraction $(1),--labels-per-class $(1)))
@@ -148,11 +151,11 @@ $(OUT)/supervised/backbone.pt: $(SRC_DEP) | pretrain_supervised.py
 	$(T0) $(RUN) pretrain_supervised.py $(TRAIN) --data $(SOURCE) --epochs $(SUP_EPOCHS) \
 	  --batch-size $(BATCH) $(SUP_FLAGS) --out $(@D) $(call took,pretrain-supervised)
 
-$(OUT)/barlow/backbone.pt: $(SRC_DEP) | pretrain_barlow.py
+$(OUT)/barlow/backbone.pt: $(SRC_DEP) $(SPLIT) | pretrain_barlow.py
 	@echo "==> Barlow Twins pretraining on $(SOURCE)"
 	$(T0) $(RUN) pretrain_barlow.py $(TRAIN) --data $(SOURCE) --epochs $(BT_EPOCHS) \
-	  --batch-size $(BT_BATCH) --lr $(BT_LR) $(BT_FLAGS) --projector $(PROJECTOR) --out $(@D) \
-	  $(call took,pretrain-barlow)
+	  --batch-size $(BT_BATCH) --lr $(BT_LR) $(BT_FLAGS) --projector $(PROJECTOR) $(WATCH) \
+	  --out $(@D) $(call took,pretrain-barlow)
 
 $(OUT)/supervised+skinBT/backbone.pt: $(SUP_DEP) $(SPLIT) | pretrain_barlow.py
 	@echo "==> further Barlow Twins on the skin pool, from supervised"
@@ -172,11 +175,11 @@ $(OUT)/skinBT/backbone.pt: $(SPLIT) | pretrain_barlow.py
 	  --init random --epochs $(SKINRND_EPOCHS) --out $(@D) $(call took,pretrain-skinBT)
 
 define SSL_RULES
-$(OUT)/$(1)/backbone.pt: $(SRC_DEP) | pretrain_barlow.py
+$(OUT)/$(1)/backbone.pt: $(SRC_DEP) $(SPLIT) | pretrain_barlow.py
 	@echo "==> $(1) pretraining on $(SOURCE)"
 	$$(T0) $(RUN) pretrain_barlow.py $(TRAIN) --objective $(1) --data $(SOURCE) \
 	  --epochs $(BT_EPOCHS) --batch-size $(BT_BATCH) --lr $(BT_LR) $(BT_FLAGS) \
-	  --projector $(PROJECTOR) --out $$(@D) $$(call took,pretrain-$(1))
+	  --projector $(PROJECTOR) $(WATCH) --out $$(@D) $$(call took,pretrain-$(1))
 $(OUT)/$(1)+skin/backbone.pt: $(OUT)/$(1)/backbone.pt $(SPLIT) | pretrain_barlow.py
 	@echo "==> further $(1) on the skin pool, from $(1)"
 	$$(T0) $(RUN) pretrain_barlow.py $(TRAIN) $(SKINBT_FLAGS) --objective $(1) \

@@ -23,7 +23,9 @@ same command; the hand-off is <out>/backbone.pt (torchvision format, no fc).
 Is it learning? Each log line carries the loss's invariance and redundancy terms (also per
 projector dimension, comparable across widths), the effective rank (RankMe) and spread of the
 batch's backbone features, a warning when the rank collapses, and with --split a cosine kNN
-(k=20) of the split's val part on its labelled train part every --monitor-every epochs.
+(k=20) of the split's val part on its labelled train part every --monitor-every epochs
+(`--monitor-data D --monitor-split S`: on another dataset's split, e.g. the target task of a
+run on the source set).
 """
 import argparse
 import functools
@@ -86,6 +88,11 @@ def get_args(argv=None):
                    help='epochs between kNN scores of the --split val part (0: never; '
                         'default: every epoch on pools under 20,000 images, else 4 times '
                         'per run)')
+    g.add_argument('--monitor-data', default=None,
+                   help='with --monitor-split: score the kNN on this labelled dataset\'s '
+                        'split instead (a run on a source set, watched on the target task)')
+    g.add_argument('--monitor-split', default=None,
+                   help='split JSON of --monitor-data (its train and val parts; never test)')
     g.add_argument('--pool-fraction', type=C.number(float, 1e-6, 1), default=1.0,
                    help='pretrain on this seeded share of the pool, whole lesion groups at a '
                         'time (never test images): how much unlabelled data is needed')
@@ -94,7 +101,10 @@ def get_args(argv=None):
                         'refused if it holds images the --split marks as test: by file name, '
                         'by file bytes (sha1) and, once cached, by decoded pixels (sha1 of the '
                         'uint8 image at --cache-size: a losslessly re-encoded copy)')
-    return C.parse_args(p, PRESETS, argv)
+    args = C.parse_args(p, PRESETS, argv)
+    if bool(args.monitor_data) != bool(args.monitor_split):
+        p.error('give --monitor-data and --monitor-split together')
+    return args
 
 
 def projector_widths(text):
@@ -293,9 +303,13 @@ def main():
     every = args.monitor_every
     if every is None:
         every = 1 if len(positions) < 20_000 else max(1, args.epochs // 4)
-    monitor = None
-    if args.split and every and cache['classes'] and split['val']:
-        knn = knn_monitor(rt, raw.backbone, ds, cache, split, args.size)
+    monitor, target = None, (ds, cache, split) if args.split else None
+    if args.monitor_split:  # another dataset's split: its own cache, same size
+        mds = C.read_dataset(args.monitor_data, 'auto')
+        target = (mds, C.prepare_cache(mds, args.cache_size, args.cache_dir, args.workers,
+                                       args.skip_bad), C.load_split(args.monitor_split, mds))
+    if target and every and target[1]['classes'] and target[2]['val']:
+        knn = knn_monitor(rt, raw.backbone, *target, args.size)
         monitor = lambda epoch: knn(epoch) if epoch % every == 0 else {}
         if not os.path.exists(os.path.join(args.out, 'ckpt.pt')):  # where training starts
             rec = monitor(0)

@@ -160,3 +160,26 @@ def test_a_run_with_split_logs_the_monitor_at_its_epochs(skin, run_script, tmp_p
     assert r.returncode == 0, r.stderr[-2000:]
     assert not any('knn_bal_acc' in rec for rec in read_log(tmp_path / 'without' / 'log.jsonl'))
     assert 'kNN' not in r.stdout and 'monitor' not in r.stdout
+
+
+def test_a_source_run_is_watched_on_another_datasets_split(skin, imagefolder, run_script,
+                                                          tmp_path):
+    """--monitor-data/--monitor-split: pretraining on one set (the source), the kNN scored on
+    another set's val part (the target task) at its epochs; one flag alone is refused."""
+    d, _, _, _ = skin
+    base = ['--data', imagefolder, *TINY, '--batch-size', '16', '--projector', '32-32',
+            '--epochs', '2', '--cache-dir', d / 'cache']
+    r = run_script('pretrain_barlow.py', *base, '--monitor-data', d / 'skin', '--monitor-split',
+                   d / 'split.json', '--out', tmp_path / 'src', cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    log = read_log(tmp_path / 'src' / 'log.jsonl')
+    assert [rec['epoch'] for rec in log if 'knn_bal_acc' in rec] == [0, 1, 2]
+    r = run_script('pretrain_barlow.py', *base, '--out', tmp_path / 'plain', cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    watched, plain = [C.load_checkpoint(str(tmp_path / run / 'backbone.pt'))
+                      for run in ('src', 'plain')]
+    assert all(torch.equal(watched[k], plain[k]) for k in plain)  # watching changes nothing
+    for argv in (['--monitor-data', str(d / 'skin')], ['--monitor-split', 'x.json']):
+        with pytest.raises(SystemExit) as e:
+            pretrain_barlow.get_args(['--data', 'x', *argv])
+        assert e.value.code == 2
