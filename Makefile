@@ -227,13 +227,16 @@ budgets: install $(SUP_DEP) $(BT_DEP) $(SPLIT) | finetune.py  ## FT_EPOCHS_GRID 
 
 # --------------------------------------------------------------------------- how much unlabelled data
 # further Barlow Twins from the Barlow Twins init on a share of the skin pool (whole lesions),
-# each share fine-tuned and probed: the metric against the number of unlabelled images
+# each share fine-tuned and probed: the metric against the number of unlabelled images. Each
+# share gets the whole pool's number of steps (SKINBT_EPOCHS / F epochs, rounded), so the
+# shares differ in unlabelled images, not in compute
 POOL_FRACTIONS ?= 0.1 0.3 1.0
+share_epochs = $(shell awk 'BEGIN { e = int($(SKINBT_EPOCHS) / $(1) + 0.5); print (e < 1 ? 1 : e) }')
 define ABLATION_RULES
 $(OUT)/barlow+skinBT@$(1)/backbone.pt: $(BT_DEP) $(SPLIT) | pretrain_barlow.py
 	@echo "==> further Barlow Twins on $(1) of the skin pool, from Barlow Twins"
 	$$(T0) $(RUN) pretrain_barlow.py $(TRAIN) $(SKINBT_FLAGS) --data $(SKIN_DIR) --split $(SPLIT) \
-	  --init $(BT) --train-blocks $(SKINBT_BLOCKS) --epochs $(SKINBT_EPOCHS) \
+	  --init $(BT) --train-blocks $(SKINBT_BLOCKS) --epochs $(call share_epochs,$(1)) \
 	  --pool-fraction $(1) --out $$(@D) $$(call took,pretrain-barlow+skinBT@$(1))
 $(foreach l,$(LABELS),$(call FINETUNE_RULE,barlow+skinBT@$(1),$(l)))
 $(foreach l,$(LABELS),$(call PROBE_RULE,barlow+skinBT@$(1),$(l)))

@@ -120,3 +120,13 @@ def test_whole_chain_under_torchrun(tmp_path):
     r = make(*tiny(tmp_path, nproc=2))
     assert 'torchrun --standalone --nproc_per_node=2' in r.stdout
     check_chain(tmp_path, r)
+
+
+def test_dry_run_ablation_gives_each_share_the_whole_pools_steps():
+    r = make('-n', 'ablation', 'POOL_FRACTIONS=0.1 0.25 1.0', 'SKINBT_EPOCHS=2',
+             'OUT=/tmp/never', 'RESULTS=/tmp/never-results', 'DATA=/tmp/never-data')
+    assert r.returncode == 0, r.stderr
+    runs = [l for l in r.stdout.splitlines() if '--pool-fraction' in l]
+    got = [(l.split('--epochs ')[1].split()[0], l.split('--pool-fraction ')[1].split()[0])
+           for l in runs]
+    assert got == [('20', '0.1'), ('8', '0.25'), ('2', '1.0')]
