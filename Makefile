@@ -1,5 +1,6 @@
-# The study end to end. `make all` runs it on the embedded synthetic default (a few minutes on
-# a laptop CPU); every knob below is a variable: `make all SKIN=/data/ISIC_2019 ARCH=resnet50`.
+# The study end to end. `make all` runs it on the embedded synthetic default on the CPU (30
+# minutes on a slow 2-core machine: the README says what it costs); every knob below is a
+# variable: `make all SKIN=/data/ISIC_2019 ARCH=resnet50`.
 # Targets are real files, so a rerun (or a rerun after Ctrl-C) only does what is missing.
 # `make help` lists the targets; `make -n all` prints the commands without running them.
 
@@ -120,11 +121,15 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
-test: install  ## the whole test suite (CPU, offline, a few minutes) but torch.compile's
-	$(PY) -m pytest -q -m "not compile"
+# the test files run in parallel, one worker per core, each file whole in one worker (its
+# module fixtures are built once); most tests wait on subprocesses that use one thread
+PYTEST := $(PY) -m pytest -q -n auto --dist loadfile
+
+test: install  ## the whole test suite (CPU, offline, minutes) but torch.compile's
+	$(PYTEST) -m "not compile"
 
 test-fast: install  ## the tests without the slow end-to-end ones
-	$(PY) -m pytest -q -m "not slow and not compile"
+	$(PYTEST) -m "not slow and not compile"
 
 test-compile: install  ## --compile through the scripts on the CPU (minutes: inductor builds C++)
 	$(PY) -m pytest -q -m compile
