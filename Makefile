@@ -71,7 +71,8 @@ TRAIN := $(SYS) --max-steps $(MAX_STEPS)
 WATCH := --monitor-data $(SKIN_DIR) --monitor-split $(SPLIT)
 EVAL  := $(SYS) --data $(SKIN_DIR) --split $(SPLIT) --seeds $(SEEDS) \
          --results $(RESULTS)/results.jsonl $(if $(filter 1,$(NPROC)),,--parallel seeds)
-labels_flag = $(if $(filter all,$(1)),,$(if $(findstring .,$(1)),--label-fraction $(1),--labels-per-class $(1)))
+# a budget (20, 0.5, all), or budgets of one kind joined by _ (5_10_20): its flag
+labels_flag = $(if $(filter all,$(1)),,$(if $(findstring .,$(1)),--label-fraction,--labels-per-class) $(subst _, ,$(1)))
 # each step's wall time goes to $(TIMES)/<step>; `make all` prints those of this run at its end
 START := $(shell date +%s)
 TIMES := $(RESULTS)/.times/$(START)
@@ -103,7 +104,6 @@ PROBE_FRACS  := $(foreach l,$(PROBE_ALL),$(if $(findstring .,$(l)),$(l)))
 PROBE_COUNTS := $(filter-out all $(PROBE_FRACS),$(PROBE_ALL))
 PROBE_GROUPS := $(subst $(space),_,$(strip $(PROBE_COUNTS))) $(subst $(space),_,$(strip $(PROBE_FRACS))) \
                 $(filter all,$(PROBE_ALL))
-group_flag = $(if $(filter all,$(1)),,$(if $(findstring .,$(1)),--label-fraction,--labels-per-class) $(subst _, ,$(1)))
 DONE  := $(foreach i,$(INITS),$(foreach l,$(LABELS),$(RESULTS)/.done/finetune-$(i)-$(l)-$(TAG)) \
            $(foreach g,$(PROBE_GROUPS),$(RESULTS)/.done/probe-$(i)-$(g)-$(TAG)))
 
@@ -206,7 +206,7 @@ endef
 define PROBE_RULE
 $(RESULTS)/.done/probe-$(1)-$(2)-$(TAG): $(call init_dep,$(1)) $(SPLIT) | probe.py
 	@echo "==> linear probe $(1), $(subst _, ,$(2)) labels, seeds $(SEEDS)"
-	$$(T0) $(RUN) probe.py $(EVAL) $(call group_flag,$(2)) \
+	$$(T0) $(RUN) probe.py $(EVAL) $(call labels_flag,$(2)) \
 	  --init $(call init_path,$(1)) --init-name $(1) $$(call took,probe-$(1)-$(2))
 	@mkdir -p $$(@D) && touch $$@
 endef
