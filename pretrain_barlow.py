@@ -219,6 +219,10 @@ def main():
     args = get_args()
     for path, flag in ((args.out, '--out'), (args.cache_dir, '--cache-dir')):
         C.check_writable(path, flag)
+    for path, flag in ((args.monitor_data, '--monitor-data'), (args.monitor_split,
+                                                               '--monitor-split')):
+        if path and not os.path.exists(path):  # before any work, naming its own flag
+            raise C.UserError(f'{flag} {path}: no such file or folder')
     rt = C.setup_runtime(args.device, args.precision, args.seed)
     local_batch = C.local_batch(args.batch_size, rt.world)
     t0 = time.time()

@@ -165,6 +165,16 @@ def test_batch_per_rank_is_checked_before_the_cache(tiny, tmp_path, monkeypatch)
     assert 'BatchNorm' in line and not (tmp_path / 'c').exists()
 
 
+@pytest.mark.parametrize('flag', ['--monitor-data', '--monitor-split'])
+def test_missing_monitor_input_is_refused_before_any_work(tiny, tmp_path, flag):
+    given = {'--monitor-data': tiny / 'data', '--monitor-split': tiny / 'split.json',
+             flag: tmp_path / 'nowhere'}
+    refused(run('pretrain_barlow', *data_args(tiny, split=False), '--projector', '16-16',
+                *[a for kv in given.items() for a in kv], '--cache-dir', tmp_path / 'c',
+                '--out', tmp_path / 'o', cwd=tmp_path), flag, 'nowhere')
+    assert not (tmp_path / 'c').exists() and not (tmp_path / 'o' / 'ckpt.pt').exists()
+
+
 # --------------------------------------------------------------------------- output paths
 def make_path(tmp_path, layout):
     """A path that cannot be used as an output: 'file' (a file stands there), 'under' (below
