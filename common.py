@@ -1,6 +1,7 @@
 """Everything the scripts share: data readers, uint8 cache, batched augmentations, ResNet
 backbones and weight loading, Barlow Twins, LARS, schedules, the AMP/DDP training loop,
-metrics and logging. Depends only on torch, torchvision, numpy and pillow.
+metrics and logging. Depends only on torch, numpy and pillow (the tests check it against
+torchvision).
 
 A library to copy: every function takes plain keyword arguments (never a scripts' flags
 object), and tests/test_library.py drives this file alone from a 40-line script. Read it top
@@ -38,7 +39,9 @@ import argparse
 import collections
 import csv
 import errno
+import functools
 import hashlib
+import importlib.metadata
 import inspect
 import json
 import math
@@ -59,8 +62,6 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
-import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageOps
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -1483,13 +1484,21 @@ def _jitter(y, view, order, p):
         if op == 0 and view['brightness'] > 0:  # blend with black
             y.mul_(p['brightness']).clamp_(0, 1)
         elif op == 1 and view['contrast'] > 0:  # blend with the mean grey of each image
-            y.lerp_(TF.rgb_to_grayscale(y).mean((1, 2, 3), keepdim=True),
+            y.lerp_(_gray(y).mean((1, 2, 3), keepdim=True),
                     1 - p['contrast']).clamp_(0, 1)
         elif op == 2 and view['saturation'] > 0:  # blend with the grey image
-            y.lerp_(TF.rgb_to_grayscale(y), 1 - p['saturation']).clamp_(0, 1)
+            y.lerp_(_gray(y), 1 - p['saturation']).clamp_(0, 1)
         elif op == 3 and view['hue'] > 0:
             y = _hue(y, p['hue'])
     return y
+
+
+def _gray(y):
+    """(B, 1, H, W) luma of float RGB y, torchvision's rgb_to_grayscale to the bit (the same
+    weights, in the same order). Its solarize is torch.where(y >= t, 1 - y, y); both are
+    written here because importing torchvision costs a process 4.4 s (the backbone's note)."""
+    r, g, b = y.unbind(1)
+    return r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114).unsqueeze(1)
 
 
 def _blur_kernel_size(size):
@@ -1521,13 +1530,12 @@ def apply_params(x, view, d):
         if d['jitter'].any():
             y = _where(y, d['jitter'], p, lambda y, q: _jitter(y, view, d['order'], q))
         if d['gray'].any():
-            gray = lambda y, q: y.copy_(TF.rgb_to_grayscale(y, num_output_channels=3))
-            y = _where(y, d['gray'], p, gray)
+            y = _where(y, d['gray'], p, lambda y, q: y.copy_(_gray(y)))
         if d['blur'].any():
             y = _where(y, d['blur'], p, lambda y, q: _blur(y, q['sigma']))
         if d['solarize'].any():
-            y = _where(y, d['solarize'], p, lambda y, q: TF.solarize(y, 0.5))
-        # not TF.normalize: it copies mean and std to the device on every call, a blocking
+            y = _where(y, d['solarize'], p, lambda y, q: torch.where(y >= 0.5, 1 - y, y))
+        # not torchvision's normalize: it copies mean and std to the device on every call, a blocking
         # host-to-device copy on CUDA; Python scalars need none
         if view['mean'] is not None:
             for c in range(3):
@@ -1792,11 +1800,140 @@ def print0(*a, **k):
 
 
 # --------------------------------------------------------------------------- backbone, weights
+# torchvision's ResNet written out (same modules, names, state dict and initialisation: with one
+# seed both give the same weights bitwise, tests/test_weights.py), for two measured reasons on
+# this project's 2-core CPU machine: importing torchvision costs 4.4 s of the 8.6 s a process
+# spends importing (its ops pull in torch._dynamo), paid by each of the 21 processes of
+# `make all`; and Conv2d below, which makes the 32 px ResNet-18 training step 3x faster.
 ARCHS = {'resnet50': 2048, 'resnet34': 512, 'resnet18': 512}  # name -> feature width
-NAMED_WEIGHTS = {  # --init name -> (arch, url); the file is looked up in the torch hub cache
-    ('torchvision', 'resnet50'): torchvision.models.ResNet50_Weights.IMAGENET1K_V2.url,
-    ('torchvision', 'resnet34'): torchvision.models.ResNet34_Weights.IMAGENET1K_V1.url,
-    ('torchvision', 'resnet18'): torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url,
+_LAYERS = {'resnet18': ('basic', (2, 2, 2, 2)), 'resnet34': ('basic', (3, 4, 6, 3)),
+           'resnet50': ('bottleneck', (3, 4, 6, 3))}
+
+
+@functools.lru_cache(maxsize=None)
+def _live_taps(n, k, stride, pad, dilation):
+    """The first and last kernel taps (along one axis of n inputs) that read an input rather
+    than zero padding for some output, and the padding (negative: a crop) before and after
+    the input that the kernel cut to those taps needs to give the same outputs."""
+    outputs = (n + 2 * pad - dilation * (k - 1) - 1) // stride + 1
+    live = [i for i in range(k)
+            if any(0 <= o * stride - pad + i * dilation < n for o in range(outputs))]
+    if not live:  # every output reads padding alone: nothing to gain, keep the kernel
+        return 0, k - 1, pad, pad
+    first, last = live[0], live[-1]
+    end = (outputs - 1) * stride - pad + last * dilation  # the last input the cut kernel reads
+    return first, last, pad - first * dilation, end - (n - 1)
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d that leaves out the kernel taps which read only zero padding for the input at
+    hand: on a 1x1 map a 3x3 convolution is its centre tap alone, a 1x1 convolution. The
+    output and both gradients are the same numbers (the taps left out multiply zeros; their
+    weight gradient is zero either way). A ResNet's last stage sees 1x1 maps at 32 px, where
+    oneDNN's weight gradient of a 3x3 convolution took 86 ms of a 570 ms ResNet-18 step (batch
+    64, 2-core AMD EPYC); cut, the step runs at 251 img/s instead of 83. Maps of 2 or more
+    pixels a side (every stage at 64 px and above) use every tap: nothing changes there."""
+
+    def _conv_forward(self, x, weight, bias):
+        if self.padding_mode != 'zeros' or isinstance(self.padding, str):
+            return super()._conv_forward(x, weight, bias)
+        (kh, kw), (sh, sw) = self.kernel_size, self.stride
+        r0, r1, top, bottom = _live_taps(x.shape[-2], kh, sh, self.padding[0], self.dilation[0])
+        c0, c1, left, right = _live_taps(x.shape[-1], kw, sw, self.padding[1], self.dilation[1])
+        if (r0, r1, c0, c1) == (0, kh - 1, 0, kw - 1):
+            return super()._conv_forward(x, weight, bias)
+        x = F.pad(x, (left, right, top, bottom))  # negative entries crop
+        return F.conv2d(x, weight[:, :, r0:r1 + 1, c0:c1 + 1], bias, self.stride, 0,
+                        self.dilation, self.groups)
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, cin, planes, stride=1, downsample=None):
+        super().__init__()
+        self.conv1 = Conv2d(cin, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+
+    def forward(self, x):
+        y = self.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return self.relu(y + (x if self.downsample is None else self.downsample(x)))
+
+
+class Bottleneck(nn.Module):
+    expansion = 4  # torchvision's (ResNet v1.5): the stride is on the 3x3 convolution
+
+    def __init__(self, cin, planes, stride=1, downsample=None):
+        super().__init__()
+        self.conv1 = Conv2d(cin, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x):
+        y = self.relu(self.bn1(self.conv1(x)))
+        y = self.relu(self.bn2(self.conv2(y)))
+        y = self.bn3(self.conv3(y))
+        return self.relu(y + (x if self.downsample is None else self.downsample(x)))
+
+
+class ResNet(nn.Module):
+    """torchvision.models.resnet18/34/50(zero_init_residual=...) with Conv2d above: the modules
+    are made, and their weights drawn, in torchvision's order."""
+
+    def __init__(self, arch='resnet50', num_classes=1000, zero_init_residual=True):
+        super().__init__()
+        kind, blocks = _LAYERS[arch]
+        block = BasicBlock if kind == 'basic' else Bottleneck
+        self.conv1 = Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        cin = 64
+        for i, (planes, n) in enumerate(zip((64, 128, 256, 512), blocks)):
+            stride = 1 if i == 0 else 2
+            down = None
+            if stride != 1 or cin != planes * block.expansion:
+                down = nn.Sequential(Conv2d(cin, planes * block.expansion, 1, stride, bias=False),
+                                     nn.BatchNorm2d(planes * block.expansion))
+            layer = [block(cin, planes, stride, down)]
+            cin = planes * block.expansion
+            layer += [block(cin, planes) for _ in range(n - 1)]
+            setattr(self, f'layer{i + 1}', nn.Sequential(*layer))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        if zero_init_residual:  # each block starts as the identity
+            for m in self.modules():
+                if isinstance(m, (BasicBlock, Bottleneck)):
+                    nn.init.zeros_((m.bn2 if isinstance(m, BasicBlock) else m.bn3).weight)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+# --init name -> (arch, url); the file is looked up in the torch hub cache. torchvision's are
+# its ResNet*_Weights.IMAGENET1K_V2 (50) and _V1 (18, 34) urls (tests/test_weights.py checks)
+NAMED_WEIGHTS = {
+    ('torchvision', 'resnet50'): 'https://download.pytorch.org/models/resnet50-11ad3fa6.pth',
+    ('torchvision', 'resnet34'): 'https://download.pytorch.org/models/resnet34-b627a593.pth',
+    ('torchvision', 'resnet18'): 'https://download.pytorch.org/models/resnet18-f37072fd.pth',
     ('barlowtwins', 'resnet50'): 'https://dl.fbaipublicfiles.com/barlowtwins/'
                                  'ep1000_bs2048_lrw0.2_lrb0.0048_lambd0.0051/resnet50.pth',
     ('vicreg', 'resnet50'): 'https://dl.fbaipublicfiles.com/vicreg/resnet50.pth',
@@ -1807,9 +1944,9 @@ HUB_NAMES = {('vicreg', 'resnet50'): 'vicreg_resnet50.pth'}
 
 
 def make_backbone(arch):
-    """torchvision ResNet with zero-initialised residual BN, classifier replaced by identity.
-    Returns (model, feature width)."""
-    m = getattr(torchvision.models, arch)(zero_init_residual=True)
+    """A ResNet (torchvision's) with zero-initialised residual BN, classifier replaced by
+    identity. Returns (model, feature width)."""
+    m = ResNet(arch, zero_init_residual=True)
     m.fc = nn.Identity()
     return m, ARCHS[arch]
 
@@ -2408,11 +2545,18 @@ def write_handoff(rt, out, backbone, meta):
     if not rt.is_main:
         return
     sd = {k: v.detach().cpu() for k, v in backbone.state_dict().items()}
-    versions = dict(torch=torch.__version__, torchvision=torchvision.__version__,
+    versions = dict(torch=torch.__version__, torchvision=_version('torchvision'),
                     python=sys.version.split()[0])
     meta = dict(meta, backbone_sha=state_fingerprint(sd), versions=versions, git=git_revision())
     write_json(os.path.join(out, 'meta.json'), meta)
     torch_save(sd, os.path.join(out, 'backbone.pt'))  # last: the file `make` waits for
+
+
+def _version(package):
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def git_revision():

@@ -1,0 +1,101 @@
+"""common.ResNet against torchvision's (same weights from one seed, same outputs, same state
+dict keys), common.Conv2d's cut kernels against the full convolution in float64 (outputs and
+both gradients), and common.py importing without torchvision."""
+import itertools
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+import common
+
+
+@pytest.mark.parametrize('arch', ['resnet18', 'resnet34', 'resnet50'])
+def test_resnet_is_torchvisions_bitwise(arch):
+    torch.manual_seed(3)
+    ref = getattr(torchvision.models, arch)(zero_init_residual=True)
+    torch.manual_seed(3)
+    own = common.ResNet(arch)
+    a, b = ref.state_dict(), own.state_dict()
+    assert list(a) == list(b)
+    for k in a:
+        assert a[k].shape == b[k].shape and torch.equal(a[k], b[k]), k
+    # non-trivial weights (zero-initialised residual BN would hide the blocks), both modes
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    own.load_state_dict(ref.state_dict())
+    ref, own = ref.double(), own.double()
+    for size in (32, 64):  # 32 px: the last stage sees 1x1 maps, where Conv2d cuts its kernel
+        x = torch.randn(4, 3, size, size, dtype=torch.float64)
+        for train in (True, False):
+            ref.train(train), own.train(train)
+            torch.testing.assert_close(own(x), ref(x), rtol=1e-10, atol=1e-10)
+
+
+def test_make_backbone_keys_are_torchvisions_without_fc():
+    m, width = common.make_backbone('resnet50')
+    ref = torchvision.models.resnet50().state_dict()
+    assert list(m.state_dict()) == [k for k in ref if not k.startswith('fc.')]
+    assert width == 2048 and m(torch.zeros(2, 3, 32, 32)).shape == (2, 2048)
+
+
+def test_cut_taps_by_hand():
+    # a 3x3 convolution with padding 1 on one pixel reads only its centre tap
+    assert common._live_taps(1, 3, 1, 1, 1) == (1, 1, 0, 0)
+    # stride 2 on two pixels: one output, reading inputs 0 and 1 through taps 1 and 2
+    assert common._live_taps(2, 3, 2, 1, 1) == (1, 2, 0, 0)
+    # 7x7 stride 2 padding 3 on 2 pixels: one output, reading the inputs through taps 3, 4
+    assert common._live_taps(2, 7, 2, 3, 1) == (3, 4, 0, 0)
+    # on 4 pixels: output 0 reads taps 3-6, output 1 taps 1-4; the cut kernel (taps 1-6)
+    # needs 2 zeros on each side where the full one had 3
+    assert common._live_taps(4, 7, 2, 3, 1) == (1, 6, 2, 2)
+    assert common._live_taps(8, 3, 1, 1, 1) == (0, 2, 1, 1)  # every tap: nothing is cut
+
+
+CASES = [(n, k, s, p, d) for n, k, s, p, d in itertools.product(
+    (1, 2, 3, 5), (1, 2, 3, 5, 7), (1, 2, 3), (0, 1, 2, 3), (1, 2))
+    if n + 2 * p >= d * (k - 1) + 1]
+
+
+def test_conv2d_equals_the_full_convolution_float64():
+    """Every small geometry, H and W different, groups and bias: outputs, input and weight
+    gradients as F.conv2d's (the cut taps' weight gradient is zero)."""
+    g = torch.Generator().manual_seed(0)
+    cut = 0
+    for i, (n, k, s, p, d) in enumerate(CASES):
+        m = n + 1 if n < 5 else n  # a different width
+        groups = 2 if i % 3 == 0 else 1
+        conv = common.Conv2d(4, 6, k, s, p, d, groups=groups, bias=i % 2 == 0).double()
+        x = torch.randn(2, 4, n, m, dtype=torch.float64, generator=g, requires_grad=True)
+        if m + 2 * p < d * (k - 1) + 1:
+            continue
+        y = conv(x)
+        ref = F.conv2d(x, conv.weight, conv.bias, s, p, d, groups)
+        assert y.shape == ref.shape, (n, k, s, p, d)
+        gy = torch.randn(y.shape, dtype=torch.float64, generator=g)
+        params = [x, conv.weight] + ([conv.bias] if conv.bias is not None else [])
+        got = torch.autograd.grad(y, params, gy)
+        want = torch.autograd.grad(ref, params, gy)
+        torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        cut += common._live_taps(n, k, s, p, d)[:2] != (0, k - 1)
+    assert cut > 50  # the cases do exercise the cut path
+
+
+def test_conv2d_channels_last_and_float32():
+    conv = common.Conv2d(16, 8, 3, 1, 1, bias=False)
+    x = torch.randn(4, 16, 1, 1).contiguous(memory_format=torch.channels_last)
+    ref = F.conv2d(x, conv.weight, None, 1, 1)
+    torch.testing.assert_close(conv(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_common_imports_without_torchvision():
+    code = 'import sys, common; print("torchvision" in sys.modules)'
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                         cwd=common.__file__.rsplit('/', 1)[0], check=True).stdout
+    assert out.strip() == 'False'
