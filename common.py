@@ -1,7 +1,6 @@
 """Everything the scripts share: data readers, uint8 cache, batched augmentations, ResNet
 backbones and weight loading, Barlow Twins, LARS, schedules, the AMP/DDP training loop,
-metrics and logging. Depends only on torch, numpy and pillow (the tests check it against
-torchvision).
+metrics and logging. Depends only on torch, torchvision, numpy and pillow.
 
 A library to copy: every function takes plain keyword arguments (never a scripts' flags
 object), and tests/test_library.py drives this file alone from a 40-line script. Read it top
@@ -41,7 +40,6 @@ import csv
 import errno
 import functools
 import hashlib
-import importlib.metadata
 import inspect
 import json
 import math
@@ -1480,25 +1478,18 @@ def _jitter(y, view, order, p):
     """ColorJitter with per-sample factors, ops in `order`, in place on y (hue: new tensor);
     each blend clamps to [0, 1] as torchvision's _blend. y.lerp_(a, 1 - f) = f y + (1 - f) a.
     Written out because torchvision's adjust_* take one factor for the whole batch."""
+    import torchvision.transforms.v2.functional as TF  # here: see the backbone's note
     for op in order.tolist():
         if op == 0 and view['brightness'] > 0:  # blend with black
             y.mul_(p['brightness']).clamp_(0, 1)
         elif op == 1 and view['contrast'] > 0:  # blend with the mean grey of each image
-            y.lerp_(_gray(y).mean((1, 2, 3), keepdim=True),
+            y.lerp_(TF.rgb_to_grayscale(y).mean((1, 2, 3), keepdim=True),
                     1 - p['contrast']).clamp_(0, 1)
         elif op == 2 and view['saturation'] > 0:  # blend with the grey image
-            y.lerp_(_gray(y), 1 - p['saturation']).clamp_(0, 1)
+            y.lerp_(TF.rgb_to_grayscale(y), 1 - p['saturation']).clamp_(0, 1)
         elif op == 3 and view['hue'] > 0:
             y = _hue(y, p['hue'])
     return y
-
-
-def _gray(y):
-    """(B, 1, H, W) luma of float RGB y, torchvision's rgb_to_grayscale to the bit (the same
-    weights, in the same order). Its solarize is torch.where(y >= t, 1 - y, y); both are
-    written here because importing torchvision costs a process 4.4 s (the backbone's note)."""
-    r, g, b = y.unbind(1)
-    return r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114).unsqueeze(1)
 
 
 def _blur_kernel_size(size):
@@ -1523,6 +1514,7 @@ def _blur(y, sigma):
 def apply_params(x, view, d):
     """One view with drawn params `d` on a float batch x (B, 3, H, W) in [0, 1] on any device
     -> new float32 (B, 3, S, S), channels_last."""
+    import torchvision.transforms.v2.functional as TF  # here: see the backbone's note
     H, W = x.shape[2:]
     with torch.autocast(x.device.type, enabled=False):  # fp32 even inside a training step
         p = _params_to_device(d, H, W, x.device)
@@ -1530,12 +1522,13 @@ def apply_params(x, view, d):
         if d['jitter'].any():
             y = _where(y, d['jitter'], p, lambda y, q: _jitter(y, view, d['order'], q))
         if d['gray'].any():
-            y = _where(y, d['gray'], p, lambda y, q: y.copy_(_gray(y)))
+            gray = lambda y, q: y.copy_(TF.rgb_to_grayscale(y, num_output_channels=3))
+            y = _where(y, d['gray'], p, gray)
         if d['blur'].any():
             y = _where(y, d['blur'], p, lambda y, q: _blur(y, q['sigma']))
         if d['solarize'].any():
-            y = _where(y, d['solarize'], p, lambda y, q: torch.where(y >= 0.5, 1 - y, y))
-        # not torchvision's normalize: it copies mean and std to the device on every call, a blocking
+            y = _where(y, d['solarize'], p, lambda y, q: TF.solarize(y, 0.5))
+        # not TF.normalize: it copies mean and std to the device on every call, a blocking
         # host-to-device copy on CUDA; Python scalars need none
         if view['mean'] is not None:
             for c in range(3):
@@ -1800,14 +1793,12 @@ def print0(*a, **k):
 
 
 # --------------------------------------------------------------------------- backbone, weights
-# torchvision's ResNet written out (same modules, names, state dict and initialisation: with one
-# seed both give the same weights bitwise, tests/test_weights.py), for two measured reasons on
-# this project's 2-core CPU machine: importing torchvision costs 4.4 s of the 8.6 s a process
-# spends importing (its ops pull in torch._dynamo), paid by each of the 21 processes of
-# `make all`; and Conv2d below, which makes the 32 px ResNet-18 training step 3x faster.
+# torchvision is imported where a backbone is made or an image augmented, not at the top:
+# its import costs 4.4 s of the 8.6 s `import common` took on this project's 2-core machine
+# (its ops pull in torch._dynamo), which every process paid, a bad flag's error message and
+# `python common.py split` included. A training process pays torch._dynamo's share anyway
+# (torch.optim's optimizers import it): about 7.6 s of imports in all.
 ARCHS = {'resnet50': 2048, 'resnet34': 512, 'resnet18': 512}  # name -> feature width
-_LAYERS = {'resnet18': ('basic', (2, 2, 2, 2)), 'resnet34': ('basic', (3, 4, 6, 3)),
-           'resnet50': ('bottleneck', (3, 4, 6, 3))}
 
 
 @functools.lru_cache(maxsize=None)
@@ -1826,13 +1817,14 @@ def _live_taps(n, k, stride, pad, dilation):
 
 
 class Conv2d(nn.Conv2d):
-    """nn.Conv2d that leaves out the kernel taps which read only zero padding for the input at
-    hand: on a 1x1 map a 3x3 convolution is its centre tap alone, a 1x1 convolution. The
-    output and both gradients are the same numbers (the taps left out multiply zeros; their
-    weight gradient is zero either way). A ResNet's last stage sees 1x1 maps at 32 px, where
-    oneDNN's weight gradient of a 3x3 convolution took 86 ms of a 570 ms ResNet-18 step (batch
-    64, 2-core AMD EPYC); cut, the step runs at 251 img/s instead of 83. Maps of 2 or more
-    pixels a side (every stage at 64 px and above) use every tap: nothing changes there."""
+    """make_backbone's convolutions: nn.Conv2d leaving out the kernel taps that read only zero
+    padding for the input at hand (on a 1x1 map a 3x3 convolution is its centre tap alone, a
+    1x1 convolution). The output and both gradients are the same numbers: the taps left out
+    multiply zeros, and their weight gradient is zero either way (tests/test_backbone.py).
+    A ResNet's last stage sees 1x1 maps at 32 px, where oneDNN's weight gradient of a 3x3
+    convolution took 86 ms of a 570 ms ResNet-18 step (batch 64, 2-core AMD EPYC); cut, the
+    step runs at 248 img/s instead of 103 (`tests/bench.py --only step`). At 64 px and above
+    every map has 2 or more pixels a side and every tap is used: nothing changes there."""
 
     def _conv_forward(self, x, weight, bias):
         if self.padding_mode != 'zeros' or isinstance(self.padding, str):
@@ -1845,87 +1837,6 @@ class Conv2d(nn.Conv2d):
         x = F.pad(x, (left, right, top, bottom))  # negative entries crop
         return F.conv2d(x, weight[:, :, r0:r1 + 1, c0:c1 + 1], bias, self.stride, 0,
                         self.dilation, self.groups)
-
-
-class BasicBlock(nn.Module):
-    expansion = 1
-
-    def __init__(self, cin, planes, stride=1, downsample=None):
-        super().__init__()
-        self.conv1 = Conv2d(cin, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.downsample = downsample
-
-    def forward(self, x):
-        y = self.relu(self.bn1(self.conv1(x)))
-        y = self.bn2(self.conv2(y))
-        return self.relu(y + (x if self.downsample is None else self.downsample(x)))
-
-
-class Bottleneck(nn.Module):
-    expansion = 4  # torchvision's (ResNet v1.5): the stride is on the 3x3 convolution
-
-    def __init__(self, cin, planes, stride=1, downsample=None):
-        super().__init__()
-        self.conv1 = Conv2d(cin, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = Conv2d(planes, planes, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = Conv2d(planes, planes * 4, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes * 4)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = downsample
-
-    def forward(self, x):
-        y = self.relu(self.bn1(self.conv1(x)))
-        y = self.relu(self.bn2(self.conv2(y)))
-        y = self.bn3(self.conv3(y))
-        return self.relu(y + (x if self.downsample is None else self.downsample(x)))
-
-
-class ResNet(nn.Module):
-    """torchvision.models.resnet18/34/50(zero_init_residual=...) with Conv2d above: the modules
-    are made, and their weights drawn, in torchvision's order."""
-
-    def __init__(self, arch='resnet50', num_classes=1000, zero_init_residual=True):
-        super().__init__()
-        kind, blocks = _LAYERS[arch]
-        block = BasicBlock if kind == 'basic' else Bottleneck
-        self.conv1 = Conv2d(3, 64, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(3, 2, 1)
-        cin = 64
-        for i, (planes, n) in enumerate(zip((64, 128, 256, 512), blocks)):
-            stride = 1 if i == 0 else 2
-            down = None
-            if stride != 1 or cin != planes * block.expansion:
-                down = nn.Sequential(Conv2d(cin, planes * block.expansion, 1, stride, bias=False),
-                                     nn.BatchNorm2d(planes * block.expansion))
-            layer = [block(cin, planes, stride, down)]
-            cin = planes * block.expansion
-            layer += [block(cin, planes) for _ in range(n - 1)]
-            setattr(self, f'layer{i + 1}', nn.Sequential(*layer))
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(cin, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-        if zero_init_residual:  # each block starts as the identity
-            for m in self.modules():
-                if isinstance(m, (BasicBlock, Bottleneck)):
-                    nn.init.zeros_((m.bn2 if isinstance(m, BasicBlock) else m.bn3).weight)
-
-    def forward(self, x):
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
 # --init name -> (arch, url); the file is looked up in the torch hub cache. torchvision's are
@@ -1944,9 +1855,13 @@ HUB_NAMES = {('vicreg', 'resnet50'): 'vicreg_resnet50.pth'}
 
 
 def make_backbone(arch):
-    """A ResNet (torchvision's) with zero-initialised residual BN, classifier replaced by
-    identity. Returns (model, feature width)."""
-    m = ResNet(arch, zero_init_residual=True)
+    """torchvision ResNet with zero-initialised residual BN, classifier replaced by identity,
+    its convolutions Conv2d above (same weights and state dict). Returns (model, width)."""
+    import torchvision  # here, not at the top: see the note above
+    m = getattr(torchvision.models, arch)(zero_init_residual=True)
+    for conv in m.modules():
+        if type(conv) is nn.Conv2d:
+            conv.__class__ = Conv2d
     m.fc = nn.Identity()
     return m, ARCHS[arch]
 
@@ -2302,10 +2217,15 @@ def make_optimizer(named_groups, name, lr, lr_biases, weight_decay, batch_size, 
                                    role=role, kind=kind))
     if name == 'lars':
         return LARS(groups, lr=0.0, momentum=momentum)
+    # fused: one kernel over every tensor, where torch's default on the CPU is a Python loop
+    # over them. A ResNet-18 step (11M parameters, 2-core AMD EPYC): AdamW 14.7 ms instead of
+    # 76.9, SGD 9.0 instead of 21.8, next to a 32 px fine-tuning step of about 190 ms
+    fused = all(p.device.type in ('cpu', 'cuda') and p.is_floating_point()
+                for g in groups for p in g['params'])
     if name == 'sgd':
-        return torch.optim.SGD(groups, lr=0.0, momentum=momentum, nesterov=True)
+        return torch.optim.SGD(groups, lr=0.0, momentum=momentum, nesterov=True, fused=fused)
     if name == 'adamw':
-        return torch.optim.AdamW(groups, lr=0.0)
+        return torch.optim.AdamW(groups, lr=0.0, fused=fused)
     raise UserError(f'--optimizer {name}: choose lars, sgd or adamw')
 
 
@@ -2545,18 +2465,12 @@ def write_handoff(rt, out, backbone, meta):
     if not rt.is_main:
         return
     sd = {k: v.detach().cpu() for k, v in backbone.state_dict().items()}
-    versions = dict(torch=torch.__version__, torchvision=_version('torchvision'),
+    import torchvision  # loaded already: the backbone came from it
+    versions = dict(torch=torch.__version__, torchvision=torchvision.__version__,
                     python=sys.version.split()[0])
     meta = dict(meta, backbone_sha=state_fingerprint(sd), versions=versions, git=git_revision())
     write_json(os.path.join(out, 'meta.json'), meta)
     torch_save(sd, os.path.join(out, 'backbone.pt'))  # last: the file `make` waits for
-
-
-def _version(package):
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def git_revision():
