@@ -1,4 +1,4 @@
-# The study end to end. `make all` runs it on the embedded synthetic default on the CPU (30
+# The study end to end. `make all` runs it on the embedded synthetic default on the CPU (19
 # minutes on a slow 2-core machine: the README says what it costs); every knob below is a
 # variable: `make all SKIN=/data/ISIC_2019 ARCH=resnet50`.
 # Targets are real files, so a rerun (or a rerun after Ctrl-C) only does what is missing.

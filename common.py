@@ -2218,8 +2218,9 @@ def make_optimizer(named_groups, name, lr, lr_biases, weight_decay, batch_size, 
     if name == 'lars':
         return LARS(groups, lr=0.0, momentum=momentum)
     # fused: one kernel over every tensor, where torch's default on the CPU is a Python loop
-    # over them. A ResNet-18 step (11M parameters, 2-core AMD EPYC): AdamW 14.7 ms instead of
-    # 76.9, SGD 9.0 instead of 21.8, next to a 32 px fine-tuning step of about 190 ms
+    # over them. A ResNet-18 step (11M parameters, 2-core AMD EPYC, `tests/bench.py --only
+    # optim`): AdamW 14.5 ms instead of 47-77, SGD 8.8 instead of 20.4, next to a 32 px
+    # fine-tuning step of about 190 ms
     fused = all(p.device.type in ('cpu', 'cuda') and p.is_floating_point()
                 for g in groups for p in g['params'])
     if name == 'sgd':

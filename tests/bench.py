@@ -2,7 +2,7 @@
 prints one table; every row names what was measured so the figures can be quoted.
 
     python tests/bench.py                  # everything, sized for a laptop CPU (a few minutes)
-    python tests/bench.py --only aug,bt    # a subset: aug, step, cache, bt, probe
+    python tests/bench.py --only aug,bt    # a subset: aug, step, optim, cache, bt, probe
     python tests/bench.py --device cuda --only aug,bt   # on a GPU: ResNet-50, 224 px, batch 256
 
 What is measured:
@@ -139,6 +139,25 @@ def bench_step(args, dev):
         s_aug = timed(lambda: C.augment(raw, view, g), args.reps, device=dev.type)
         row(f'{arch} {size}px batch {batch}: train step', batch / s_step, 'img/s',
             f'(augmenting one view: {100 * s_aug / s_step:.1f}% of a step)')
+
+
+# --------------------------------------------------------------------------- optimiser step
+def bench_optim(args, dev):
+    print('optim: one optimiser step over a ResNet-18\'s parameters (random gradients)')
+    model, _ = C.make_backbone('resnet18')
+    params = list(model.to(dev).parameters())
+    for q in params:
+        q.grad = torch.randn_like(q)
+    groups = {'backbone': model}
+    for what, make in (
+            ('AdamW, torch default (a loop on the CPU)', lambda: torch.optim.AdamW(params)),
+            ('AdamW, fused (make_optimizer)', lambda: C.make_optimizer(groups, 'adamw', 1e-3, 1e-3, 0, 256)),
+            ('SGD nesterov, torch default', lambda: torch.optim.SGD(params, lr=1e-3, momentum=0.9,
+                                                                   nesterov=True)),
+            ('SGD nesterov, fused (make_optimizer)', lambda: C.make_optimizer(groups, 'sgd', 1e-3, 1e-3, 0, 256)),
+            ('LARS (make_optimizer)', lambda: C.make_optimizer(groups, 'lars', 1e-3, 1e-3, 0, 256))):
+        opt = make()
+        row(f'{what}: step', 1e3 * timed(opt.step, 10 * args.reps, warmup=3, device=dev.type), 'ms')
 
 
 # --------------------------------------------------------------------------- cache
@@ -325,7 +344,7 @@ def bench_probe(args, dev):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    p.add_argument('--only', default='aug,step,cache,bt,probe')
+    p.add_argument('--only', default='aug,step,optim,cache,bt,probe')
     p.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'])
     p.add_argument('--reps', type=int, default=3)
     p.add_argument('--aug-batch', type=int, help='aug: batch (64 on CPU, 256 on CUDA)')
