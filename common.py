@@ -1840,7 +1840,7 @@ class Conv2d(nn.Conv2d):
 
 
 # --init name -> (arch, url); the file is looked up in the torch hub cache. torchvision's are
-# its ResNet*_Weights.IMAGENET1K_V2 (50) and _V1 (18, 34) urls (tests/test_weights.py checks)
+# its ResNet*_Weights.IMAGENET1K_V2 (50) and _V1 (18, 34) urls (tests/test_backbone.py checks)
 NAMED_WEIGHTS = {
     ('torchvision', 'resnet50'): 'https://download.pytorch.org/models/resnet50-11ad3fa6.pth',
     ('torchvision', 'resnet34'): 'https://download.pytorch.org/models/resnet34-b627a593.pth',
