@@ -90,7 +90,8 @@ SKIN_DEP := $(if $(SKIN),,$(DATA)/skin/.synthetic.json)
 # and its +skin variant (further pretraining with its own objective), for comparison
 OBJECTIVES ?= barlow
 MORE_SSL := $(filter-out barlow,$(OBJECTIVES))
-INITS := random supervised barlow supervised+skinBT barlow+skinBT skinBT \
+# the inits compared; a subset (`make all INITS="supervised barlow"`) runs only what they need
+INITS ?= random supervised barlow supervised+skinBT barlow+skinBT skinBT \
          $(foreach o,$(MORE_SSL),$(o) $(o)+skin)
 init_path = $(if $(filter random,$(1)),random,$(if $(filter supervised,$(1)),$(SUP),$(if $(filter barlow,$(1)),$(BT),$(OUT)/$(1)/backbone.pt)))
 init_dep  = $(if $(filter random,$(1)),,$(if $(filter supervised,$(1)),$(SUP_DEP),$(if $(filter barlow,$(1)),$(BT_DEP),$(OUT)/$(1)/backbone.pt)))

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import forkrun
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -27,9 +29,12 @@ def script_env(torch_home, **extra):
     return env
 
 
+def script_path(script):
+    return script if os.path.isabs(script) else os.path.join(ROOT, script)
+
+
 def script_cmd(script, *args):
-    path = script if os.path.isabs(script) else os.path.join(ROOT, script)
-    return [sys.executable, path] + [str(a) for a in args]
+    return [sys.executable, script_path(script)] + [str(a) for a in args]
 
 
 @pytest.fixture(scope='session')
@@ -40,19 +45,25 @@ def torch_home(tmp_path_factory):
 @pytest.fixture(scope='session')
 def run_script(torch_home):
     """run_script('pretrain_barlow.py', *args, cwd=DIR, timeout=S) -> CompletedProcess (text).
-    The script runs with sys.executable, cwd DIR, OMP_NUM_THREADS=1 and TORCH_HOME=tmp."""
+    The script runs in its own process, cwd DIR, OMP_NUM_THREADS=1 and TORCH_HOME=tmp: forked
+    from a server that has imported torch (forkrun.py), or with env=..., started by
+    sys.executable."""
     def run(script, *args, cwd, timeout=180, env=None):
+        if env is None:
+            return forkrun.Run(script_path(script), args, cwd, script_env(torch_home)).wait(
+                timeout)
         return subprocess.run(script_cmd(script, *args), cwd=str(cwd), capture_output=True,
-                              text=True, timeout=timeout, env=env or script_env(torch_home))
+                              text=True, timeout=timeout, env=env)
     return run
 
 
 @pytest.fixture(scope='session')
 def start_script(torch_home):
-    """start_script(script, *args, cwd=DIR, stdout=FILE) -> Popen (for kill/signal tests)."""
+    """start_script(script, *args, cwd=DIR, stdout=FILE) -> a Popen (for kill/signal tests):
+    its pid, poll, wait, send_signal, kill and returncode, the run forked as run_script's."""
     def start(script, *args, cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL):
-        return subprocess.Popen(script_cmd(script, *args), cwd=str(cwd), stdout=stdout,
-                                stderr=stderr, env=script_env(torch_home))
+        return forkrun.Popen(script_path(script), args, cwd, script_env(torch_home), stdout,
+                             stderr)
     return start
 
 
@@ -61,14 +72,8 @@ def run_scripts(torch_home):
     """run_scripts([(script, [args]), ...], cwd=DIR) -> [CompletedProcess]: the runs go
     concurrently (the two cores are otherwise idle through each run's imports)."""
     def run(jobs, cwd, timeout=300):
-        procs = [subprocess.Popen(script_cmd(s, *a), cwd=str(cwd), stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True, env=script_env(torch_home))
-                 for s, a in jobs]
-        out = []
-        for (s, a), p in zip(jobs, procs):
-            stdout, stderr = p.communicate(timeout=timeout)
-            out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
-        return out
+        runs = [forkrun.Run(script_path(s), a, cwd, script_env(torch_home)) for s, a in jobs]
+        return [r.wait(timeout) for r in runs]
     return run
 
 

@@ -2,15 +2,16 @@
 Not collected by pytest; run as
 
     python -m torch.distributed.run --standalone --nproc_per_node=2 tests/ddp_step.py \\
-        OUTDIR [PROJECTOR [OBJECTIVE]]
+        OUTDIR [PROJECTOR:OBJECTIVE ...]
 
-Every rank builds the same model (same seed), takes its contiguous share of a fixed global
-batch of two views, and takes one step through common.wrap_model (DDP) and
-common.make_optimizer('lars'). OBJECTIVE is a key of common.OBJECTIVES (default barlow).
-PROJECTOR (default 64-64) picks the Barlow Twins loss's path: with 64 outputs and a global
+For each configuration (default 64-64:barlow; one launch takes them all, as the test does:
+a launch imports torch three times) every rank builds the same model (same seed), takes its
+contiguous share of a fixed global batch of two views, and takes one step through
+common.wrap_model (DDP) and common.make_optimizer('lars'). OBJECTIVE is a key of
+common.OBJECTIVES. PROJECTOR picks the Barlow Twins loss's path: with 64 outputs and a global
 batch of 8 it goes through the Gram matrices, with 8 (64-8) through C. Rank 0 saves the loss
-(and every rank's), the gradients and the updated parameters to OUTDIR/ddp.pt; the test
-computes the single-process reference."""
+(and every rank's), the gradients and the updated parameters to
+OUTDIR/ddp-OBJECTIVE-PROJECTOR.pt; the test computes the single-process reference."""
 import os
 import sys
 
@@ -50,11 +51,22 @@ def optimizer_for(raw):
     return opt
 
 
+def result_file(out, projector, objective):
+    return os.path.join(out, f'ddp-{objective}-{projector}.pt')
+
+
 def main():
-    out, projector, objective = (sys.argv[1:] + [PROJECTOR, 'barlow'][len(sys.argv) - 2:])[:3]
+    out, configs = sys.argv[1], sys.argv[2:] or [f'{PROJECTOR}:barlow']
     torch.set_num_threads(1)
     rt = C.setup_runtime('cpu', 'fp32', seed=0)
     assert rt.world == 2, 'run under torchrun with 2 processes'
+    for config in configs:
+        projector, objective = config.split(':')
+        step(rt, out, projector, objective)
+    C.teardown(rt)
+
+
+def step(rt, out, projector, objective):
     model, raw = C.wrap_model(rt, build_model(projector, objective))
     optimizer = optimizer_for(raw)
     y1, y2 = global_views()
@@ -71,8 +83,7 @@ def main():
     if rt.is_main:
         params = {n: p.detach().clone() for n, p in raw.named_parameters()}
         C.torch_save(dict(loss=loss.detach(), losses=torch.stack(losses), grads=grads,
-                          params=params), os.path.join(out, 'ddp.pt'))
-    C.teardown(rt)
+                          params=params), result_file(out, projector, objective))
 
 
 if __name__ == '__main__':

@@ -3,14 +3,14 @@ cannot rot: every row of its table is there with a finite positive value. No tim
 thresholds (timings belong to the machine); the targets are judged only on a GPU, which the
 table logic is tested for in-process."""
 import math
-import subprocess
 
 import pytest
 import torch
 
 import bench_gpu
 import common as C
-from conftest import script_cmd, script_env
+import forkrun
+from conftest import script_env, script_path
 
 ROWS = [  # (a piece of the measurement's name, unit), in table order
     ('batched two-view barlow_imagenet augmentation', 'pairs/s'),
@@ -33,10 +33,9 @@ COMPILED = {5, 6, 7, 11, 12}  # positions in ROWS of the torch.compile rows
 
 def run_bench(tmp_path, *extra, timeout):
     out = tmp_path / 'bench-gpu.md'
-    r = subprocess.run(script_cmd('tests/bench_gpu.py', '--tiny', '--device', 'cpu',
-                                  '--out', out, *extra),
-                       cwd=str(tmp_path), capture_output=True, text=True, timeout=timeout,
-                       env=script_env(tmp_path / 'torch_home'))
+    r = forkrun.Run(script_path('tests/bench_gpu.py'), ['--tiny', '--device', 'cpu', '--out', out,
+                                                        *extra],
+                    tmp_path, script_env(tmp_path / 'torch_home')).wait(timeout)
     assert r.returncode == 0, r.stderr[-3000:]
     text = out.read_text()
     assert text in r.stdout  # the same header and table on the screen and in the file

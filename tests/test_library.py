@@ -3,11 +3,10 @@ a user's own, with no argparse and no other file of this project."""
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import torch
 
+import forkrun
 from conftest import ROOT, script_env
 
 USER_SCRIPT = '''
@@ -60,8 +59,7 @@ def test_common_py_alone_drives_a_user_script(tmp_path, torch_home):
 
     def run(out, max_steps):
         os.makedirs(out, exist_ok=True)
-        r = subprocess.run([sys.executable, 'user.py', str(out), str(max_steps)], cwd=lib,
-                           capture_output=True, text=True, timeout=300, env=env)
+        r = forkrun.Run(str(lib / 'user.py'), [out, max_steps], lib, env).wait(300)
         assert r.returncode == 0, r.stderr[-3000:]
         return r.stdout, json.loads(r.stdout.strip().splitlines()[-1])
 

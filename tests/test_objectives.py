@@ -284,30 +284,45 @@ def test_ssl_model_refuses_unknown_objective_and_setting():
 
 
 # --------------------------------------------------------------------------- DDP equivalence
+DDP_CASES = [('barlow', '64-64'), ('barlow', '64-8'),  # the Barlow Twins loss's Gram and
+             ('vicreg', '64-64'), ('simclr', '64-64')]    # (D, D) paths, each objective
+
+
+@pytest.fixture(scope='module')
+def ddp_steps(tmp_path_factory, torch_home):
+    """One torchrun launch (two gloo ranks) takes the DDP step of every case: the folder of
+    their ddp-*.pt files, or the failed run."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT, script_env
+    out = tmp_path_factory.mktemp('ddp')
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+           os.path.join(ROOT, 'tests', 'ddp_step.py'), str(out),
+           *[f'{p}:{o}' for o, p in DDP_CASES]]
+    r = subprocess.run(cmd, cwd=str(out), capture_output=True, text=True, timeout=300,
+                       env=script_env(torch_home))
+    return out, r
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize('objective, projector', [
-    ('barlow', '64-64'), ('barlow', '64-8'),  # the Barlow Twins loss's Gram and (D, D) paths
-    ('vicreg', '64-64'), ('simclr', '64-64')])
-def test_ddp_step_equals_single_process_step(tmp_path, torch_home, objective, projector):
+@pytest.mark.parametrize('objective, projector', DDP_CASES)
+def test_ddp_step_equals_single_process_step(ddp_steps, objective, projector):
     """For each objective through SSLModel: two gloo ranks, each on half of a fixed global
     batch, vs one process on the whole of it. Without SyncBatchNorm on CPU each rank's
     BatchNorm layers normalise its own half, so the reference embeds each half separately,
     concatenates, and applies the loss to the whole batch in one process; the loss's gathers
     and sums across ranks must make the DDP gradients equal these (Facebook's Barlow Twins
     code gets them scaled by 1/world_size: the check below catches that)."""
-    import subprocess
     import sys
 
-    from conftest import ROOT, script_env
+    from conftest import ROOT
     sys.path.insert(0, os.path.join(ROOT, 'tests'))
     import ddp_step as D
 
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-           os.path.join(ROOT, 'tests', 'ddp_step.py'), str(tmp_path), projector, objective]
-    r = subprocess.run(cmd, cwd=str(tmp_path), capture_output=True, text=True, timeout=150,
-                       env=script_env(torch_home))
+    out, r = ddp_steps
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    ddp = torch.load(tmp_path / 'ddp.pt', weights_only=True)
+    ddp = torch.load(D.result_file(out, projector, objective), weights_only=True)
 
     model = D.build_model(projector, objective)
     model.train()

@@ -1,0 +1,165 @@
+"""Run a script as a process forked from a server that has imported torch once.
+
+A script's process spends most of a tiny test run importing torch and torchvision (about 8 s
+on a slow 2-core machine, where the run itself takes 1-3 s). multiprocessing's forkserver
+imports them once per test worker, before any torch op (so no thread pool is copied into a
+child), with the one-thread settings of the tests; each run is then a forked child that sets
+its argv, cwd and environment, imports the project's modules afresh from the script's folder
+(a copied common.py is the one used), runs the script as __main__ and exits with its code. It
+is a separate process, as a subprocess is: exit codes, signals, stdout and stderr are its own.
+Runs that need another environment at import time (torchrun, other thread counts) stay real
+subprocesses (conftest.run_script falls back to one)."""
+import io
+import multiprocessing
+import multiprocessing.forkserver
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS)
+PRELOAD = ['torch', 'torchvision', 'numpy', 'PIL.Image']
+_ctx = None
+
+
+def context(env):
+    """The forkserver context, its server started (once per process) under env: torch reads
+    its thread settings when imported there."""
+    global _ctx
+    if _ctx is None:
+        ctx = multiprocessing.get_context('forkserver')
+        ctx.set_forkserver_preload(PRELOAD)
+        saved = dict(os.environ)
+        os.environ.update({k: env[k] for k in ('OMP_NUM_THREADS', 'MKL_NUM_THREADS')
+                           if k in env})
+        try:
+            multiprocessing.forkserver.ensure_running()
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+        _ctx = ctx
+    return _ctx
+
+
+def _child(script, args, cwd, env, out, err):
+    """In the forked child: the script's process, as `python script args` would make it.
+    out, err: files its stdout and stderr go to (appended), None for /dev/null; err may be
+    STDOUT (subprocess's constant), the same file as out."""
+    for fd, path in ((1, out), (2, out if err == subprocess.STDOUT else err)):
+        f = os.open(path or os.devnull, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(f, fd)
+        os.close(f)
+    # unbuffered, as PYTHONUNBUFFERED=1 in the tests' environment: a killed run keeps its lines
+    sys.stdout = io.TextIOWrapper(io.FileIO(1, 'w', closefd=False), write_through=True)
+    sys.stderr = io.TextIOWrapper(io.FileIO(2, 'w', closefd=False), write_through=True)
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+    here = os.path.dirname(os.path.abspath(script))
+    # sys.path as `python script` has it: the script's folder first, not the tests' folders
+    # that pytest and conftest put there; the modules beside the script are imported afresh
+    sys.path[:] = [here] + [p for p in sys.path if p not in (ROOT, TESTS, here)]
+    for name in [n for n, m in sys.modules.items()
+                 if n in ('common', '__mp_main__') or _beside(m, here)]:
+        del sys.modules[name]
+    sys.argv = [script, *args]
+    import runpy
+    import traceback
+    code = 0
+    try:
+        runpy.run_path(script, run_name='__main__')
+    except SystemExit as e:
+        if e.code is None:
+            code = 0
+        elif isinstance(e.code, int):
+            code = e.code
+        else:
+            print(e.code, file=sys.stderr)
+            code = 1
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    import atexit
+    atexit._run_exitfuncs()  # what the interpreter does at exit: os._exit below skips it
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _beside(module, folder):
+    f = getattr(module, '__file__', None)
+    return bool(f) and os.path.dirname(os.path.abspath(f)) == folder
+
+
+def _name(f):
+    """A file given as subprocess takes it (an open file, DEVNULL, STDOUT, None) -> a path."""
+    if f in (None, subprocess.DEVNULL):
+        return None
+    return f if f == subprocess.STDOUT else f.name
+
+
+class Popen:
+    """The part of subprocess.Popen the tests use (pid, poll, wait, send_signal, kill,
+    returncode), for a script run in a forked child. stdout, stderr: open files, DEVNULL or
+    None; stderr may be STDOUT."""
+
+    def __init__(self, script, args, cwd, env, stdout=None, stderr=None):
+        self.args = [sys.executable, script, *[str(a) for a in args]]
+        self._proc = context(env).Process(target=_child, args=(
+            script, self.args[2:], str(cwd), dict(env), _name(stdout), _name(stderr)))
+        self._proc.start()
+        self.pid = self._proc.pid
+
+    @property
+    def returncode(self):
+        return self._proc.exitcode
+
+    def poll(self):
+        return self._proc.exitcode
+
+    def wait(self, timeout=None):
+        self._proc.join(timeout)
+        if self._proc.exitcode is None:
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        return self._proc.exitcode
+
+    def send_signal(self, sig):
+        if self._proc.exitcode is None:
+            os.kill(self.pid, sig)
+
+    def kill(self):
+        self.send_signal(signal.SIGKILL)
+
+
+class Run:
+    """A started script run whose output is captured; .wait(timeout) gives what
+    subprocess.run(..., capture_output=True, text=True, timeout=...) gives: a CompletedProcess,
+    or TimeoutExpired after killing the run."""
+
+    def __init__(self, script, args, cwd, env):
+        self._tmp = tempfile.TemporaryDirectory(prefix='forkrun-')
+        self._out, self._err = (os.path.join(self._tmp.name, n) for n in ('stdout', 'stderr'))
+        with open(self._out, 'w') as out, open(self._err, 'w') as err:
+            self._proc = Popen(script, args, cwd, env, out, err)
+
+    def wait(self, timeout):
+        p = self._proc
+        try:
+            try:
+                p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+                raise subprocess.TimeoutExpired(p.args, timeout, _read(self._out),
+                                                _read(self._err))
+            return subprocess.CompletedProcess(p.args, p.returncode, _read(self._out),
+                                               _read(self._err))
+        finally:
+            self._tmp.cleanup()
+
+
+def _read(path):
+    with open(path, encoding='utf-8', errors='replace') as f:
+        return f.read()

@@ -1,0 +1,20 @@
+"""The Makefile chain under torchrun, two CPU processes a step: every kind of step (supervised
+and Barlow Twins pretraining, further Barlow Twins from an init, fine-tuning and the probe one
+seed a rank) for a subset of the inits. Its own file, so that it runs beside the whole-chain
+smoke run of test_makefile.py, each on a core."""
+import shutil
+
+import pytest
+
+from test_makefile import check_chain, make, tiny
+
+
+@pytest.mark.slow
+def test_whole_chain_under_torchrun(tmp_path):
+    if shutil.which('make') is None:
+        pytest.skip('no make')
+    inits = ('supervised', 'barlow+skinBT')  # barlow+skinBT needs the source Barlow Twins run
+    r = make(*tiny(tmp_path, nproc=2), f'INITS={" ".join(inits)}')
+    assert 'torchrun --standalone --nproc_per_node=2' in r.stdout
+    assert r.stdout.count('torchrun --standalone') == 7    # 3 pretraining runs, 2 x 2 evaluations
+    check_chain(tmp_path, r, inits, pretrained=('supervised', 'barlow', 'barlow+skinBT'))
