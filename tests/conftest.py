@@ -1,8 +1,11 @@
 """Shared fixtures: a tiny labelled ImageFolder written with PIL, an offline $TORCH_HOME, and
-helpers that run the real scripts as subprocesses (one thread, no network, tmp cwd)."""
+helpers that run the real scripts as processes of their own (one thread, no network, tmp cwd;
+forked from a server that has imported torch, forkrun.py)."""
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -35,6 +38,19 @@ def script_path(script):
 
 def script_cmd(script, *args):
     return [sys.executable, script_path(script)] + [str(a) for a in args]
+
+
+# the suite's temporary files at their peak (tests/*: ResNet-18 checkpoints), measured with
+# `du` every 5 s through a run on 2026-12-01: 2.4 GB; passing tests leave none (pytest.ini)
+NEEDS_GB = 3
+
+
+def pytest_sessionstart(session):
+    free = shutil.disk_usage(tempfile.gettempdir()).free / 2**30
+    if free < NEEDS_GB:
+        pytest.exit(f'only {free:.1f} GB free in {tempfile.gettempdir()}: the tests write up to '
+                    f'{NEEDS_GB} GB there; free some space (old pytest-of-* folders, clones) or '
+                    f'point TMPDIR elsewhere', returncode=2)
 
 
 @pytest.fixture(scope='session')

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+import forkrun
 from conftest import ROOT, TINY, script_env
 
 SEEDS = '0-3'
@@ -37,6 +38,8 @@ def evaluate(script, data, split, cache, results, nproc, torch_home, extra=(), w
         return subprocess.Popen(cmd, cwd=os.path.dirname(results), env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
+    if nproc == 1:  # forked as run_script's runs are (torchrun starts its ranks itself)
+        return forkrun.Run(cmd[1], cmd[2:], os.path.dirname(results), env).wait(600)
     return subprocess.run(cmd, cwd=os.path.dirname(results), env=env, capture_output=True,
                           text=True, timeout=600)
 
