@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 
 import numpy as np
 import pytest
@@ -91,6 +92,22 @@ def run_scripts(torch_home):
         runs = [forkrun.Run(script_path(s), a, cwd, script_env(torch_home)) for s, a in jobs]
         return [r.wait(timeout) for r in runs]
     return run
+
+
+@pytest.fixture
+def fastpy(tmp_path, torch_home):
+    """(fastpy, environment): `make PY=fastpy` (or torchrun --no-python fastpy) runs each
+    `$(PY) script args` through forkrun's server, still a process of its own but without
+    importing torch again (the whole chain's 20 processes spent 8 s each doing that)."""
+    sock = str(tmp_path / 'fork.sock')
+    server = forkrun.serve(sock, script_env(torch_home))
+    t0 = time.time()
+    while not os.path.exists(sock):
+        assert server.poll() is None and time.time() - t0 < 120, 'the fork server did not start'
+        time.sleep(0.05)
+    yield f'{ROOT}/tests/fastpy', dict(FORKRUN_SOCKET=sock)
+    server.kill()
+    server.wait(timeout=60)
 
 
 def write_imagefolder(root, classes=3, per_class=30, side=40, seed=0):

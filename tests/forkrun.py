@@ -51,6 +51,11 @@ def _child(script, args, cwd, env, out, err):
         f = os.open(path or os.devnull, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         os.dup2(f, fd)
         os.close(f)
+    _run_as_main(script, args, cwd, env)
+
+
+def _run_as_main(script, args, cwd, env):
+    """Run the script as __main__ on the process's fds 1 and 2, then exit with its code."""
     # unbuffered, as PYTHONUNBUFFERED=1 in the tests' environment: a killed run keeps its lines
     sys.stdout = io.TextIOWrapper(io.FileIO(1, 'w', closefd=False), write_through=True)
     sys.stderr = io.TextIOWrapper(io.FileIO(2, 'w', closefd=False), write_through=True)
@@ -105,9 +110,10 @@ class Popen:
     returncode), for a script run in a forked child. stdout, stderr: open files, DEVNULL or
     None; stderr may be STDOUT."""
 
-    def __init__(self, script, args, cwd, env, stdout=None, stderr=None):
+    def __init__(self, script, args, cwd, env, stdout=None, stderr=None, target=None,
+                 target_args=()):
         self.args = [sys.executable, script, *[str(a) for a in args]]
-        self._proc = context(env).Process(target=_child, args=(
+        self._proc = context(env).Process(target=target or _child, args=target_args or (
             script, self.args[2:], str(cwd), dict(env), _name(stdout), _name(stderr)))
         self._proc.start()
         self.pid = self._proc.pid
@@ -163,3 +169,45 @@ class Run:
 def _read(path):
     with open(path, encoding='utf-8', errors='replace') as f:
         return f.read()
+
+
+# --------------------------------------------------------------------------- for make
+# `make PY=tests/fastpy` runs each `$(PY) script args` of the Makefile through the server
+# below: fastpy (standard library only, starts in milliseconds) sends its argv, cwd,
+# environment and its stdin, stdout and stderr over a Unix socket; the server forks a
+# process for the request, which forks the script's child and reports its pid and then its
+# exit status; fastpy forwards SIGINT, SIGTERM and SIGHUP to the child and exits as it did.
+def serve(path, env):
+    """Start the server on the Unix socket `path` (a Popen: kill it when done)."""
+    return Popen(__file__, [], os.path.dirname(path), env, target=_serve, target_args=(path,))
+
+
+def _serve(path):
+    import json
+    import socket
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(16)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the request processes reap themselves
+    while True:
+        conn, _ = server.accept()
+        if os.fork():
+            conn.close()
+            continue
+        server.close()
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # this one waits for its child
+        msg, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
+        req = json.loads(msg)
+        pid = os.fork()
+        if pid == 0:
+            conn.close()
+            for fd, theirs in enumerate(fds):
+                os.dup2(theirs, fd)
+                os.close(theirs)
+            _run_as_main(req['argv'][0], req['argv'][1:], req['cwd'], req['env'])
+        for fd in fds:
+            os.close(fd)
+        conn.sendall(f'{pid}\n'.encode())
+        status = os.waitpid(pid, 0)[1]
+        conn.sendall(f'{os.waitstatus_to_exitcode(status)}\n'.encode())
+        os._exit(0)

@@ -101,3 +101,44 @@ time.sleep(60)
     p = forkrun.Popen(script, [], tmp_path, script_env(tmp_path))
     p.kill()
     assert p.wait(timeout=30) == -signal.SIGKILL
+
+
+def test_fastpy_runs_a_script_through_the_server(tmp_path, torch_home):
+    """`make PY=tests/fastpy`: fastpy's exit status, output and signals are the script's."""
+    sock = str(tmp_path / 's.sock')
+    server = forkrun.serve(sock, script_env(torch_home))
+    try:
+        t0 = time.time()
+        while not os.path.exists(sock):
+            assert server.poll() is None and time.time() - t0 < 120
+            time.sleep(0.05)
+        env = script_env(torch_home, FORKRUN_SOCKET=sock, MARK='m')
+        fastpy = os.path.join(ROOT, 'tests', 'fastpy')
+        script = write(tmp_path, 'g.py', '''
+import os, sys
+print('out', sys.argv[1:], os.getcwd(), os.environ['MARK'], 'torch' in sys.modules)
+print('err', file=sys.stderr)
+sys.exit(int(sys.argv[1]))
+''')
+        r = subprocess.run([fastpy, script, '5'], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=60)
+        assert (r.returncode, r.stdout, r.stderr) == (
+            5, f"out ['5'] {tmp_path} m True\n", 'err\n')  # torch: imported by the server
+        sleeper = write(tmp_path, 'h.py', '''
+import signal, sys, time
+signal.signal(signal.SIGTERM, lambda *a: (print('got it', flush=True), sys.exit(143)))
+print('ready', flush=True)
+time.sleep(60)
+''')
+        p = subprocess.Popen([fastpy, sleeper], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                             text=True)
+        assert p.stdout.readline() == 'ready\n'
+        p.send_signal(signal.SIGTERM)  # forwarded to the script, whose handler answers
+        assert p.wait(timeout=30) == 143 and p.stdout.read() == 'got it\n'
+        p = subprocess.Popen([fastpy, write(tmp_path, 'i.py', 'import os, signal\n'
+                                            'os.kill(os.getpid(), signal.SIGKILL)\n')],
+                             cwd=tmp_path, env=env)
+        assert p.wait(timeout=30) == -signal.SIGKILL  # killed, as its parent sees it
+    finally:
+        server.kill()
+        server.wait(timeout=60)

@@ -5,12 +5,13 @@ import os
 import subprocess
 
 
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def make(*args, timeout=600):
+def make(*args, timeout=600, **extra_env):
     env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')}
-    env.update(OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+    env.update(OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1', **extra_env)
     return subprocess.run(['make', '--no-print-directory', *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -102,14 +103,17 @@ def check_chain(tmp, r, inits=INITS, pretrained=INITS[1:]):
     assert 'wall time of each step' in r.stdout and '==> total:' in r.stdout
 
 
-def test_whole_chain_smoke(tmp_path):
-    r = make('-j2', *tiny(tmp_path))
+def test_whole_chain_smoke(tmp_path, fastpy):
+    fast, env = fastpy
+    py = [f'PY={fast}']
+    r = make('-j2', *tiny(tmp_path), *py, **env)
+    assert 'tests/fastpy pretrain_barlow.py' in r.stdout
     check_chain(tmp_path, r)
-    again = make(*tiny(tmp_path))                          # everything is up to date
+    again = make(*tiny(tmp_path), *py, **env)              # everything is up to date
     assert again.returncode == 0 and 'pretrain_' not in again.stdout  # no script ran again
     assert '==> fine-tune' not in again.stdout and '==> linear probe' not in again.stdout
     os.remove(f'{tmp_path}/runs/skinBT/backbone.pt')       # a missing step is redone alone
-    again = make(*tiny(tmp_path))
+    again = make(*tiny(tmp_path), *py, **env)
     assert again.returncode == 0
     assert again.stdout.count('pretrain_barlow.py') == 1
     assert 'pretrain_supervised.py' not in again.stdout

@@ -6,15 +6,18 @@ import shutil
 
 import pytest
 
-from test_makefile import check_chain, make, tiny
+from test_makefile import ROOT, check_chain, make, tiny
 
 
 @pytest.mark.slow
-def test_whole_chain_under_torchrun(tmp_path):
+def test_whole_chain_under_torchrun(tmp_path, fastpy):
     if shutil.which('make') is None:
         pytest.skip('no make')
     inits = ('supervised', 'barlow+skinBT')  # barlow+skinBT needs the source Barlow Twins run
-    r = make(*tiny(tmp_path, nproc=2), f'INITS={" ".join(inits)}')
+    # the real torchrun launches each step's ranks, as forked processes (conftest.fastpy)
+    fast, env = fastpy
+    run = f'RUN={ROOT}/.venv/bin/torchrun --standalone --nproc_per_node=2 --no-python {fast}'
+    r = make(*tiny(tmp_path, nproc=2), f'INITS={" ".join(inits)}', run, **env)
     assert 'torchrun --standalone --nproc_per_node=2' in r.stdout
     assert r.stdout.count('torchrun --standalone') == 7    # 3 pretraining runs, 2 x 2 evaluations
     check_chain(tmp_path, r, inits, pretrained=('supervised', 'barlow', 'barlow+skinBT'))
