@@ -7,8 +7,9 @@ child), with the one-thread settings of the tests; each run is then a forked chi
 its argv, cwd and environment, imports the project's modules afresh from the script's folder
 (a copied common.py is the one used), runs the script as __main__ and exits with its code. It
 is a separate process, as a subprocess is: exit codes, signals, stdout and stderr are its own.
-Runs that need another environment at import time (torchrun, other thread counts) stay real
-subprocesses (conftest.run_script falls back to one)."""
+`make` reaches the same children through tests/fastpy (serve() below), torchrun's ranks too
+with --no-python. Runs that need other settings at import time (another thread count) stay
+real subprocesses (conftest.run_script(env=...) starts one)."""
 import io
 import multiprocessing
 import multiprocessing.forkserver
@@ -21,19 +22,24 @@ import tempfile
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
 PRELOAD = ['torch', 'torchvision', 'numpy', 'PIL.Image']
-_ctx = None
+THREAD_VARS = ('OMP_NUM_THREADS', 'MKL_NUM_THREADS')
+_ctx = _threads = None
 
 
 def context(env):
     """The forkserver context, its server started (once per process) under env: torch reads
-    its thread settings when imported there."""
-    global _ctx
+    its thread settings when imported there, so every later env must have the same."""
+    global _ctx, _threads
+    threads = {k: env.get(k) for k in THREAD_VARS}
+    if _ctx is not None and threads != _threads:
+        raise ValueError(f'forkrun: the server imported torch with {_threads}, not {threads}; '
+                         f'start this run as a subprocess')
     if _ctx is None:
+        _threads = threads
         ctx = multiprocessing.get_context('forkserver')
         ctx.set_forkserver_preload(PRELOAD)
         saved = dict(os.environ)
-        os.environ.update({k: env[k] for k in ('OMP_NUM_THREADS', 'MKL_NUM_THREADS')
-                           if k in env})
+        os.environ.update({k: v for k, v in threads.items() if v is not None})
         try:
             multiprocessing.forkserver.ensure_running()
         finally:

@@ -60,6 +60,12 @@ print([p for p in sys.path if p.rstrip('/').endswith(('/tests', '/main'))])
         assert ROOT not in r.stdout.splitlines()[2]
 
 
+def test_another_thread_count_is_refused(tmp_path):
+    forkrun.Run(write(tmp_path, 'z.py', ''), [], tmp_path, script_env(tmp_path)).wait(60)
+    with pytest.raises(ValueError, match='as a subprocess'):  # torch has its threads already
+        forkrun.context(script_env(tmp_path, OMP_NUM_THREADS='2'))
+
+
 def test_uncaught_exception_and_string_exit(tmp_path):
     r = forkrun.Run(write(tmp_path, 'c.py', 'raise ValueError("boom")\n'), [], tmp_path,
                     script_env(tmp_path)).wait(60)
