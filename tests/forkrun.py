@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
@@ -183,17 +184,26 @@ def _read(path):
 # environment and its stdin, stdout and stderr over a Unix socket; the server forks a
 # process for the request, which forks the script's child and reports its pid and then its
 # exit status; fastpy forwards SIGINT, SIGTERM and SIGHUP to the child and exits as it did.
-def serve(path, env):
-    """Start the server on the Unix socket `path` (a Popen: kill it when done)."""
-    return Popen(__file__, [], os.path.dirname(path), env, target=_serve, target_args=(path,))
+def serve(path, env, timeout=120):
+    """Start the server on the Unix socket `path`, return once it listens (a Popen: kill it
+    when done)."""
+    server = Popen(__file__, [], os.path.dirname(path), env, target=_serve, target_args=(path,))
+    t0 = time.time()
+    while not os.path.exists(path):
+        if server.poll() is not None or time.time() - t0 > timeout:
+            server.kill()
+            raise RuntimeError(f'forkrun: the fork server did not start on {path}')
+        time.sleep(0.05)
+    return server
 
 
 def _serve(path):
     import json
     import socket
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(path)
+    server.bind(path + '.tmp')
     server.listen(16)
+    os.replace(path + '.tmp', path)  # the path exists once connections are taken
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the request processes reap themselves
     while True:
         conn, _ = server.accept()

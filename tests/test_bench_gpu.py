@@ -33,9 +33,9 @@ COMPILED = {5, 6, 7, 11, 12}  # positions in ROWS of the torch.compile rows
 
 def run_bench(tmp_path, *extra, timeout):
     out = tmp_path / 'bench-gpu.md'
-    r = forkrun.Run(script_path('tests/bench_gpu.py'), ['--tiny', '--device', 'cpu', '--out', out,
-                                                        *extra],
-                    tmp_path, script_env(tmp_path / 'torch_home')).wait(timeout)
+    args = ['--tiny', '--device', 'cpu', '--out', out, *extra]
+    r = forkrun.Run(script_path('tests/bench_gpu.py'), args, tmp_path,
+                    script_env(tmp_path / 'torch_home')).wait(timeout)
     assert r.returncode == 0, r.stderr[-3000:]
     text = out.read_text()
     assert text in r.stdout  # the same header and table on the screen and in the file

@@ -1,10 +1,8 @@
-"""The Makefile chain: the commands `make -n` prints for overridden variables, a smoke run of
-the whole study with tiny settings, and the same under torchrun with two CPU processes."""
+"""The Makefile chain: the commands `make -n` prints for overridden variables, and a smoke run
+of the whole study with tiny settings (under torchrun: test_makefile_torchrun.py)."""
 import json
 import os
 import subprocess
-
-
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -2,11 +2,13 @@
 and Barlow Twins pretraining, further Barlow Twins from an init, fine-tuning and the probe one
 seed a rank) for a subset of the inits. Its own file, so that it runs beside the whole-chain
 smoke run of test_makefile.py, each on a core."""
+import os
 import shutil
+import sys
 
 import pytest
 
-from test_makefile import ROOT, check_chain, make, tiny
+from test_makefile import check_chain, make, tiny
 
 
 @pytest.mark.slow
@@ -16,7 +18,8 @@ def test_whole_chain_under_torchrun(tmp_path, fastpy):
     inits = ('supervised', 'barlow+skinBT')  # barlow+skinBT needs the source Barlow Twins run
     # the real torchrun launches each step's ranks, as forked processes (conftest.fastpy)
     fast, env = fastpy
-    run = f'RUN={ROOT}/.venv/bin/torchrun --standalone --nproc_per_node=2 --no-python {fast}'
+    torchrun = os.path.join(os.path.dirname(sys.executable), 'torchrun')
+    run = f'RUN={torchrun} --standalone --nproc_per_node=2 --no-python {fast}'
     r = make(*tiny(tmp_path, nproc=2), f'INITS={" ".join(inits)}', run, **env)
     assert 'torchrun --standalone --nproc_per_node=2' in r.stdout
     assert r.stdout.count('torchrun --standalone') == 7    # 3 pretraining runs, 2 x 2 evaluations
