@@ -1,6 +1,6 @@
-# The study end to end. `make all` runs it on the embedded synthetic default on the CPU (19
-# minutes on a slow 2-core machine: the README says what it costs); every knob below is a
-# variable: `make all SKIN=/data/ISIC_2019 ARCH=resnet50`.
+# The study end to end. `make all` runs it on the embedded synthetic default on the CPU (the
+# README says what it costs on a 2-core machine); every knob below is a variable:
+# `make all SKIN=/data/ISIC_2019 ARCH=resnet50`.
 # Targets are real files, so a rerun (or a rerun after Ctrl-C) only does what is missing.
 # `make help` lists the targets; `make -n all` prints the commands without running them.
 
@@ -19,6 +19,7 @@ SPLIT_FLAGS ?=#                       e.g. --drop-downsampled (ISIC 2019, as the
 LABELS    ?= 10#                     label budgets, fine-tuning and probe: images per class (10),
 #                                      a fraction of each class (0.5) or all; a list makes a curve
 PROBE_LABELS ?= 5 $(LABELS) 20 40#    the probe's budgets (seconds per seed): the curve's points
+PROBE_VIEWS  ?= 8#                    augmented passes over the probe's train images (its --aug-views)
 SPLIT     ?= splits/$(notdir $(SKIN_DIR))-$(PROTOCOL)-$(PER_CLASS).json
 
 # --- model and machine
@@ -27,6 +28,8 @@ SIZE       ?= 32#                    training resolution
 CACHE_SIZE ?= 40#                    cached image side (room for crops)
 DEVICE     ?= auto
 NPROC      ?= 1#                     >1: pretraining under torchrun (DDP), evaluation one seed a rank
+CORES      ?= $(shell nproc 2>/dev/null || sysctl -n hw.ncpu 2>/dev/null || echo 1)
+JOBS       ?= $(if $(filter 1,$(NPROC)),2,1)#  steps `make all` runs at once, CORES/JOBS threads each
 WORKERS    ?= 0#                     loader processes per rank (0 is fastest for tiny images)
 MAX_STEPS  ?= 0#                     >0: cap every training run (smoke runs)
 SYN_FLAGS  ?=#                       extra make_synthetic.py flags (e.g. smaller sets)
@@ -41,7 +44,7 @@ BT_INIT  ?=
 # --- budgets (the embedded default, chosen on the val part: the rule is in the README;
 #     `make paper` sets the paper's)
 SUP_EPOCHS     ?= 9
-BT_EPOCHS      ?= 9
+BT_EPOCHS      ?= 6
 SKINBT_EPOCHS  ?= 1#                  further Barlow Twins from a pretrained init
 SKINRND_EPOCHS ?= 5#                  Barlow Twins on skin only, from random init
 FT_EPOCHS      ?= 16
@@ -58,8 +61,13 @@ SKINBT_FLAGS   ?= --preset skin --lr 2e-3 --lr-biases 2e-3 --batch-size $(BT_BAT
 SKINRND_FLAGS  ?= --lr $(BT_LR) $(BT_FLAGS) --batch-size $(BT_BATCH) --projector $(PROJECTOR)
 SKINBT_BLOCKS  ?= all#                further BT from a pretrained init: all | layer4 | last
 
+# two steps at once with one thread each beat one step with two on a 2-core machine (the
+# single-threaded parts of a step, imports included, overlap the other's work); a thread
+# count set in the environment is kept. Threads of two processes must not share a core: two
+# 2-thread ResNet-18 runs on 2 cores went 15x slower than one
+THREADS := $(shell echo $$(( $(CORES) / $(JOBS) > 0 ? $(CORES) / $(JOBS) : 1 )))
 ifeq ($(NPROC),1)
-RUN := $(PY)
+RUN := $(if $(filter undefined,$(origin OMP_NUM_THREADS)),OMP_NUM_THREADS=$(THREADS) )$(PY)
 else
 RUN := $(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC)
 endif
@@ -90,9 +98,12 @@ SKIN_DEP := $(if $(SKIN),,$(DATA)/skin/.synthetic.json)
 # and its +skin variant (further pretraining with its own objective), for comparison
 OBJECTIVES ?= barlow
 MORE_SSL := $(filter-out barlow,$(OBJECTIVES))
-# the inits compared; a subset (`make all INITS="supervised barlow"`) runs only what they need
-INITS ?= random supervised barlow supervised+skinBT barlow+skinBT skinBT \
-         $(foreach o,$(MORE_SSL),$(o) $(o)+skin)
+# the inits compared: the four the paper's findings are about; a subset (`make all
+# INITS="supervised barlow"`) runs only what they need, ALL_INITS adds the paper's other two
+# rows, `random` (no pretraining) and `skinBT` (Barlow Twins on the skin pool alone)
+MORE_INITS := $(foreach o,$(MORE_SSL),$(o) $(o)+skin)
+INITS ?= supervised barlow supervised+skinBT barlow+skinBT $(MORE_INITS)
+ALL_INITS := random supervised barlow supervised+skinBT barlow+skinBT skinBT $(MORE_INITS)
 init_path = $(if $(filter random,$(1)),random,$(if $(filter supervised,$(1)),$(SUP),$(if $(filter barlow,$(1)),$(BT),$(OUT)/$(1)/backbone.pt)))
 init_dep  = $(if $(filter random,$(1)),,$(if $(filter supervised,$(1)),$(SUP_DEP),$(if $(filter barlow,$(1)),$(BT_DEP),$(OUT)/$(1)/backbone.pt)))
 TAG   := $(notdir $(SKIN_DIR))-$(PROTOCOL)-$(ARCH)-$(SIZE)px-s$(SEEDS)
@@ -136,7 +147,9 @@ test-compile: install  ## --compile through the scripts on the CPU (minutes: ind
 	$(PY) -m pytest -q -m compile
 
 # --------------------------------------------------------------------------- the experiment
-all: install report  ## the whole study on the embedded default, ending with the table
+# the steps run JOBS at a time (unless make was given its own -j)
+all: install  ## the whole study on the embedded default, ending with the table
+	@+$(MAKE) --no-print-directory $(if $(filter -j% --jobserver%,$(MAKEFLAGS)),,-j$(JOBS)) report
 
 data: $(SRC_DEP) $(SKIN_DEP)  ## the synthetic datasets (only when no dataset is given)
 $(DATA)/source/.synthetic.json $(DATA)/skin/.synthetic.json: | make_synthetic.py
@@ -207,7 +220,7 @@ endef
 define PROBE_RULE
 $(RESULTS)/.done/probe-$(1)-$(2)-$(TAG): $(call init_dep,$(1)) $(SPLIT) | probe.py
 	@echo "==> linear probe $(1), $(subst _, ,$(2)) labels, seeds $(SEEDS)"
-	$$(T0) $(RUN) probe.py $(EVAL) $(call labels_flag,$(2)) \
+	$$(T0) $(RUN) probe.py $(EVAL) $(call labels_flag,$(2)) --aug-views $(PROBE_VIEWS) \
 	  --init $(call init_path,$(1)) --init-name $(1) $$(call took,probe-$(1)-$(2))
 	@mkdir -p $$(@D) && touch $$@
 endef
@@ -266,7 +279,7 @@ report: $(DONE) | report.py  ## the comparison table: results/summary.md (+ .csv
 # --------------------------------------------------------------------------- the paper's setting
 paper:  ## the paper's experiment: ResNet-50, 256 px, published weights, 35 seeds (GPU; SKIN=...)
 	@test -n "$(SKIN)" || { echo "make paper needs SKIN=/path/to/ISIC_2019 (see README)"; exit 2; }
-	$(MAKE) all ARCH=resnet50 SIZE=256 CACHE_SIZE=256 PROTOCOL=paper PER_CLASS=500 \
+	$(MAKE) all INITS="$(ALL_INITS)" JOBS=1 ARCH=resnet50 SIZE=256 CACHE_SIZE=256 PROTOCOL=paper PER_CLASS=500 \
 	  LABELS="all 0.5" PROBE_LABELS= SEEDS=0-34 FT_EPOCHS=40 FT_BATCH=64 SUP_INIT=torchvision BT_INIT=barlowtwins \
 	  SKINBT_EPOCHS=100 SKINRND_EPOCHS=1000 BT_BATCH=128 PROJECTOR=8192-8192-8192 \
 	  SKINBT_FLAGS="--preset skin --lambd 0.000122 --batch-size 128" SKINBT_BLOCKS=last \

@@ -48,6 +48,9 @@ def get_args(argv=None):
     g.add_argument('--optimizer', default='adamw', choices=['adamw', 'sgd', 'lars'])
     g.add_argument('--tta', type=C.number(int, 1, 1000), default=3,
                    help='test-time passes (1: the eval view alone); the mean softmax is used')
+    g.add_argument('--eval-batch-size', type=C.number(int, 1), default=256,
+                   help='images per forward pass at test time (the random passes are drawn per '
+                        'batch: it is part of the result, and kept with --save-model)')
     g.add_argument('--class-weights', action='store_true',
                    help='weight the loss by inverse class frequency of the labelled set')
     g.add_argument('--aug', default='finetune_skin', choices=list(C.AUG_PRESETS),
@@ -166,13 +169,13 @@ def run_seed(rt, args, row, ds, split, cache, backbone_sd, width):
     views = [eval_view] + [view] * (args.tta - 1)
     if step < 1:  # a row must come from training
         raise C.UserError(f'seed {seed}: 0 optimisation steps were taken; no row written')
-    probs, labels = C.predict(rt, raw, cache, test, max(1, args.batch_size), views,
+    probs, labels = C.predict(rt, raw, cache, test, args.eval_batch_size, views,
                               softmax=True, seed=seed, workers=0)
     if args.save_model and rt.is_main:  # the test's settings go along: predict reproduces it
         name = re.sub(r'[^\w.+-]', '_', f'{args.init_name}-seed{seed}') + '.pt'
         C.save_classifier(os.path.join(args.save_model, name), raw, arch=args.arch,
                           classes=cache['classes'], size=args.size, cache_size=args.cache_size,
-                          aug=args.aug, tta=args.tta, batch_size=max(1, args.batch_size),
+                          aug=args.aug, tta=args.tta, batch_size=args.eval_batch_size,
                           seed=seed, mean=eval_view['mean'], std=eval_view['std'], result=row)
     return dict(row, labels=len(labelled), labels_by_class=C.label_counts(ds, labelled),
                 metrics=C.classification_metrics(probs, labels, classes), epochs=args.epochs,

@@ -14,8 +14,11 @@ def make(*args, timeout=600, **extra_env):
                           capture_output=True, text=True, timeout=timeout)
 
 
+ALL_INITS = 'INITS=random supervised barlow supervised+skinBT barlow+skinBT skinBT'
+
+
 def test_dry_run_with_published_weights_and_torchrun():
-    r = make('-n', 'all', 'SKIN=/somewhere/ISIC_2019', 'SUP_INIT=torchvision', 'PROBE_LABELS=',
+    r = make('-n', 'all', ALL_INITS, 'SKIN=/somewhere/ISIC_2019', 'SUP_INIT=torchvision', 'PROBE_LABELS=',
              'BT_INIT=barlowtwins', 'NPROC=2', 'ARCH=resnet50', 'SIZE=256', 'SEEDS=0-4',
              'PROTOCOL=paper', 'PER_CLASS=500',
              'OUT=/tmp/never', 'RESULTS=/tmp/never-results', 'SPLIT=/tmp/never-split.json')
@@ -52,6 +55,34 @@ def test_dry_run_default_pretrains_on_the_synthetic_source():
     assert 'make_synthetic.py --out /tmp/never-data --only skin' in out
     assert 'pretrain_supervised.py' in out and '--data /tmp/never-data/source' in out
     assert '.venv/bin/torchrun' not in out
+    # the paper's four inits: no random init, no skin-only Barlow Twins
+    ft = [l.split('--init-name ')[1].split()[0] for l in out.splitlines() if 'finetune.py' in l]
+    assert ft == ['supervised', 'barlow', 'supervised+skinBT', 'barlow+skinBT']
+    assert 'runs/skinBT' not in out.replace('/tmp/never', 'runs')
+
+
+def test_dry_run_runs_jobs_at_once_with_their_share_of_the_cores():
+    """`make all` runs JOBS steps at once, each told to use CORES / JOBS threads; a thread
+    count set in the environment is kept; under torchrun (NPROC > 1) one step at a time."""
+    env = {k: v for k, v in os.environ.items() if k not in ('OMP_NUM_THREADS', 'MAKEFLAGS')}
+
+    def dry(*args, **extra):
+        r = subprocess.run(['make', '--no-print-directory', '-n', 'all', 'OUT=/tmp/never',
+                            'RESULTS=/tmp/never-results', 'DATA=/tmp/never-data', *args],
+                           cwd=ROOT, env=dict(env, **extra), capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+    for args, jobs, threads in ((['CORES=2'], 2, 1), (['CORES=8'], 2, 4),
+                                (['CORES=2', 'JOBS=1'], 1, 2), (['CORES=3', 'JOBS=4'], 4, 1)):
+        out = dry(*args)
+        assert f' -j{jobs} report' in out, (args, out[:500])
+        steps = [l for l in out.splitlines() if 'finetune.py' in l or 'pretrain_' in l]
+        assert steps and all(f'; OMP_NUM_THREADS={threads} .venv/bin/python ' in l
+                             for l in steps), args
+    out = dry('CORES=2', OMP_NUM_THREADS='3')
+    assert 'OMP_NUM_THREADS=' not in out and '; .venv/bin/python finetune.py' in out
+    out = dry('NPROC=2')
+    assert ' -j1 report' in out and 'OMP_NUM_THREADS=' not in out
 
 
 def test_dry_run_probe_budgets_share_one_process_per_kind():
@@ -61,18 +92,18 @@ def test_dry_run_probe_budgets_share_one_process_per_kind():
              'RESULTS=/tmp/never-results', 'DATA=/tmp/never-data')
     assert r.returncode == 0, r.stderr
     probe = [l for l in r.stdout.splitlines() if 'probe.py' in l]
-    assert len(probe) == 12                                # 6 inits x (counts, fractions)
+    assert len(probe) == 8                                 # 4 inits x (counts, fractions)
     counts = [l for l in probe if '--labels-per-class' in l]
-    assert len(counts) == 6 and all(
+    assert len(counts) == 4 and all(
         sorted(l.split('--labels-per-class ')[1].split(' --')[0].split()) == ['3', '5', '7']
         for l in counts)
     assert all('--label-fraction 0.5 --init' in l for l in probe if l not in counts)
     ft = [l for l in r.stdout.splitlines() if 'finetune.py' in l]
-    assert len(ft) == 12 and sum('--labels-per-class 5 ' in l for l in ft) == 6
+    assert len(ft) == 8 and sum('--labels-per-class 5 ' in l for l in ft) == 4
 
 
 def tiny(tmp, nproc=1):
-    return ['all', f'DATA={tmp}/data', f'OUT={tmp}/runs', f'RESULTS={tmp}/results',
+    return ['all', ALL_INITS, f'DATA={tmp}/data', f'OUT={tmp}/runs', f'RESULTS={tmp}/results',
             f'CACHE_DIR={tmp}/cache', f'SPLIT={tmp}/split.json', f'NPROC={nproc}',
             'DEVICE=cpu', 'MAX_STEPS=2', 'SEEDS=0', 'LABELS=2', 'PROBE_LABELS=1', 'PER_CLASS=4',
             'FT_EPOCHS=1',

@@ -27,7 +27,7 @@ def saved(tmp_path_factory, imagefolder, run_script):
     r = run_script('finetune.py', '--data', imagefolder, '--split', d / 'split.json', *TINY,
                    '--init-name', 'rand/x', '--labels-per-class', '4', '--seeds', '0',
                    '--epochs', '1', '--batch-size', '8', '--lr', '1e-3', '--tta', '2',
-                   '--max-steps', '2', '--results', d / 'results.jsonl',
+                   '--eval-batch-size', '5', '--max-steps', '2', '--results', d / 'results.jsonl',
                    '--cache-dir', d / 'cache', '--out', d / 'ft', '--save-model', d / 'models',
                    cwd=d)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -62,7 +62,7 @@ def test_saved_model_file(saved):
     assert obj['format'] == 'finetuned-classifier' and obj['version'] == 1
     assert (obj['arch'], obj['classes'], obj['size'], obj['cache_size']) == \
         ('resnet18', ['c0', 'c1', 'c2'], 32, 40)
-    assert (obj['tta'], obj['aug'], obj['batch_size'], obj['seed']) == (2, 'finetune_skin', 8, 0)
+    assert (obj['tta'], obj['aug'], obj['batch_size'], obj['seed']) == (2, 'finetune_skin', 5, 0)
     assert obj['mean'] == list(common.IMAGENET_MEAN) and obj['std'] == list(common.IMAGENET_STD)
     assert {k.split('.')[0] for k in obj['model']} == {'backbone', 'head'}
     assert obj['model']['head.weight'].shape == (3, 512)
