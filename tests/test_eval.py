@@ -91,6 +91,38 @@ def test_logreg_reaches_the_optimum_of_the_written_loss():
         assert w.grad.abs().max() < 1e-5 and b.grad.abs().max() < 1e-5, (l2, w.grad, b.grad)
 
 
+def test_probe_row_carries_the_val_score_of_its_chosen_l2():
+    """A probe row's val_balanced_accuracy is the val part's score at the L2 it chose (what
+    --aug-views and other budgets are chosen by): the best val score over the grid, each L2
+    fitted here again along the same warm-started path, never the test part's; with one L2
+    there is no choice and no val score."""
+    import argparse
+    import common as C
+    import probe
+    g = torch.Generator().manual_seed(3)
+    centres = torch.randn(4, 16, generator=g) * 1.2
+    def part(n):
+        y = torch.arange(n) % 4
+        return {'x': centres[y] + torch.randn(n, 16, generator=g) * 2.0, 'y': y}
+    train, held = part(40), part(60)
+    train['ids'] = [f'i{k}' for k in range(40)]
+    feats = {'train': train, 'val': held, 'test': part(60)}
+    args = argparse.Namespace(l2=(1e-3, 1e-1, 10.0), max_iter=30, knn_k=5, size=16)
+    row = probe.run_seed(args, {'seed': 0}, train['ids'], feats, 4)
+    x = train['x'] - train['x'].mean(0)
+    scores, wb = [], None
+    for l2 in sorted(args.l2, reverse=True):
+        wb = probe.fit_logreg(x, train['y'], 4, l2, args.max_iter, wb)
+        probs = torch.softmax((held['x'] - train['x'].mean(0)) @ wb[0] + wb[1], 1)
+        scores.append(C.classification_metrics(probs, held['y'], 4)['balanced_accuracy'])
+    assert row['val_balanced_accuracy'] == pytest.approx(max(scores), abs=1e-6)
+    assert len(set(round(s, 6) for s in scores)) > 1             # the grid makes a choice
+    assert row['val_balanced_accuracy'] != pytest.approx(row['metrics']['balanced_accuracy'])
+    one = probe.run_seed(argparse.Namespace(**dict(vars(args), l2=(1e-3,))), {'seed': 0},
+                         train['ids'], feats, 4)
+    assert 'val_balanced_accuracy' not in one
+
+
 def test_logreg_bias_is_not_penalised():
     """With a huge L2 the weights vanish and the bias alone fits the class frequencies:
     softmax(b) = (1/6, 2/6, 3/6), so b1 - b0 = log 2 and b2 - b0 = log 3."""

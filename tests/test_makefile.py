@@ -97,7 +97,7 @@ def test_dry_run_probe_budgets_share_one_process_per_kind():
     assert len(counts) == 4 and all(
         sorted(l.split('--labels-per-class ')[1].split(' --')[0].split()) == ['3', '5', '7']
         for l in counts)
-    assert all('--label-fraction 0.5 --init' in l for l in probe if l not in counts)
+    assert all('--label-fraction 0.5 --aug-views 8 --init' in l for l in probe if l not in counts)
     ft = [l for l in r.stdout.splitlines() if 'finetune.py' in l]
     assert len(ft) == 8 and sum('--labels-per-class 5 ' in l for l in ft) == 4
 
