@@ -270,7 +270,9 @@ ablation: install $(ABLATION) | report.py  ## further pretraining on shares of t
 	@echo "==> report"
 	$(PY) report.py --results $(RESULTS)/results.jsonl --out $(RESULTS) --runs $(OUT)
 
-report: $(DONE) | report.py  ## the comparison table: results/summary.md (+ .csv, .png)
+# the pretrained inits first: under -j a further round starts as soon as its init is done,
+# before the evaluations that could wait
+report: $(foreach i,$(INITS),$(call init_dep,$(i))) $(DONE) | report.py  ## the comparison table: results/summary.md (+ .csv, .png)
 	@echo "==> report"
 	$(PY) report.py --results $(RESULTS)/results.jsonl --out $(RESULTS) --runs $(OUT)
 	@if [ -d $(TIMES) ]; then echo "==> wall time of each step (s):"; cd $(TIMES) && \

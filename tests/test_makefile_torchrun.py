@@ -1,7 +1,9 @@
 """The Makefile chain under torchrun, two CPU processes a step: every kind of step (supervised
 and Barlow Twins pretraining, further Barlow Twins from an init, fine-tuning and the probe one
-seed a rank) for a subset of the inits. Its own file, so that it runs beside the whole-chain
-smoke run of test_makefile.py, each on a core."""
+seed a rank) for a subset of the inits, two steps at a time (JOBS=2: each launch's own
+imports overlap the other's work; 38 s alone here, 92 s one step at a time beside the other
+test files). Its own file, so that it runs beside the whole-chain smoke run of
+test_makefile.py, each on a core."""
 import os
 import shutil
 import sys
@@ -20,7 +22,7 @@ def test_whole_chain_under_torchrun(tmp_path, fastpy):
     fast, env = fastpy
     torchrun = os.path.join(os.path.dirname(sys.executable), 'torchrun')
     run = f'RUN={torchrun} --standalone --nproc_per_node=2 --no-python {fast}'
-    r = make(*tiny(tmp_path, nproc=2), f'INITS={" ".join(inits)}', run, **env)
+    r = make(*tiny(tmp_path, nproc=2), f'INITS={" ".join(inits)}', run, 'JOBS=2', **env)
     assert 'torchrun --standalone --nproc_per_node=2' in r.stdout
     assert r.stdout.count('torchrun --standalone') == 7    # 3 pretraining runs, 2 x 2 evaluations
     check_chain(tmp_path, r, inits, pretrained=('supervised', 'barlow', 'barlow+skinBT'))
