@@ -1,9 +1,8 @@
 """The Makefile chain under torchrun, two CPU processes a step: every kind of step (supervised
 and Barlow Twins pretraining, further Barlow Twins from an init, fine-tuning and the probe one
 seed a rank) for a subset of the inits, two steps at a time (JOBS=2: each launch's own
-imports overlap the other's work; 38 s alone here, 92 s one step at a time beside the other
-test files). Its own file, so that it runs beside the whole-chain smoke run of
-test_makefile.py, each on a core."""
+imports overlap the other's work). Its own file, so that it runs beside the whole-chain
+smoke run of test_makefile.py, each on a core."""
 import os
 import shutil
 import sys
