@@ -61,14 +61,16 @@ SKINBT_FLAGS   ?= --preset skin --lr 2e-3 --lr-biases 2e-3 --batch-size $(BT_BAT
 SKINRND_FLAGS  ?= --lr $(BT_LR) $(BT_FLAGS) --batch-size $(BT_BATCH) --projector $(PROJECTOR)
 SKINBT_BLOCKS  ?= all#                further BT from a pretrained init: all | layer4 | last
 
-# two steps at once with one thread each beat one step with two on a 2-core machine: two
+# `make all` runs JOBS steps at once (or make's own -jN), each with THREADS = an even share of
+# the cores; any other target runs one step at a time on all of them. On a 2-core machine two
 # 1-thread ResNet-18 loops ran at 184 + 153 img/s, one 2-thread loop at 304 (batch 64, 32 px),
-# and a step's single-threaded parts (imports, loading, fits) overlap the other's work. A
-# thread count set in the environment is kept. Two processes must not share cores: two
-# 2-thread loops side by side ran at 17 + 18 img/s
-THREADS := $(shell echo $$(( $(CORES) / $(JOBS) > 0 ? $(CORES) / $(JOBS) : 1 )))
+# and a step's single-threaded parts (imports, loading, fits) overlap the other's work. Steps
+# side by side must not share cores: two 2-thread loops ran at 17 + 18 img/s. A thread count
+# set in the environment (OMP_NUM_THREADS) is kept
+THREADS ?=
+share = $(shell echo $$(( $(CORES) / $(1) > 0 ? $(CORES) / $(1) : 1 )))
 ifeq ($(NPROC),1)
-RUN := $(if $(filter undefined,$(origin OMP_NUM_THREADS)),OMP_NUM_THREADS=$(THREADS) )$(PY)
+RUN := $(if $(and $(THREADS),$(filter undefined,$(origin OMP_NUM_THREADS))),OMP_NUM_THREADS=$(THREADS) )$(PY)
 else
 RUN := $(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC)
 endif
@@ -148,9 +150,11 @@ test-compile: install  ## --compile through the scripts on the CPU (minutes: ind
 	$(PY) -m pytest -q -m compile
 
 # --------------------------------------------------------------------------- the experiment
-# the steps run JOBS at a time (unless make was given its own -j)
+# the steps run JOBS at a time, or as many as make's own -jN says (-j alone: one thread each)
+jobs_given = $(if $(filter -j%,$(MAKEFLAGS)),$(or $(patsubst -j%,%,$(filter -j%,$(MAKEFLAGS))),$(CORES)))
 all: install  ## the whole study on the embedded default, ending with the table
-	@+$(MAKE) --no-print-directory $(if $(filter -j% --jobserver%,$(MAKEFLAGS)),,-j$(JOBS)) report
+	@+$(MAKE) --no-print-directory $(if $(jobs_given),,-j$(JOBS)) \
+	  THREADS=$(or $(THREADS),$(call share,$(or $(jobs_given),$(JOBS)))) report
 
 data: $(SRC_DEP) $(SKIN_DEP)  ## the synthetic datasets (only when no dataset is given)
 $(DATA)/source/.synthetic.json $(DATA)/skin/.synthetic.json: | make_synthetic.py

@@ -179,7 +179,8 @@ def run_seed(rt, args, row, ds, split, cache, backbone_sd, width):
                           seed=seed, mean=eval_view['mean'], std=eval_view['std'], result=row)
     return dict(row, labels=len(labelled), labels_by_class=C.label_counts(ds, labelled),
                 metrics=C.classification_metrics(probs, labels, classes), epochs=args.epochs,
-                steps=step, lr=lr, tta=args.tta, size=args.size,
+                steps=step, lr=lr, tta=args.tta, eval_batch_size=args.eval_batch_size,
+                size=args.size,
                 wall_s=round(time.time() - t0, 1)), out
 
 

@@ -62,27 +62,37 @@ def test_dry_run_default_pretrains_on_the_synthetic_source():
 
 
 def test_dry_run_runs_jobs_at_once_with_their_share_of_the_cores():
-    """`make all` runs JOBS steps at once, each told to use CORES / JOBS threads; a thread
-    count set in the environment is kept; under torchrun (NPROC > 1) one step at a time."""
+    """`make all` runs JOBS steps at once (or make's own -jN), each told to use an even share
+    of the cores; a thread count set in the environment is kept; other targets run one step
+    at a time on every core; under torchrun (NPROC > 1) one step at a time."""
     env = {k: v for k, v in os.environ.items() if k not in ('OMP_NUM_THREADS', 'MAKEFLAGS')}
 
-    def dry(*args, **extra):
-        r = subprocess.run(['make', '--no-print-directory', '-n', 'all', 'OUT=/tmp/never',
+    def dry(*args, target='all', **extra):
+        r = subprocess.run(['make', '--no-print-directory', '-n', target, 'OUT=/tmp/never',
                             'RESULTS=/tmp/never-results', 'DATA=/tmp/never-data', *args],
                            cwd=ROOT, env=dict(env, **extra), capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
         return r.stdout
-    for args, jobs, threads in ((['CORES=2'], 2, 1), (['CORES=8'], 2, 4),
-                                (['CORES=2', 'JOBS=1'], 1, 2), (['CORES=3', 'JOBS=4'], 4, 1)):
+
+    def steps(out):
+        return [l for l in out.splitlines() if 'finetune.py' in l or 'pretrain_' in l]
+    for args, jobs, threads in ((['CORES=2'], '-j2', 1), (['CORES=8'], '-j2', 4),
+                                (['CORES=2', 'JOBS=1'], '-j1', 2), (['CORES=3', 'JOBS=4'], '-j4', 1),
+                                (['CORES=6', '-j3'], '', 2),    # make's own -j: no -jJOBS
+                                (['CORES=6', '-j'], '', 1),
+                                (['CORES=6', 'THREADS=5'], '-j2', 5)):
         out = dry(*args)
-        assert f' -j{jobs} report' in out, (args, out[:500])
-        steps = [l for l in out.splitlines() if 'finetune.py' in l or 'pretrain_' in l]
-        assert steps and all(f'; OMP_NUM_THREADS={threads} .venv/bin/python ' in l
-                             for l in steps), args
+        sub = ' '.join(out.split('report')[0].replace('\\', ' ').split())  # the sub-make
+        assert sub == f'make --no-print-directory {jobs} THREADS={threads}'.replace('  ', ' '), \
+            (args, sub)
+        assert steps(out) and all(f'; OMP_NUM_THREADS={threads} .venv/bin/python ' in l
+                                  for l in steps(out)), args
     out = dry('CORES=2', OMP_NUM_THREADS='3')
     assert 'OMP_NUM_THREADS=' not in out and '; .venv/bin/python finetune.py' in out
+    out = dry('CORES=2', target='eval')                        # one step at a time: all cores
+    assert steps(out) and 'OMP_NUM_THREADS=' not in out
     out = dry('NPROC=2')
-    assert ' -j1 report' in out and 'OMP_NUM_THREADS=' not in out
+    assert ' -j1 ' in out and 'OMP_NUM_THREADS=' not in out
 
 
 def test_dry_run_probe_budgets_share_one_process_per_kind():

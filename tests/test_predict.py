@@ -68,6 +68,7 @@ def test_saved_model_file(saved):
     assert obj['model']['head.weight'].shape == (3, 512)
     (row,) = rows(saved / 'results.jsonl')
     assert common.result_key(obj['result']) == common.result_key(row)
+    assert (row['tta'], row['eval_batch_size']) == (2, 5)
     m = common.Classifier(*common.make_backbone('resnet18'), 3)
     m.load_state_dict(obj['model'])  # strict
     assert not (saved / 'ft').exists() or not os.listdir(saved / 'ft')  # run folder dropped
