@@ -168,7 +168,7 @@ $(SPLIT): $(SKIN_DEP) | common.py
 	$(T0) $(PY) common.py split --data $(SKIN_DIR) --protocol $(PROTOCOL) --per-class $(PER_CLASS) \
 	  $(SPLIT_FLAGS) --out $@ $(call took,split)
 
-pretrain: $(SUP_DEP) $(BT_DEP) $(foreach i,supervised+skinBT barlow+skinBT skinBT,$(OUT)/$(i)/backbone.pt)  ## every pretrained init
+pretrain: $(foreach i,$(INITS),$(call init_dep,$(i)))  ## every pretrained init that INITS needs
 
 $(OUT)/supervised/backbone.pt: $(SRC_DEP) | pretrain_supervised.py
 	@echo "==> supervised pretraining on $(SOURCE)"
