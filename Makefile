@@ -109,6 +109,7 @@ INITS ?= supervised barlow supervised+skinBT barlow+skinBT $(MORE_INITS)
 ALL_INITS := random supervised barlow supervised+skinBT barlow+skinBT skinBT $(MORE_INITS)
 init_path = $(if $(filter random,$(1)),random,$(if $(filter supervised,$(1)),$(SUP),$(if $(filter barlow,$(1)),$(BT),$(OUT)/$(1)/backbone.pt)))
 init_dep  = $(if $(filter random,$(1)),,$(if $(filter supervised,$(1)),$(SUP_DEP),$(if $(filter barlow,$(1)),$(BT_DEP),$(OUT)/$(1)/backbone.pt)))
+PRETRAINED = $(foreach i,$(INITS),$(call init_dep,$(i)))#  the pretraining runs INITS needs
 TAG   := $(notdir $(SKIN_DIR))-$(PROTOCOL)-$(ARCH)-$(SIZE)px-s$(SEEDS)
 # the probe's budgets go in one process per kind (counts per class, fractions, all): the
 # features are extracted once for all of them, and torch's import alone takes seconds
@@ -168,7 +169,7 @@ $(SPLIT): $(SKIN_DEP) | common.py
 	$(T0) $(PY) common.py split --data $(SKIN_DIR) --protocol $(PROTOCOL) --per-class $(PER_CLASS) \
 	  $(SPLIT_FLAGS) --out $@ $(call took,split)
 
-pretrain: $(foreach i,$(INITS),$(call init_dep,$(i)))  ## every pretrained init that INITS needs
+pretrain: $(PRETRAINED)  ## every pretrained init that INITS needs
 
 $(OUT)/supervised/backbone.pt: $(SRC_DEP) | pretrain_supervised.py
 	@echo "==> supervised pretraining on $(SOURCE)"
@@ -276,7 +277,7 @@ ablation: install $(ABLATION) | report.py  ## further pretraining on shares of t
 
 # the pretrained inits first: under -j a further round starts as soon as its init is done,
 # before the evaluations that could wait
-report: $(foreach i,$(INITS),$(call init_dep,$(i))) $(DONE) | report.py  ## the comparison table: results/summary.md (+ .csv, .png)
+report: $(PRETRAINED) $(DONE) | report.py  ## the comparison table: results/summary.md (+ .csv, .png)
 	@echo "==> report"
 	$(PY) report.py --results $(RESULTS)/results.jsonl --out $(RESULTS) --runs $(OUT)
 	@if [ -d $(TIMES) ]; then echo "==> wall time of each step (s):"; cd $(TIMES) && \
