@@ -68,7 +68,7 @@ SKINBT_BLOCKS  ?= all#                further BT from a pretrained init: all | l
 # side by side must not share cores: two 2-thread loops ran at 17 + 18 img/s. A thread count
 # set in the environment (OMP_NUM_THREADS) is kept
 THREADS ?=
-share = $(shell echo $$(( $(CORES) / $(1) > 0 ? $(CORES) / $(1) : 1 )))
+share = $(or $(shell (echo $$(( $(CORES) / $(1) > 0 ? $(CORES) / $(1) : 1 ))) 2>/dev/null),1)
 ifeq ($(NPROC),1)
 RUN := $(if $(and $(THREADS),$(filter undefined,$(origin OMP_NUM_THREADS))),OMP_NUM_THREADS=$(THREADS) )$(PY)
 else
@@ -154,7 +154,7 @@ test-compile: install  ## --compile through the scripts on the CPU (minutes: ind
 # the steps run JOBS at a time, or as many as make's own -jN says (-j alone: one thread each)
 jobs_given = $(if $(filter -j%,$(MAKEFLAGS)),$(or $(patsubst -j%,%,$(filter -j%,$(MAKEFLAGS))),$(CORES)))
 all: install  ## the whole study on the embedded default, ending with the table
-	@+$(MAKE) --no-print-directory $(if $(jobs_given),,-j$(JOBS)) \
+	@+$(if $(shell [ "$(JOBS)" -ge 1 ] 2>/dev/null && echo ok),,$(error JOBS=$(JOBS): give the number of steps to run at once, 1 or more))$(MAKE) --no-print-directory $(if $(jobs_given),,-j$(JOBS)) \
 	  THREADS=$(or $(THREADS),$(call share,$(or $(jobs_given),$(JOBS)))) report
 
 data: $(SRC_DEP) $(SKIN_DEP)  ## the synthetic datasets (only when no dataset is given)

@@ -166,3 +166,12 @@ def test_dry_run_ablation_gives_each_share_the_whole_pools_steps():
     got = [(l.split('--epochs ')[1].split()[0], l.split('--pool-fraction ')[1].split()[0])
            for l in runs]
     assert got == [('20', '0.1'), ('8', '0.25'), ('2', '1.0')]
+
+
+def test_jobs_that_is_not_a_positive_number_is_refused_in_one_line():
+    for jobs in ('0', 'two'):
+        r = make('all', f'JOBS={jobs}', 'OUT=/tmp/never', 'RESULTS=/tmp/never-results',
+                 'DATA=/tmp/never-data')
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert f'JOBS={jobs}: give the number of steps to run at once' in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and 'make_synthetic' not in r.stdout
