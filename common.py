@@ -1798,7 +1798,7 @@ def print0(*a, **k):
 # (its ops pull in torch._dynamo), which every process paid, a bad flag's error message and
 # `python common.py split` included. A training process pays torch._dynamo's share anyway
 # (torch.optim's optimizers import it): about 7.6 s of imports in all.
-ARCHS = {'resnet50': 2048, 'resnet34': 512, 'resnet18': 512}  # name -> feature width
+ARCHS = {'resnet50': 2048, 'resnet34': 512, 'resnet18': 512, 'resnet10': 512}  # -> feature width
 
 
 @functools.lru_cache(maxsize=None)
@@ -1816,27 +1816,86 @@ def _live_taps(n, k, stride, pad, dilation):
     return first, last, pad - first * dilation, end - (n - 1)
 
 
+@functools.lru_cache(maxsize=None)
+def _matmul_plan(h, w, kernel, stride, pad, dilation, device):
+    """A convolution of an h x w map written as one matrix product: the input pixels some
+    output reads (q, in order), the kernel taps used, and for each (q, output pixel p) pair,
+    q-major, the position of its tap among those (len(taps): none, a zero block)."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, pad, dilation
+    ho, wo = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    tap = {}
+    for p in range(ho * wo):
+        for q in range(h * w):
+            (tr, rr), (tc, rc) = (divmod(q // w + ph - p // wo * sh, dh),
+                                  divmod(q % w + pw - p % wo * sw, dw))
+            if rr == rc == 0 and 0 <= tr < kh and 0 <= tc < kw:
+                tap[q, p] = tr * kw + tc
+    read = sorted({q for q, _ in tap})
+    taps = sorted(set(tap.values()))
+    index = [taps.index(tap[q, p]) if (q, p) in tap else len(taps)
+             for q in read for p in range(ho * wo)]
+    as_tensor = lambda v: torch.tensor(v, dtype=torch.long, device=device)
+    return ((ho, wo), as_tensor(read), len(read) == h * w, as_tensor(taps),
+            len(taps) == kh * kw, as_tensor(index), len(taps) in index)
+
+
+def _matmul_conv(x, weight, bias, plan):
+    """F.conv2d (groups 1, zero padding) as x (B, Q*C) @ M (Q*C, P*O), where block (q, p) of M
+    is the weight's tap that joins input pixel q to output pixel p (or zeros). Returns the
+    output as a channels-last view, which the next layer on a small map reads without a copy."""
+    (ho, wo), read, all_read, taps, all_taps, index, zero = plan
+    b, c, o = x.shape[0], x.shape[1], weight.shape[0]
+    xq = x.permute(0, 2, 3, 1).reshape(b, -1, c)  # (B, H*W, C): a view when channels-last
+    if not all_read:
+        xq = xq[:, read]
+    wt = weight.flatten(2)
+    if not all_taps:
+        wt = wt[:, :, taps]
+    wt = wt.permute(2, 1, 0)  # (taps, C, O)
+    if zero:
+        wt = torch.cat([wt, wt.new_zeros(1, c, o)])
+    q, p = len(read), ho * wo
+    m = wt[index].view(q, p, c, o).transpose(1, 2).reshape(q * c, p * o)
+    y = xq.reshape(b, q * c) @ m
+    if bias is not None:
+        y = y + bias.repeat(p)
+    return y.view(b, ho, wo, o).permute(0, 3, 1, 2)
+
+
 class Conv2d(nn.Conv2d):
-    """make_backbone's convolutions: nn.Conv2d leaving out the kernel taps that read only zero
-    padding for the input at hand (on a 1x1 map a 3x3 convolution is its centre tap alone, a
-    1x1 convolution). The output and both gradients are the same numbers: the taps left out
-    multiply zeros, and their weight gradient is zero either way (tests/test_backbone.py).
-    A ResNet's last stage sees 1x1 maps at 32 px, where oneDNN's weight gradient of a 3x3
-    convolution took 86 ms of a 570 ms ResNet-18 step (batch 64, 2-core AMD EPYC); cut, the
-    step runs at 248 img/s instead of 103 (`tests/bench.py --only step`). At 64 px and above
-    every map has 2 or more pixels a side and every tap is used: nothing changes there."""
+    """make_backbone's convolutions: nn.Conv2d computing only what reads the input (same
+    weights, state dict, outputs and gradients, up to float rounding: tests/test_backbone.py).
+    - A map of at most MATMUL_PIXELS pixels (a ResNet's last two stages at 32 px, 2x2 and 1x1;
+      its last stage at 64 px, 2x2) goes through one matrix product (_matmul_conv) instead of oneDNN's convolution, whose
+      backward is slow on such maps: a 3x3 convolution of 256 channels on 2x2 maps took 31 ms
+      forward and backward at batch 64, one thread of this project's 2-core AMD EPYC, where
+      its matrix product does 67 M multiply-adds per pass at about 30 G/s.
+    - Otherwise the kernel taps that read only zero padding for the input at hand are left
+      out (the taps left out multiply zeros; their weight gradient is zero either way). From
+      96 px on, every map of a ResNet has 3 or more pixels a side and every tap is used:
+      nothing changes there (224 px on a GPU included).
+    A Barlow Twins step of a ResNet-18 at 32 px (batch 64, two views, LARS, one thread) took
+    477 ms against 567 with every map through oneDNN (best of 24 steps each, interleaved;
+    `tests/bench.py --only step` measures the training step both ways)."""
 
     def _conv_forward(self, x, weight, bias):
         if self.padding_mode != 'zeros' or isinstance(self.padding, str):
             return super()._conv_forward(x, weight, bias)
+        h, w = x.shape[-2:]
+        if h * w <= MATMUL_PIXELS and self.groups == 1:
+            return _matmul_conv(x, weight, bias, _matmul_plan(
+                h, w, self.kernel_size, self.stride, self.padding, self.dilation, x.device))
         (kh, kw), (sh, sw) = self.kernel_size, self.stride
-        r0, r1, top, bottom = _live_taps(x.shape[-2], kh, sh, self.padding[0], self.dilation[0])
-        c0, c1, left, right = _live_taps(x.shape[-1], kw, sw, self.padding[1], self.dilation[1])
+        r0, r1, top, bottom = _live_taps(h, kh, sh, self.padding[0], self.dilation[0])
+        c0, c1, left, right = _live_taps(w, kw, sw, self.padding[1], self.dilation[1])
         if (r0, r1, c0, c1) == (0, kh - 1, 0, kw - 1):
             return super()._conv_forward(x, weight, bias)
         x = F.pad(x, (left, right, top, bottom))  # negative entries crop
         return F.conv2d(x, weight[:, :, r0:r1 + 1, c0:c1 + 1], bias, self.stride, 0,
                         self.dilation, self.groups)
+
+
+MATMUL_PIXELS = 4  # Conv2d: maps this small are one matrix product
 
 
 # --init name -> (arch, url); the file is looked up in the torch hub cache. torchvision's are
@@ -1856,9 +1915,16 @@ HUB_NAMES = {('vicreg', 'resnet50'): 'vicreg_resnet50.pth'}
 
 def make_backbone(arch):
     """torchvision ResNet with zero-initialised residual BN, classifier replaced by identity,
-    its convolutions Conv2d above (same weights and state dict). Returns (model, width)."""
+    its convolutions Conv2d above (same weights and state dict). Returns (model, width).
+    resnet10 is ResNet-18 with one basic block per stage instead of two (no published
+    weights): half its compute, for CPU runs (`make all`'s default; 1.8x ResNet-18's images/s
+    training at 32 px on this project's 2-core machine, tests/bench.py --only step)."""
     import torchvision  # here, not at the top: see the note above
-    m = getattr(torchvision.models, arch)(zero_init_residual=True)
+    if arch == 'resnet10':
+        m = torchvision.models.resnet.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1],
+                                             zero_init_residual=True)
+    else:
+        m = getattr(torchvision.models, arch)(zero_init_residual=True)
     for conv in m.modules():
         if type(conv) is nn.Conv2d:
             conv.__class__ = Conv2d
@@ -1871,7 +1937,7 @@ def _guess_arch(keys):
     or basic blocks), else None."""
     blocks = len({k.split('.')[1] for k in keys if k.startswith('layer3.')})
     bottleneck = any('.conv3.' in k for k in keys)
-    return {(False, 2): 'resnet18', (False, 6): 'resnet34',
+    return {(False, 1): 'resnet10', (False, 2): 'resnet18', (False, 6): 'resnet34',
             (True, 6): 'resnet50'}.get((bottleneck, blocks))
 
 

@@ -8,8 +8,9 @@ prints one table; every row names what was measured so the figures can be quoted
 What is measured:
   aug    pairs/s of the batched two-view barlow_imagenet augmentation (256 px uint8 -> 224 px)
          against torchvision's PIL per-sample pipeline, in as many processes as threads here
-  step   images/s of a training step (forward, backward, SGD) per model and resolution, and the
-         share of the step that the batched augmentation of that batch costs
+  step   images/s of a training step (forward, backward, SGD) per model and resolution, the
+         share of the step that the batched augmentation of that batch costs, and the step with
+         common.Conv2d's matrix products on small maps turned off (MATMUL_PIXELS = 0)
   cache  one epoch read from the uint8 cache against decoding the JPEGs
   bt     bare backbone forward+backward images/s against the full Barlow Twins step
          (augmentation, projector, loss, LARS) pairs/s at the same batch; target >= 0.85 x /2
@@ -135,10 +136,17 @@ def bench_step(args, dev):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        s_step = timed(step, args.reps, device=dev.type)
+        def onednn_step():  # every map through oneDNN's convolution (no matrix products)
+            pixels, C.MATMUL_PIXELS = C.MATMUL_PIXELS, 0
+            try:
+                step()
+            finally:
+                C.MATMUL_PIXELS = pixels
+        s_step, s_onednn = timed_together([step, onednn_step], args.reps, device=dev.type)
         s_aug = timed(lambda: C.augment(raw, view, g), args.reps, device=dev.type)
         row(f'{arch} {size}px batch {batch}: train step', batch / s_step, 'img/s',
-            f'(augmenting one view: {100 * s_aug / s_step:.1f}% of a step)')
+            f'(augmenting one view: {100 * s_aug / s_step:.1f}% of a step; every map through '
+            f'oneDNN: {batch / s_onednn:,.0f} img/s)')
 
 
 # --------------------------------------------------------------------------- optimiser step
@@ -375,7 +383,8 @@ def main():
         args.bt_configs = [('resnet50', 224, 256, '8192-8192-8192')]  # Facebook's projector
     else:  # projectors 4x the backbone's width, as Facebook's 8192 on ResNet-50's 2048
         args.aug_batch = args.aug_batch or 64
-        args.step_configs = [('resnet18', 32, 64), ('resnet18', 64, 64), ('resnet50', 224, 8)]
+        args.step_configs = [('resnet10', 32, 64), ('resnet18', 32, 64), ('resnet18', 32, 32),
+                             ('resnet18', 64, 64), ('resnet50', 224, 8)]
         args.bt_configs = [('resnet18', 64, 64, '2048-2048'), ('resnet18', 224, 32, '2048-2048')]
     if args.arch or args.size or args.batch or args.projector:
         arch, size, batch, projector = args.bt_configs[-1]

@@ -1,6 +1,6 @@
 """make_backbone against torchvision's ResNet (same weights from one seed, same state dict, same
-outputs), common.Conv2d's cut kernels against the full convolution in float64 (outputs and
-both gradients), and common.py importing without torchvision."""
+outputs), common.Conv2d's cut kernels and matrix products against the full convolution in
+float64 (outputs and both gradients), and common.py importing without torchvision."""
 import itertools
 import subprocess
 import sys
@@ -13,13 +13,21 @@ import torchvision
 import common
 
 
-@pytest.mark.parametrize('arch', ['resnet18', 'resnet34', 'resnet50'])
+def torchvision_resnet(arch):
+    if arch == 'resnet10':  # ResNet-18's blocks, one per stage
+        return torchvision.models.resnet.ResNet(torchvision.models.resnet.BasicBlock,
+                                                [1, 1, 1, 1], zero_init_residual=True)
+    return getattr(torchvision.models, arch)(zero_init_residual=True)
+
+
+@pytest.mark.parametrize('arch', ['resnet10', 'resnet18', 'resnet34', 'resnet50'])
 def test_backbone_is_torchvisions(arch):
     """make_backbone: torchvision's ResNet (the same weights from one seed, the same state dict)
-    whose convolutions cut their dead taps: the same outputs as the plain model in float64,
-    training and eval mode, at 32 px (1x1 maps in the last stage, the cut path) and 64 px."""
+    whose convolutions compute only what reads the input: the same outputs as the plain model
+    in float64, training and eval mode, at 32 px (2x2 and 1x1 maps in the last two stages:
+    the matrix-product path) and 64 px (2x2 maps in the last stage)."""
     torch.manual_seed(3)
-    ref = getattr(torchvision.models, arch)(zero_init_residual=True)
+    ref = torchvision_resnet(arch)
     ref.fc = torch.nn.Identity()
     torch.manual_seed(3)
     own, width = common.make_backbone(arch)
@@ -89,8 +97,40 @@ def test_conv2d_equals_the_full_convolution_float64():
         torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-        cut += common._live_taps(n, k, s, p, d)[:2] != (0, k - 1)
+        matmul = n * m <= common.MATMUL_PIXELS and groups == 1
+        cut += not matmul and common._live_taps(n, k, s, p, d)[:2] != (0, k - 1)
     assert cut > 50  # the cases do exercise the cut path
+
+
+def test_matmul_conv_equals_the_full_convolution_float64(monkeypatch):
+    """Every geometry of a map of at most MATMUL_PIXELS pixels (1x1 to 4x1, strides, padding,
+    dilation, kernels larger than the map, bias) goes through the matrix product and gives
+    F.conv2d's output and gradients, channels-last input included; groups fall back."""
+    calls = []
+    real = common._matmul_conv
+    monkeypatch.setattr(common, '_matmul_conv', lambda *a: calls.append(1) or real(*a))
+    g = torch.Generator().manual_seed(1)
+    cases = 0
+    for h, w, k, s, p, d in itertools.product((1, 2, 4), (1, 2), (1, 2, 3, 5), (1, 2),
+                                              (0, 1, 2), (1, 2)):
+        if h * w > common.MATMUL_PIXELS or min(h, w) + 2 * p < d * (k - 1) + 1:
+            continue
+        conv = common.Conv2d(3, 5, k, s, p, d, bias=cases % 2 == 0).double()
+        x = torch.randn(2, 3, h, w, dtype=torch.float64, generator=g)
+        if cases % 3 == 0:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x.requires_grad_(True)
+        y, ref = conv(x), F.conv2d(x, conv.weight, conv.bias, s, p, d)
+        gy = torch.randn(y.shape, dtype=torch.float64, generator=g)
+        params = [x, conv.weight] + ([conv.bias] if conv.bias is not None else [])
+        for a, b in zip((y, *torch.autograd.grad(y, params, gy)),
+                        (ref, *torch.autograd.grad(ref, params, gy))):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        cases += 1
+    assert cases > 100 and len(calls) == cases
+    grouped = common.Conv2d(4, 4, 3, 1, 1, groups=2)
+    grouped(torch.randn(1, 4, 2, 2))
+    assert len(calls) == cases  # groups take oneDNN's path
 
 
 def test_conv2d_channels_last_and_float32():
