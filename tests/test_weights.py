@@ -182,6 +182,14 @@ def test_refuses_resnet18_checkpoint_for_resnet50(tmp_path):
     assert '--arch resnet18' in msg
 
 
+def test_resnet10_and_resnet18_checkpoints_name_each_other(tmp_path):
+    """resnet10 (one basic block per stage) and resnet18 share every key of layerN.0: the
+    refusal still names the architecture the file is, both ways."""
+    r10 = make_backbone('resnet10')[0].state_dict()
+    assert '--arch resnet10' in refused(tmp_path, r10, arch='resnet18')
+    assert '--arch resnet18' in refused(tmp_path, tv_resnet('resnet18'), arch='resnet10')
+
+
 def test_refuses_extra_key(tmp_path):
     sd = tv_resnet('resnet18')
     sd['layer1.0.attn.weight'] = torch.zeros(3)
