@@ -1816,11 +1816,15 @@ def _live_taps(n, k, stride, pad, dilation):
     return first, last, pad - first * dilation, end - (n - 1)
 
 
+MATMUL_PIXELS = 4  # Conv2d: maps this small are one matrix product
+
+
 @functools.lru_cache(maxsize=None)
 def _matmul_plan(h, w, kernel, stride, pad, dilation, device):
-    """A convolution of an h x w map written as one matrix product: the input pixels some
-    output reads (q, in order), the kernel taps used, and for each (q, output pixel p) pair,
-    q-major, the position of its tap among those (len(taps): none, a zero block)."""
+    """A convolution of an h x w map written as one matrix product: ((ho, wo), read, taps,
+    index, zero). read: the input pixels some output reads, taps: the kernel taps used (each
+    None when all are); index: for each (read pixel q, output pixel p) pair, q-major, the
+    position of its tap among those, len(taps) where none joins them (a zero block, zero)."""
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, pad, dilation
     ho, wo = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     tap = {}
@@ -1835,26 +1839,27 @@ def _matmul_plan(h, w, kernel, stride, pad, dilation, device):
     index = [taps.index(tap[q, p]) if (q, p) in tap else len(taps)
              for q in read for p in range(ho * wo)]
     as_tensor = lambda v: torch.tensor(v, dtype=torch.long, device=device)
-    return ((ho, wo), as_tensor(read), len(read) == h * w, as_tensor(taps),
-            len(taps) == kh * kw, as_tensor(index), len(taps) in index)
+    return ((ho, wo), None if len(read) == h * w else as_tensor(read),
+            None if len(taps) == kh * kw else as_tensor(taps), as_tensor(index),
+            len(taps) in index)
 
 
 def _matmul_conv(x, weight, bias, plan):
     """F.conv2d (groups 1, zero padding) as x (B, Q*C) @ M (Q*C, P*O), where block (q, p) of M
     is the weight's tap that joins input pixel q to output pixel p (or zeros). Returns the
     output as a channels-last view, which the next layer on a small map reads without a copy."""
-    (ho, wo), read, all_read, taps, all_taps, index, zero = plan
+    (ho, wo), read, taps, index, zero = plan
     b, c, o = x.shape[0], x.shape[1], weight.shape[0]
     xq = x.permute(0, 2, 3, 1).reshape(b, -1, c)  # (B, H*W, C): a view when channels-last
-    if not all_read:
+    if read is not None:
         xq = xq[:, read]
     wt = weight.flatten(2)
-    if not all_taps:
+    if taps is not None:
         wt = wt[:, :, taps]
     wt = wt.permute(2, 1, 0)  # (taps, C, O)
     if zero:
         wt = torch.cat([wt, wt.new_zeros(1, c, o)])
-    q, p = len(read), ho * wo
+    q, p = xq.shape[1], ho * wo
     m = wt[index].view(q, p, c, o).transpose(1, 2).reshape(q * c, p * o)
     y = xq.reshape(b, q * c) @ m
     if bias is not None:
@@ -1866,10 +1871,11 @@ class Conv2d(nn.Conv2d):
     """make_backbone's convolutions: nn.Conv2d computing only what reads the input (same
     weights, state dict, outputs and gradients, up to float rounding: tests/test_backbone.py).
     - A map of at most MATMUL_PIXELS pixels (a ResNet's last two stages at 32 px, 2x2 and 1x1;
-      its last stage at 64 px, 2x2) goes through one matrix product (_matmul_conv) instead of oneDNN's convolution, whose
-      backward is slow on such maps: a 3x3 convolution of 256 channels on 2x2 maps took 31 ms
-      forward and backward at batch 64, one thread of this project's 2-core AMD EPYC, where
-      its matrix product does 67 M multiply-adds per pass at about 30 G/s.
+      its last stage at 64 px, 2x2) goes through one matrix product (_matmul_conv) instead
+      of oneDNN's convolution, whose backward is slow on such maps: a 3x3 convolution of 256
+      channels on 2x2 maps took 31 ms forward and backward at batch 64, one thread of this
+      project's 2-core AMD EPYC, where its matrix product does 67 M multiply-adds per pass
+      at about 30 G/s.
     - Otherwise the kernel taps that read only zero padding for the input at hand are left
       out (the taps left out multiply zeros; their weight gradient is zero either way). From
       96 px on, every map of a ResNet has 3 or more pixels a side and every tap is used:
@@ -1895,9 +1901,6 @@ class Conv2d(nn.Conv2d):
                         self.dilation, self.groups)
 
 
-MATMUL_PIXELS = 4  # Conv2d: maps this small are one matrix product
-
-
 # --init name -> (arch, url); the file is looked up in the torch hub cache. torchvision's are
 # its ResNet*_Weights.IMAGENET1K_V2 (50) and _V1 (18, 34) urls (tests/test_backbone.py checks)
 NAMED_WEIGHTS = {
@@ -1917,8 +1920,9 @@ def make_backbone(arch):
     """torchvision ResNet with zero-initialised residual BN, classifier replaced by identity,
     its convolutions Conv2d above (same weights and state dict). Returns (model, width).
     resnet10 is ResNet-18 with one basic block per stage instead of two (no published
-    weights): half its compute, for CPU runs (`make all`'s default; 1.8x ResNet-18's images/s
-    training at 32 px on this project's 2-core machine, tests/bench.py --only step)."""
+    weights): half its compute, for CPU runs (`make all`'s default; its training step ran at
+    1.7x ResNet-18's images/s at 32 px on this project's 2-core machine, tests/bench.py --only
+    step)."""
     import torchvision  # here, not at the top: see the note above
     if arch == 'resnet10':
         m = torchvision.models.resnet.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1],
