@@ -19,7 +19,12 @@ warmup steps, the device waited for at both ends of a row, peak memory per row):
   finetune the paper's fine-tuning step (finetune_skin view, 256 px, batch 64, AdamW) as
            finetune.py runs it, eager and compiled
   tta      common.predict with finetune.py's test-time augmentation (eval view + 2 random
-           finetune_skin views, batch 64, mean softmax)
+           finetune_skin views, its --eval-batch-size 256, mean softmax)
+  probe    one seed's probe fits on the device (probe.fit_probe: 6 L2 values on 43,418 x 2,048
+           features, each scored on 1,942 val ones)
+Then `make paper`'s cost on one GPU and on 8, computed from these rates (tests/paper_cost.py:
+the eager fine-tuning step, as make paper runs it; the test-time row; the end-to-end Barlow
+Twins step; the probe's fits).
 Targets (one H200): augmentation >= 20,000 pairs/s; Barlow Twins >= 2,500 pairs/s with the
 ratio >= 0.9; end to end >= 0.9 of the synthetic-input step; fine-tuning >= 2,500 img/s.
 On the CPU (or with --tiny) the shapes are tiny (resnet18, 32 px, batch 16, projector 64-64)
@@ -46,13 +51,16 @@ import torchvision
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common as C  # noqa: E402
+import paper_cost  # noqa: E402
+import probe  # noqa: E402
 
 CONFIGS = {  # the paper's setting on one GPU, and tiny shapes that run in seconds on a CPU
     'full': dict(arch='resnet50', cache=256, size=224, batch=256, projector='8192-8192-8192',
-                 ft_size=256, ft_batch=64, classes=8, tta=3, images=8192, seconds=8.0,
-                 warmup=5),
+                 ft_size=256, ft_batch=64, eval_batch=256, classes=8, tta=3, images=8192,
+                 probe_n=2554 * 17, probe_val=1942, width=2048, seconds=8.0, warmup=5),
     'tiny': dict(arch='resnet18', cache=40, size=32, batch=16, projector='64-64',
-                 ft_size=32, ft_batch=8, classes=3, tta=3, images=64, seconds=0.3, warmup=1),
+                 ft_size=32, ft_batch=8, eval_batch=16, classes=3, tta=3, images=64,
+                 probe_n=256, probe_val=64, width=512, seconds=0.3, warmup=1),
 }
 NVIDIA_SMI = ['nvidia-smi', '--query-gpu=name,clocks.sm,clocks.max.sm,clocks.mem,driver_version',
               '--format=csv,noheader']
@@ -427,12 +435,46 @@ def bench_tta(rt, cfg, cache):
     view = C.preset_params('finetune_skin', size=cfg['ft_size'])[0]
     views = [eval_view] + [view] * (cfg['tta'] - 1)
     positions = list(range(len(cache['ids'])))
-    C.predict(rt, raw, cache, positions[:2 * cfg['ft_batch']], cfg['ft_batch'], views,
+    batch = cfg['eval_batch']
+    C.predict(rt, raw, cache, positions[:2 * batch], batch, views,
               softmax=True)  # warmup: cudnn autotuning of the eval shapes
-    rate, _ = measure(rt, lambda: C.predict(rt, raw, cache, positions, cfg['ft_batch'], views,
+    rate, _ = measure(rt, lambda: C.predict(rt, raw, cache, positions, batch, views,
                                             softmax=True),
                       len(positions), cfg['seconds'], 0, min_reps=1)
     return rate
+
+
+def paper_cost_lines(rates, tiny):
+    """tests/paper_cost.py's table from the measured rates ({'ft', 'tta', 'bt', 'fit_s'}: the
+    eager fine-tuning step, the test-time row, the Barlow Twins step end to end or else on
+    synthetic input, the probe's fits), the DDP efficiency assumed; a line saying why when a
+    rate is missing (the fits' time falls back to the assumed one)."""
+    a = paper_cost.ASSUMED
+    missing = [k for k in ('ft', 'tta', 'bt') if rates.get(k) is None]
+    if missing:
+        return [f'not computed: no {", ".join(missing)} rate was measured']
+    note = ['(tiny shapes: the arithmetic only, not what make paper costs)', ''] if tiny else []
+    fit_s = rates.get('fit_s')
+    return note + paper_cost.table(rates['ft'], rates['tta'], rates['bt'],
+                                   a['fit_s'] if fit_s is None else fit_s, a['ddp_efficiency'],
+                                   source='measured above',
+                                   fits='assumed' if fit_s is None else 'measured')
+
+
+def bench_probe_fit(rt, cfg):
+    """Seconds of one probe seed's fits (probe.fit_probe: its L2 grid, each value scored on
+    the val part) on the device, on features shaped as the paper's: the eval view and 16
+    augmented views of 2,554 labelled images, ResNet-50's 2,048 dimensions."""
+    g = torch.Generator().manual_seed(0)
+    n, classes = cfg['probe_n'] + cfg['probe_val'], cfg['classes']
+    y = torch.randint(0, classes, (n,), generator=g)
+    centres = torch.rand(classes, cfg['width'], generator=g)
+    x = (centres[y] + torch.rand(n, cfg['width'], generator=g)).relu()  # pooled ReLU outputs
+    x = x - x[:cfg['probe_n']].mean(0)
+    train, val = (x[:cfg['probe_n']], y[:cfg['probe_n']]), (x[cfg['probe_n']:], y[cfg['probe_n']:])
+    fit = lambda: probe.fit_probe(*train, classes, probe.L2_GRID, 30, val, rt.device)
+    rate, _ = measure(rt, fit, 1, cfg['seconds'], 1, min_reps=1)
+    return [1 / rate]
 
 
 # --------------------------------------------------------------------------- main
@@ -489,30 +531,38 @@ def main():
             rate = bench_e2e(rt, cfg, cache, args.workers)
             synthetic = eager[0] if eager and isinstance(eager[0], float) else None
             return [rate, rate / synthetic if synthetic else 'n/a (no synthetic row)']
-        table.run([(f'{tag}, end to end from a {cfg["images"]}-image uint8 cache on disk '
-                    f'(loader workers: {args.workers})', 'pairs/s', None),
-                   ('  its ratio to the synthetic-input step', 'x', 0.9)], e2e, row_s)
+        end = table.run([(f'{tag}, end to end from a {cfg["images"]}-image uint8 cache on '
+                          f'disk (loader workers: {args.workers})', 'pairs/s', None),
+                         ('  its ratio to the synthetic-input step', 'x', 0.9)], e2e, row_s)
         ft = f'fine-tuning step (finetune_skin, {FS} px, batch {FB}, AdamW)'
-        table.run([(f'{ft}, eager', 'img/s', 2500)],
-                  lambda: [bench_finetune(rt, cfg, False)[0]], row_s)
+        tuned = table.run([(f'{ft}, eager', 'img/s', 2500)],
+                          lambda: [bench_finetune(rt, cfg, False)[0]], row_s)
         table.run([(f'{ft}, --compile', 'img/s', 2500),
                    ('  its first step (compilation)', 's', None)],
                   lambda: list(bench_finetune(rt, cfg, True)), COMPILE_ESTIMATE_S + row_s,
                   skip=no_compile)
-        table.run([(f'test-time augmentation inference (common.predict, {cfg["tta"]} views, '
-                    f'batch {FB}, {FS} px)', 'img/s', None)],
-                  lambda: [bench_tta(rt, cfg, cache)], row_s)
+        tested = table.run([(f'test-time augmentation inference (common.predict, '
+                             f'{cfg["tta"]} views, batch {cfg["eval_batch"]}, {FS} px)', 'img/s',
+                             None)], lambda: [bench_tta(rt, cfg, cache)], row_s)
     finally:
         if not args.tmp:
             shutil.rmtree(tmp, ignore_errors=True)
+    fitted = table.run([(f'probe fits of one seed ({len(probe.L2_GRID)} L2 values, '
+                         f'{cfg["probe_n"]:,} x {cfg["width"]:,} features, probe.fit_probe)',
+                         's', None)], lambda: bench_probe_fit(rt, cfg), row_s)
 
     if 'timer' in load:
         load['timer'].join(30)
         header.insert(2, f'nvidia-smi during the eager Barlow Twins step: '
                          f'{load["out"].get("text", "(no reading)")}')
     wall = time.perf_counter() - table.t0
+    first = lambda values: values[0] if values and isinstance(values[0], float) else None
+    rates = dict(ft=first(tuned), tta=first(tested), bt=first(end) or first(eager),
+                 fit_s=first(fitted))
     text = '\n'.join(['# bench-gpu', ''] + [f'- {h}' for h in header] + [''] +
-                     table.markdown() + ['', f'{table.verdict()} (wall {wall:.0f} s)']) + '\n'
+                     table.markdown() + ['', f'{table.verdict()} (wall {wall:.0f} s)', '',
+                                         "## make paper's cost from these rates", ''] +
+                     paper_cost_lines(rates, tiny=name == 'tiny')) + '\n'
     print('\n' + text, end='', flush=True)
     if args.out:
         C.atomic_write(args.out, lambda f: f.write(text))

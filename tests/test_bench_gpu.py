@@ -27,6 +27,7 @@ ROWS = [  # (a piece of the measurement's name, unit), in table order
     ('AdamW), --compile', 'img/s'),
     ('its first step (compilation)', 's'),
     ('test-time augmentation inference', 'img/s'),
+    ('probe fits of one seed', 's'),
 ]
 COMPILED = {5, 6, 7, 11, 12}  # positions in ROWS of the torch.compile rows
 
@@ -43,8 +44,9 @@ def run_bench(tmp_path, *extra, timeout):
 
 
 def table_rows(text):
-    """The markdown table's rows as dicts of its columns."""
-    lines = [line for line in text.splitlines() if line.startswith('|')]
+    """The first markdown table's rows as dicts of its columns."""
+    lines = ('\n' + text).split('\n|', 1)[1].split('\n\n', 1)[0]
+    lines = ['|' + lines.splitlines()[0]] + lines.splitlines()[1:]
     head = [c.strip() for c in lines[0].strip('|').split('|')]
     assert head == ['measurement', 'value', 'unit', 'peak memory', 'target', 'met?']
     assert set(lines[1]) <= set('|-')
@@ -78,6 +80,16 @@ def check_table(text, compiled):
     assert all(r['peak memory'].endswith(' GiB') for r in firsts)  # each group has its peak
     targets = {r['measurement'].strip(): r['target'] for r in rows if r['target']}
     assert sorted(set(targets.values())) == ['>= 0.9', '>= 2,500', '>= 20,000']
+    # then make paper's cost from the rates measured: the eager fine-tuning step, the
+    # test-time row and the end-to-end Barlow Twins step
+    cost = text.split("## make paper's cost from these rates\n\n", 1)[1]
+    assert cost.startswith('(tiny shapes: the arithmetic only, not what make paper costs)')
+    rate = lambda piece: number(next(r['value'] for r in rows if piece in r['measurement']))
+    assert (f'fine-tuning {rate("AdamW), eager"):,.0f} img/s at 256 px, test-time inference '
+            f'{rate("test-time augmentation"):,.0f} img/s') in ' '.join(cost.split())
+    assert f'Barlow Twins {rate("end to end"):,.0f} pairs/s' in ' '.join(cost.split())
+    assert "one seed's probe fits" in cost and ' s (measured)' in cost
+    assert '| **make paper** |' in cost and '- goal on 1 GPU: 3.00 h;' in cost
 
 
 def test_tiny_table_on_the_cpu(tmp_path):

@@ -1,0 +1,162 @@
+"""What `make paper` costs on GPUs, computed from throughput: the arithmetic of the README's
+table, in one place. `make bench-gpu` prints the same table from the rates it measured.
+
+    python tests/paper_cost.py                              # at the assumed rates
+    python tests/paper_cost.py --ft 3100 --tta 2900 --bt 3300 --gpus 8
+
+Rates (as `make bench-gpu` measures them, ResNet-50, bf16, channels_last):
+  --ft   fine-tuning step, img/s at 256 px, batch 64 (finetune.py's)
+  --tta  test-time inference, test images/s through all --tta views at 256 px (finetune.py's
+         common.predict); one forward pass is then tta x that (probe features, kNN monitor)
+  --bt   Barlow Twins step, pairs/s at 224 px, batch 256; make paper pretrains at 256 px, so
+         the rate is taken x (224/256)^2 (compute grows with the pixels)
+  --fit-s  one seed's probe fits with all the labels (probe.fit_probe; half the labels: half)
+The one assumption no benchmark row measures: --ddp-efficiency (pretraining on N GPUs runs
+at N x efficiency x one GPU's rate).
+"""
+import argparse
+import math
+import os
+import sys
+import textwrap
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from pretrain_barlow import monitor_every  # noqa: E402
+
+# `make paper`'s work: the Makefile's `paper` line and finetune.py / probe.py /
+# pretrain_barlow.py defaults (test_paper_cost.py checks them against `make -n paper`). The
+# split: PAPER.md's ISIC 2019 under the paper rule, 2,554 labelled images; of the other 19,423,
+# 10% go to val (whole lesions) and the rest to test. The pretraining pool is every non-test
+# image (train and val)
+WORK = dict(
+    inits=6,                 # random, supervised, barlow, supervised+skinBT, barlow+skinBT, skinBT
+    seeds=35,
+    labelled=2554, val=1942, test=17481,
+    budgets=(1.0, 0.5),      # LABELS="all 0.5": every labelled image, then half of each class
+    head_epochs=1, epochs=40, tta=3,
+    probe_views=16,          # augmented passes over the probe's train images (+ the eval view)
+    knn_per_class=25, classes=8,  # the pretraining runs' kNN monitor: its labelled references
+    further_runs=2, further_epochs=100,  # supervised+skinBT and barlow+skinBT
+    skin_epochs=1000,        # skinBT: Barlow Twins on the skin pool alone, from random init
+    projector_epochs=1,      # --preset skin: one projector-only epoch before each run
+    bt_size=256, bench_size=224,
+)
+# the rates of the issue's targets for one H200 (no GPU measured yet). For scale: NVIDIA
+# publishes 2,470 img/s for ResNet-50 v1.5 training on one A100 80GB (PyTorch, mixed
+# precision, batch 256, 224 px: DeepLearningExamples, resnet50v1.5 README, pytorch-21.03)
+ASSUMED = dict(ft=2500.0, tta=2500.0, bt=2500.0, fit_s=1.0, ddp_efficiency=0.5)
+GOALS = {1: 3 * 3600, 8: 25 * 60}  # seconds: 3 hours on one GPU, 25 minutes on 8
+
+
+def monitor_passes(epochs, pool_images):
+    """kNN monitor passes of a pretraining run with pretrain_barlow.py's default: before the
+    first step and on every monitor_every-th epoch."""
+    return epochs // monitor_every(epochs, pool_images) + 1
+
+
+def pieces(ft, tta, bt, fit_s, ddp_efficiency, gpus=1, work=WORK, fits='assumed'):
+    """[(piece, work in words, seconds on one GPU, seconds on `gpus`)]: make paper's steps in
+    the order it runs them (JOBS=1: one at a time), with `gpus` GPUs under torchrun. Evaluation
+    runs --parallel seeds (each rank its seeds in turn: ceil(seeds / gpus) rounds per command,
+    every rank extracting the probe's features itself); pretraining is one DDP run."""
+    w = work
+    forward = tta * w['tta']                         # single-view forward passes a second
+    bt_rate = bt * (w['bench_size'] / w['bt_size']) ** 2
+    dist = gpus * ddp_efficiency if gpus > 1 else 1
+    rounds = math.ceil(w['seeds'] / gpus)
+    pool = w['labelled'] + w['val']
+    knn = min(w['labelled'], w['knn_per_class'] * w['classes']) + w['val']
+    out = []
+    for f in w['budgets']:
+        n = round(f * w['labelled'])
+        train = (w['head_epochs'] + w['epochs']) * n / ft
+        test = w['test'] / tta
+        seed = train + test
+        runs = w['inits'] * w['seeds']
+        out.append((f'fine-tuning, {"all the" if f == 1 else f"{f:g} of the"} labels',
+                    f'{runs} seeds x ({w["head_epochs"] + w["epochs"]} epochs x {n:,} = '
+                    f'{train:,.1f} s + {w["tta"]} TTA passes x {w["test"]:,} = {test:,.1f} s)',
+                    runs * seed, w['inits'] * rounds * seed))
+    images = w['labelled'] * (1 + w['probe_views']) + w['val'] + w['test']
+    n_fits = w['inits'] * w['seeds'] * len(w['budgets'])
+    share = sum(w['budgets'])  # a fit reads its features: time in proportion to the labels
+    feat = w['inits'] * images / forward
+    out.append(('probe: features (once an init, on every rank)',
+                f'{w["inits"]} x ({w["labelled"]:,} x {1 + w["probe_views"]} views + '
+                f'{w["val"] + w["test"]:,}) = {w["inits"] * images:,} passes', feat, feat))
+    out.append(('probe: fits', f'{n_fits} seeds x {fit_s:.3g} s ({fits}) x their share of '
+                               f'the labels', w['inits'] * w['seeds'] * share * fit_s,
+                w['inits'] * rounds * share * fit_s))
+    for name, runs, epochs in (('further Barlow Twins', w['further_runs'], w['further_epochs']),
+                               ('Barlow Twins on skin only', 1, w['skin_epochs'])):
+        pairs = runs * (w['projector_epochs'] + epochs) * pool
+        passes = runs * monitor_passes(epochs, pool) * knn
+        one = pairs / bt_rate + passes / forward
+        out.append((name, f'{runs} x {w["projector_epochs"] + epochs:,} epochs x {pool:,} = '
+                          f'{pairs:,} pairs + {passes:,} kNN passes', one,
+                    pairs / (bt_rate * dist) + passes / forward))
+    return out
+
+
+def hours(s):
+    return f'{s / 3600:.2f} h' if s >= 3600 else f'{s / 60:.1f} min' if s >= 60 else f'{s:.1f} s'
+
+
+def needed(rows, goal, column):
+    """How many times the rates would have to be for the total to meet `goal` (the fits are
+    fixed time), or None when the fixed part alone exceeds it."""
+    fixed = sum(r[column] for r in rows if r[0] == 'probe: fits')
+    scaled = sum(r[column] for r in rows) - fixed
+    return None if goal <= fixed else scaled / (goal - fixed)
+
+
+def table(ft, tta, bt, fit_s, ddp_efficiency, gpus=8, source='assumed', fits='assumed'):
+    """Markdown lines: the pieces, the totals, and against each goal the factor on the rates
+    that would meet it (the fits' time held fixed). fits: 'assumed' or 'measured'."""
+    rows = pieces(ft, tta, bt, fit_s, ddp_efficiency, gpus, fits=fits)
+    rates = (f'Rates ({source}): fine-tuning {ft:,.0f} img/s at 256 px, test-time inference '
+             f'{tta:,.0f} img/s through {WORK["tta"]} views, Barlow Twins {bt:,.0f} pairs/s at '
+             f'224 px ({bt * (224 / 256) ** 2:,.0f} at 256); one seed\'s probe fits '
+             f'{fit_s:.3g} s ({fits}); {gpus}-GPU pretraining at {ddp_efficiency:g} x {gpus} x '
+             f'one GPU (assumed).')
+    lines = textwrap.wrap(rates, 95) + ['', f'| piece | work | one GPU | {gpus} GPUs |',
+                                        '|---|---|---|---|']
+    lines += [f'| {p} | {w} | {hours(a)} | {hours(b)} |' for p, w, a, b in rows]
+    totals = [sum(r[2] for r in rows), sum(r[3] for r in rows)]
+    lines.append(f'| **make paper** | | **{hours(totals[0])}** | **{hours(totals[1])}** |')
+    lines.append('')
+    for column, n in ((2, 1), (3, gpus)):
+        goal = GOALS.get(n)
+        if goal is None:
+            continue
+        k = needed(rows, goal, column)
+        total = totals[column - 2]
+        verdict = 'meets it' if total <= goal else (
+            f'misses it: every rate {k:.2f}x these would meet it' if k else
+            'misses it at any rate (the fits alone take longer)')
+        lines.append(f'- goal on {n} GPU{"s" if n > 1 else ""}: {hours(goal)}; '
+                     f'{hours(total)} {verdict}')
+    return lines
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    positive = lambda s: float(s) if float(s) > 0 else p.error(f'{s}: must be > 0')
+    for k in ('ft', 'tta', 'bt'):
+        p.add_argument(f'--{k}', type=positive, default=ASSUMED[k])
+    p.add_argument('--fit-s', type=positive, default=ASSUMED['fit_s'])
+    p.add_argument('--ddp-efficiency', type=positive, default=ASSUMED['ddp_efficiency'])
+    p.add_argument('--gpus', type=int, choices=range(2, 1025), metavar='N', default=8)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    a = get_args(argv)
+    given = any(getattr(a, k) != ASSUMED[k] for k in ('ft', 'tta', 'bt'))
+    print('\n'.join(table(a.ft, a.tta, a.bt, a.fit_s, a.ddp_efficiency, a.gpus,
+                          'given' if given else 'assumed: the targets of one H200')))
+
+
+if __name__ == '__main__':
+    main()

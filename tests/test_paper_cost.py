@@ -1,0 +1,127 @@
+"""tests/paper_cost.py, the arithmetic of `make paper`'s cost: its work is what `make -n paper`
+runs, its sums come out as computed by hand, the rate factor it names meets the goal exactly,
+and the README's table is its output."""
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+import bench_gpu
+import finetune
+import paper_cost
+import pretrain_barlow
+import probe
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+W = paper_cost.WORK
+A = paper_cost.ASSUMED
+
+
+def flag(line, name):
+    m = re.search(rf'{name} (\S+)', line)
+    return m.group(1) if m else None
+
+
+def test_the_work_is_what_make_paper_runs():
+    env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'MAKEFLAGS')}
+    r = subprocess.run(['make', '--no-print-directory', '-n', 'paper', 'SKIN=/nowhere/ISIC_2019'],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.replace('\\\n', ' ')
+    lines = out.splitlines()
+    ft = [l for l in lines if 'finetune.py ' in l]
+    pr = [l for l in lines if 'probe.py ' in l]
+    bt = [l for l in lines if 'pretrain_barlow.py ' in l]
+    inits = {flag(l, '--init-name') for l in ft}
+    assert len(inits) == W['inits'] and {flag(l, '--init-name') for l in pr} == inits
+    # each init fine-tuned and probed at every budget: no flag is all the labels
+    fractions = sorted(float(flag(l, '--label-fraction') or 1) for l in ft)
+    assert fractions == sorted(W['budgets'] * W['inits'])
+    assert sorted(float(flag(l, '--label-fraction') or 1) for l in pr) == fractions
+    assert not any('--labels-per-class' in l for l in ft + pr)
+    seeds = {flag(l, '--seeds') for l in ft + pr}
+    assert seeds == {f'0-{W["seeds"] - 1}'}
+    assert {flag(l, '--epochs') for l in ft} == {str(W['epochs'])}
+    assert {flag(l, '--aug-views') for l in pr} == {str(W['probe_views'])}
+    assert all(flag(l, '--size') == str(W['bt_size']) for l in ft + pr + bt)
+    ft_args = finetune.get_args(['--data', 'x', '--init', 'random'])  # the flags make leaves out
+    assert not any('--head-epochs' in l or '--tta' in l for l in ft)
+    assert (ft_args.head_epochs, ft_args.tta) == (W['head_epochs'], W['tta'])
+    assert all(flag(l, '--batch-size') == '64' for l in ft)
+    # two further runs from the published inits and the skin-only one from random init, all
+    # with the skin preset's projector-only epoch and no --monitor-every of their own
+    runs = sorted((flag(l, '--init'), int(flag(l, '--epochs'))) for l in bt)
+    assert runs == [('barlowtwins', W['further_epochs']), ('random', W['skin_epochs']),
+                    ('torchvision', W['further_epochs'])]
+    assert all(flag(l, '--preset') == 'skin' and '--head-warmup-epochs' not in l
+               and '--monitor-every' not in l for l in bt)
+    assert pretrain_barlow.PRESETS['skin']['head_warmup_epochs'] == W['projector_epochs']
+    assert probe.get_args(['--data', 'x', '--init', 'random']).aug_views == 16
+
+
+def test_the_sums_at_rates_chosen_to_give_round_numbers():
+    """At ft = 41 x 2,554 img/s a seed of all the labels trains in 1 s; at tta = 17,481 its
+    test passes take 1 s. Each other piece is written out by hand here."""
+    ft, tta = 41 * 2554, 17481.0
+    bt = 4496 / (224 / 256) ** 2  # one epoch of pairs a second at 256 px
+    rows = {p: (one, eight) for p, _, one, eight in
+            paper_cost.pieces(ft, tta, bt, fit_s=0.5, ddp_efficiency=0.25, gpus=8)}
+    close = lambda got, want: math.isclose(got, want, rel_tol=1e-9)
+    one, eight = rows['fine-tuning, all the labels']
+    assert close(one, 6 * 35 * 2.0) and close(eight, 6 * 5 * 2.0)  # 35 seeds on 8: 5 rounds
+    one, eight = rows['fine-tuning, 0.5 of the labels']
+    assert close(one, 6 * 35 * (41 * 1277 / ft + 1)) and close(eight, 6 * 5 * (41 * 1277 / ft + 1))
+    forward = 3 * tta  # single-view passes a second
+    one, eight = rows['probe: features (once an init, on every rank)']
+    assert close(one, 6 * (2554 * 17 + 1942 + 17481) / forward) and close(eight, one)
+    assert rows['probe: fits'] == (6 * 35 * 1.5 * 0.5, 6 * 5 * 1.5 * 0.5)  # half: half
+    knn = 8 * 25 + 1942  # the monitor's references and the val part
+    one, eight = rows['further Barlow Twins']  # 101 epochs, every 2nd monitored: 51 passes
+    assert close(one, 2 * 101 + 2 * 51 * knn / forward)
+    assert close(eight, 2 * 101 / (8 * 0.25) + 2 * 51 * knn / forward)
+    one, eight = rows['Barlow Twins on skin only']  # 1,001 epochs, every 20th: 51 passes
+    assert close(one, 1001 + 51 * knn / forward)
+    assert close(eight, 1001 / 2 + 51 * knn / forward)
+    assert pretrain_barlow.monitor_every(1000, 4496) == 20
+    assert pretrain_barlow.monitor_every(6, 4496) == 1
+    assert pretrain_barlow.monitor_every(100, 1_281_167) == 25
+
+
+@pytest.mark.parametrize('gpus,column', [(1, 2), (8, 3)])
+def test_the_factor_it_names_meets_the_goal_exactly(gpus, column):
+    rows = paper_cost.pieces(A['ft'], A['tta'], A['bt'], A['fit_s'], A['ddp_efficiency'], 8)
+    k = paper_cost.needed(rows, paper_cost.GOALS[gpus], column)
+    assert k > 1  # the assumed rates miss both goals
+    faster = paper_cost.pieces(k * A['ft'], k * A['tta'], k * A['bt'], A['fit_s'],
+                               A['ddp_efficiency'], 8)
+    assert math.isclose(sum(r[column] for r in faster), paper_cost.GOALS[gpus], rel_tol=1e-9)
+    assert paper_cost.needed(rows, 1.0, column) is None  # under the fits' own time: never
+
+
+def test_the_readme_table_is_its_output():
+    r = subprocess.run([sys.executable, os.path.join(ROOT, 'tests', 'paper_cost.py')],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    readme = open(os.path.join(ROOT, 'README.md')).read()
+    assert r.stdout.strip() in readme, 'README: paste `python tests/paper_cost.py` again'
+
+
+def test_bench_gpu_computes_it_from_what_it_measured():
+    lines = bench_gpu.paper_cost_lines(dict(ft=2500.0, tta=2500.0, bt=2500.0), tiny=False)
+    assert lines[0].startswith('Rates (measured above): fine-tuning 2,500 img/s')
+    table = paper_cost.table(2500.0, 2500.0, 2500.0, A['fit_s'], A['ddp_efficiency'])
+    start = table.index('')  # after the rates
+    assert lines[start:] == table[start:]
+    assert bench_gpu.paper_cost_lines(dict(ft=1.0, tta=None, bt=None, fit_s=2.0),
+                                      tiny=False) == ['not computed: no tta, bt rate was measured']
+    measured = ' '.join(bench_gpu.paper_cost_lines(dict(ft=1.0, tta=1.0, bt=1.0, fit_s=0.25),
+                                                   tiny=False))
+    assert "one seed's probe fits 0.25 s (measured)" in measured
+    assert '| probe: fits | 420 seeds x 0.25 s (measured)' in measured
+    assert "probe fits 1 s (assumed)" in ' '.join(
+        bench_gpu.paper_cost_lines(dict(ft=1.0, tta=1.0, bt=1.0, fit_s=None), tiny=False))
+    assert bench_gpu.paper_cost_lines(dict(ft=1.0, tta=1.0, bt=1.0), tiny=True)[0] == \
+        '(tiny shapes: the arithmetic only, not what make paper costs)'
