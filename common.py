@@ -1683,7 +1683,7 @@ def add_eval_args(p, budgets=False):
     g.add_argument('--parallel', default='none', choices=['none', 'seeds'],
                    help='under torchrun: none, every seed uses all ranks (DDP); seeds, each '
                         'rank runs its own seeds on its own device, no DDP between them '
-                        '(the fast way through many seeds)')
+                        '(the fast way through many seeds; more ranks than GPUs share them)')
     g.add_argument('--init-name', default=None,
                    help='name of this initialisation in the results table (default: --init)')
     g.add_argument('--results', default='results/results.jsonl', help='one row per seed')
@@ -1735,9 +1735,11 @@ def setup_runtime(device='auto', precision='auto', seed=0, parallel_seeds=False)
     """Device, distributed (detected from torchrun's environment), precision, seed.
     Returns a namespace: device, rank, local_rank, world, is_main, dtype (autocast),
     precision ('bf16' | 'fp16' | 'fp32'), seed_rank and seed_ranks.
-    parallel_seeds=True under torchrun: every process is a runtime of its own on its own
-    device (world 1, no process group, no DDP), and seed_rank / seed_ranks say which share
-    of the seeds it runs (seeds_of); without torchrun it changes nothing."""
+    parallel_seeds=True under torchrun: every process is a runtime of its own (world 1, no
+    process group, no DDP) on GPU local_rank modulo the GPUs visible, so more processes than
+    GPUs share them, and seed_rank / seed_ranks say which share of the seeds it runs
+    (seeds_of); without torchrun it changes nothing. Under DDP each rank needs a GPU of its
+    own."""
     rank, local_rank, world = dist_info()
     seed_rank, seed_ranks = (rank, world) if parallel_seeds else (0, 1)
     if parallel_seeds:
@@ -1745,7 +1747,14 @@ def setup_runtime(device='auto', precision='auto', seed=0, parallel_seeds=False)
     cuda = torch.cuda.is_available() if device == 'auto' else device == 'cuda'
     if cuda and not torch.cuda.is_available():
         raise UserError('--device cuda: no CUDA device is visible; use --device cpu')
-    dev = torch.device(f'cuda:{local_rank}' if cuda else 'cpu')
+    gpu = local_rank
+    if cuda and local_rank >= torch.cuda.device_count():
+        if not parallel_seeds:
+            raise UserError(f'local rank {local_rank}, but {torch.cuda.device_count()} GPU(s) '
+                            f'are visible: start at most that many processes a node '
+                            f'(--nproc_per_node), or run the seeds apart (--parallel seeds)')
+        gpu = local_rank % torch.cuda.device_count()
+    dev = torch.device(f'cuda:{gpu}' if cuda else 'cpu')
     if cuda:
         torch.cuda.set_device(dev)
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -101,3 +101,42 @@ def test_interrupted_parallel_run_completes_on_rerun(lesions, torch_home, fastpy
     assert sorted(row['seed'] for row in lines) == [0, 1, 2, 3]  # each seed exactly once
     # rank 0 says which of its seeds it skips (rank 1's lines: print0 prints rank 0's only)
     assert all(f'seed {seed}: already in' in r.stdout for _, seed in first if seed % 2 == 0)
+
+
+@pytest.fixture
+def two_fake_gpus(monkeypatch):
+    """torch.cuda says two GPUs are there (no GPU here); set_device calls are recorded, and
+    the backend flags setup_runtime sets for CUDA are put back afterwards."""
+    import torch
+    used = []
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+    monkeypatch.setattr(torch.cuda, 'set_device', used.append)
+    flags = [(torch.backends.cuda.matmul, 'allow_tf32'), (torch.backends.cudnn, 'allow_tf32'),
+             (torch.backends.cudnn, 'benchmark')]
+    saved = [getattr(o, name) for o, name in flags]
+    yield used
+    for (o, name), value in zip(flags, saved):
+        setattr(o, name, value)
+
+
+def test_more_seed_processes_than_gpus_share_them_and_ddp_refuses(monkeypatch, two_fake_gpus):
+    """--parallel seeds with more processes than GPUs: local rank r runs on GPU r mod the
+    count. Under DDP a rank without a GPU of its own is one clear error, before any process
+    group."""
+    import torch
+
+    import common as C
+    monkeypatch.setenv('WORLD_SIZE', '5')
+    for local in range(5):
+        monkeypatch.setenv('RANK', str(local))
+        monkeypatch.setenv('LOCAL_RANK', str(local))
+        rt = C.setup_runtime('cuda', 'bf16', parallel_seeds=True)
+        assert rt.device == torch.device(f'cuda:{local % 2}') and rt.world == 1
+        assert (rt.seed_rank, rt.seed_ranks) == (local, 5)
+    assert two_fake_gpus == [torch.device(f'cuda:{k % 2}') for k in range(5)]
+    monkeypatch.setenv('LOCAL_RANK', '2')
+    with pytest.raises(C.UserError, match=r'local rank 2, but 2 GPU\(s\) are visible: start at '
+                                          r'most that many processes a node'):
+        C.setup_runtime('cuda', 'bf16')
+    assert not torch.distributed.is_initialized()
