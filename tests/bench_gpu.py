@@ -27,7 +27,7 @@ the eager fine-tuning step, as make paper runs it; the test-time row; the end-to
 Twins step; the probe's fits).
 Targets (one H200): augmentation >= 20,000 pairs/s; Barlow Twins >= 2,500 pairs/s with the
 ratio >= 0.9; end to end >= 0.9 of the synthetic-input step; fine-tuning >= 2,500 img/s.
-On the CPU (or with --tiny) the shapes are tiny (resnet18, 32 px, batch 16, projector 64-64)
+On the CPU (or with --tiny) the shapes are tiny (resnet10, 32 px, batch 16, projector 64-64)
 and the targets are not judged: that run only proves the script works.
 """
 import argparse
@@ -58,7 +58,7 @@ CONFIGS = {  # the paper's setting on one GPU, and tiny shapes that run in secon
     'full': dict(arch='resnet50', cache=256, size=224, batch=256, projector='8192-8192-8192',
                  ft_size=256, ft_batch=64, eval_batch=256, classes=8, tta=3, images=8192,
                  probe_n=2554 * 17, probe_val=1942, width=2048, seconds=8.0, warmup=5),
-    'tiny': dict(arch='resnet18', cache=40, size=32, batch=16, projector='64-64',
+    'tiny': dict(arch='resnet10', cache=40, size=32, batch=16, projector='64-64',
                  ft_size=32, ft_batch=8, eval_batch=16, classes=3, tta=3, images=64,
                  probe_n=256, probe_val=64, width=512, seconds=0.3, warmup=1),
 }
@@ -74,7 +74,7 @@ def get_args(argv=None):
     p.add_argument('--precision', default='auto', choices=['auto', 'bf16', 'fp16', 'fp32'],
                    help='auto: bf16 autocast on CUDA, fp32 on CPU (as the scripts)')
     p.add_argument('--tiny', action='store_true',
-                   help='tiny shapes (resnet18, 32 px, batch 16); the default on the CPU')
+                   help='tiny shapes (resnet10, 32 px, batch 16); the default on the CPU')
     p.add_argument('--seconds', type=C.number(float, 0), default=None,
                    help='timed seconds per row after warmup (default 8; tiny 0.3)')
     p.add_argument('--warmup', type=C.number(int, 1), default=None,

@@ -35,7 +35,7 @@ def build_model(projector=PROJECTOR, objective='barlow'):
     """The same model on every rank. The residual BN scales start at 1 +- 0.5 instead of
     zero_init_residual's 0, so that every parameter gets a gradient in the first step."""
     torch.manual_seed(0)
-    backbone, width = C.make_backbone('resnet18')
+    backbone, width = C.make_backbone('resnet10')
     for m in backbone.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             torch.nn.init.uniform_(m.weight, 0.5, 1.5)

@@ -41,7 +41,7 @@ WORK = dict(
     projector_epochs=1,      # --preset skin: one projector-only epoch before each run
     bt_size=256, bench_size=224,
 )
-# the rates of the targets for one H200 (no GPU measured yet). For scale: NVIDIA
+# bench_gpu.py's targets for one H200, taken as its rates (no GPU measured yet). For scale: NVIDIA
 # publishes 2,470 img/s for ResNet-50 v1.5 training on one A100 80GB (PyTorch, mixed
 # precision, batch 256, 224 px: DeepLearningExamples, resnet50v1.5 README, pytorch-21.03)
 ASSUMED = dict(ft=2500.0, tta=2500.0, bt=2500.0, fit_s=1.0, ddp_efficiency=0.5)

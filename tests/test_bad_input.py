@@ -1,10 +1,10 @@
-"""Bad inputs and faults as a new user meets them, kept from the sweep of issue #11: flags out
-of range, output paths that cannot be written, malformed text inputs, dataset layouts that
-used to fall through, damaged derived files, torn result lines, failed appends, and the
-routes by which test images could reach pretraining. Each case ends in one `error: ...` line
-with exit status 2 and nothing half-written, or in a named note, never in a traceback or a
-silent guess. The scripts' main() runs in-process on a 20-image ImageFolder of 16 px images
-(resnet18, one step); report.py runs as a subprocess (its guard lives under __main__)."""
+"""Bad inputs and faults as a new user meets them: flags out of range, output paths that
+cannot be written, malformed text inputs, dataset layouts that used to fall through, damaged
+derived files, torn result lines, failed appends, and the routes by which test images could
+reach pretraining. Each case ends in one `error: ...` line with exit status 2 and nothing
+half-written, or in a named note, never in a traceback or a silent guess. The scripts'
+main() runs in-process on a 20-image ImageFolder of 16 px images (resnet10, one step);
+report.py runs as a subprocess (its guard lives under __main__)."""
 import contextlib
 import errno
 import io
@@ -22,9 +22,10 @@ import torch
 from PIL import Image
 
 import common as C
-from conftest import ROOT, write_imagefolder
+import forkrun
+from conftest import ROOT, script_env, write_imagefolder
 
-T16 = ['--arch', 'resnet18', '--size', '16', '--cache-size', '16', '--workers', '0',
+T16 = ['--arch', 'resnet10', '--size', '16', '--cache-size', '16', '--workers', '0',
        '--device', 'cpu', '--offline']
 PRE = ['--projector', '16-16', '--batch-size', '4', '--max-steps', '1']
 FT = ['--labels-per-class', '3', '--seeds', '0', '--epochs', '1', '--head-epochs', '0',
@@ -72,8 +73,9 @@ def ok(result):
 
 
 def run_report(*argv, cwd):
-    return subprocess.run([sys.executable, os.path.join(ROOT, 'report.py'), *map(str, argv)],
-                          cwd=str(cwd), capture_output=True, text=True, timeout=60)
+    """report.py in a process of its own, forked from the fork server (forkrun.py)."""
+    return forkrun.Run(os.path.join(ROOT, 'report.py'), argv, str(cwd),
+                       script_env(os.path.join(cwd, 'torch_home'))).wait(60)
 
 
 @pytest.fixture(scope='module', autouse=True)

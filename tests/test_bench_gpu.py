@@ -14,7 +14,7 @@ from conftest import script_env, script_path
 
 ROWS = [  # (a piece of the measurement's name, unit), in table order
     ('batched two-view barlow_imagenet augmentation', 'pairs/s'),
-    ('bare resnet18 forward+backward', 'img/s'),
+    ('bare resnet10 forward+backward', 'img/s'),
     ('synthetic input', 'pairs/s'),
     ('its ratio to bare / 2', 'x'),
     ('its first step (allocation', 's'),
@@ -60,7 +60,7 @@ def number(text):
 
 def check_table(text, compiled):
     for key in ('- device: CPU', '- versions: torch ', 'torchvision ', 'cuDNN ', '- host: ',
-                '- settings: tiny shapes, resnet18, precision fp32'):
+                '- settings: tiny shapes, resnet10, precision fp32'):
         assert key in text
     assert 'targets: not judged for tiny shapes' in text
     rows = table_rows(text)

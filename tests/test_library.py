@@ -22,7 +22,7 @@ np.save(f'{out}/images.npy', np.random.default_rng(0).integers(0, 256, (48, 40, 
 cache = {'file': f'{out}/images.npy', 'labels': [i % 3 for i in range(48)]}
 loader = C.make_loader(cache, range(48), batch_size=16, workers=0)
 
-backbone, width = C.make_backbone('resnet18')
+backbone, width = C.make_backbone('resnet10')
 model, raw = C.wrap_model(rt, C.BarlowTwins(backbone, width, projector='32-32'))
 views = C.preset_params('barlow_imagenet', size=32)
 opt = C.make_optimizer({'backbone': raw.backbone, 'projector': raw.projector}, 'lars',
@@ -32,7 +32,7 @@ step = C.fit(rt, model, raw, opt, loader,
              step_fn=lambda x, y, gen: model(*C.augment_views(x, views, gen)),
              out=f'{out}/run', total_steps=total,
              lr_fn=lambda s, g: g['peak_lr'] * C.lr_factor(s, total, warmup=1),
-             config={'arch': 'resnet18'}, max_steps=max_steps, log_every=2, ckpt_every=2)
+             config={'arch': 'resnet10'}, max_steps=max_steps, log_every=2, ckpt_every=2)
 
 # a linear classifier on the frozen features, scored with the shared metrics
 raw.eval()

@@ -5,7 +5,6 @@ imports overlap the other's work). Its own file, so that it runs beside the whol
 smoke run of test_makefile.py, each on a core."""
 import os
 import shutil
-import sys
 
 import pytest
 
@@ -17,10 +16,11 @@ def test_whole_chain_under_torchrun(tmp_path, fastpy):
     if shutil.which('make') is None:
         pytest.skip('no make')
     inits = ('supervised', 'barlow+skinBT')  # barlow+skinBT needs the source Barlow Twins run
-    # the real torchrun launches each step's ranks, as forked processes (conftest.fastpy)
+    # torchrun's own launcher starts each step's ranks; it and they are forked processes
+    # (conftest.fastpy, tests/torchrun)
     fast, env = fastpy
-    torchrun = os.path.join(os.path.dirname(sys.executable), 'torchrun')
-    run = f'RUN={torchrun} --standalone --nproc_per_node=2 --no-python {fast}'
+    torchrun = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'torchrun')
+    run = f'RUN={fast} {torchrun} --standalone --nproc_per_node=2 --no-python {fast}'
     r = make(*tiny(tmp_path, nproc=2), f'INITS={" ".join(inits)}', run, 'JOBS=2', **env)
     assert 'torchrun --standalone --nproc_per_node=2' in r.stdout
     assert r.stdout.count('torchrun --standalone') == 7    # 3 pretraining runs, 2 x 2 evaluations

@@ -7,7 +7,7 @@ import torch
 
 import common as C
 import pretrain_barlow
-from conftest import TINY
+from conftest import ARCH, TINY
 
 
 # --------------------------------------------------------------------------- collapse signals
@@ -107,7 +107,7 @@ def test_knn_predict_against_a_brute_force_vote():
 
 @pytest.fixture(scope='module')
 def skin(tmp_path_factory):
-    """A tiny synthetic skin set, its split and cache, with a random resnet18."""
+    """A tiny synthetic skin set, its split and cache."""
     from test_synthetic import run as synth
     d = tmp_path_factory.mktemp('mon')
     synth('--out', d, '--only', 'skin', '--size', '32', '--skin-count', '120', '--workers', '1')
@@ -122,7 +122,7 @@ def test_monitor_knn_equals_the_probe_knn_on_the_same_features(skin):
     d, ds, split, cache = skin
     rt = C.setup_runtime('cpu', 'fp32')
     torch.manual_seed(0)
-    backbone, _ = C.make_backbone('resnet18')
+    backbone, _ = C.make_backbone(ARCH)
     got = pretrain_barlow.knn_monitor(rt, backbone, ds, cache, split, 32)(3)
     # the probe's path: probe.py's eval-view features (C.predict), then its kNN
     ref = C.labelled_subset(ds, split['train'], seed=0, per_class=25)

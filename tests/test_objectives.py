@@ -291,17 +291,24 @@ DDP_CASES = [('barlow', '64-64'), ('barlow', '64-8'),  # the Barlow Twins loss's
 @pytest.fixture(scope='module')
 def ddp_steps(tmp_path_factory, torch_home):
     """One torchrun launch (two gloo ranks) takes the DDP step of every case: the folder of
-    their ddp-*.pt files, or the failed run."""
+    their ddp-*.pt files, or the failed run. The launcher and its ranks are forked from a
+    server that has imported torch (conftest.fastpy's, tests/torchrun)."""
     import subprocess
-    import sys
 
+    import forkrun
     from conftest import ROOT, script_env
     out = tmp_path_factory.mktemp('ddp')
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-           os.path.join(ROOT, 'tests', 'ddp_step.py'), str(out),
+    sock, fast = str(out / 'fork.sock'), os.path.join(ROOT, 'tests', 'fastpy')
+    server = forkrun.serve(sock, script_env(torch_home))
+    cmd = [fast, os.path.join(ROOT, 'tests', 'torchrun'), '--standalone', '--nproc_per_node=2',
+           '--no-python', fast, os.path.join(ROOT, 'tests', 'ddp_step.py'), str(out),
            *[f'{p}:{o}' for o, p in DDP_CASES]]
-    r = subprocess.run(cmd, cwd=str(out), capture_output=True, text=True, timeout=300,
-                       env=script_env(torch_home))
+    try:
+        r = subprocess.run(cmd, cwd=str(out), capture_output=True, text=True, timeout=300,
+                           env=script_env(torch_home, FORKRUN_SOCKET=sock))
+    finally:
+        server.kill()
+        server.wait(timeout=60)
     return out, r
 
 

@@ -24,12 +24,15 @@ def rows_of(path):
 def evaluate(script, data, split, cache, results, nproc, torch_home, extra=(), wait=True,
              fastpy=None):
     """The script over SEEDS in one process (forked, as run_script's runs) or under torchrun
-    with nproc ranks: real processes, or with fastpy = (client, env) ranks forked from the
-    test's server (conftest.fastpy: no import of torch per rank; a rank killed with its
-    launcher must be a real process, so the interrupted run keeps real ones)."""
+    with nproc ranks: real processes, or with fastpy = (client, env) the launcher and its
+    ranks forked from the test's server (conftest.fastpy, tests/torchrun: no import of torch
+    per process; a rank killed with its launcher must be a real process, so the interrupted
+    run keeps real ones)."""
+    torchrun = [fastpy[0], os.path.join(ROOT, 'tests', 'torchrun')] if fastpy else \
+        [sys.executable, '-m', 'torch.distributed.run']
     launch = [sys.executable] if nproc == 1 else [
-        sys.executable, '-m', 'torch.distributed.run', '--standalone',
-        f'--nproc_per_node={nproc}', *(['--no-python', fastpy[0]] if fastpy else [])]
+        *torchrun, '--standalone', f'--nproc_per_node={nproc}',
+        *(['--no-python', fastpy[0]] if fastpy else [])]
     args = ['--data', data, '--split', split, *TINY, '--cache-dir', cache, '--seeds', SEEDS,
             '--labels-per-class', '3', '--results', results, '--init-name', 'random',
             *(['--parallel', 'seeds'] if nproc > 1 else []), *extra]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import common as C
-from conftest import TINY
+from conftest import ARCH, TINY
 
 CL = torch.channels_last
 # bf16 on a CPU without native bf16 instructions is ~10x slower than fp32: 16 px views of 20 px
@@ -29,7 +29,7 @@ def one_thread():
 
 def tiny_barlow(seed=0):
     torch.manual_seed(seed)
-    backbone, width = C.make_backbone('resnet18')
+    backbone, width = C.make_backbone(ARCH)
     return C.SSLModel(backbone, width, '32-32', 'barlow')
 
 
@@ -163,7 +163,7 @@ def test_compile_on_cpu_pretrain_barlow(tmp_path, imagefolder, run_script):
     assert r.returncode == 0, r.stderr[-3000:]
     sd = torch.load(tmp_path / 'bt' / 'backbone.pt', weights_only=True)
     assert not [k for k in sd if '_orig_mod.' in k or k.startswith('fc.')]
-    backbone, _ = C.make_backbone('resnet18')
-    backbone.load_state_dict(sd)  # strict: a plain torchvision resnet18 backbone
+    backbone, _ = C.make_backbone(ARCH)
+    backbone.load_state_dict(sd)  # strict: a plain torchvision-layout backbone
     assert all(torch.isfinite(v.float()).all() for v in sd.values())
     print(f'pretrain_barlow.py --compile, 2 steps on the CPU: {time.time() - t:.0f} s')

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import common
-from conftest import TINY
+from conftest import ARCH, TINY
 from test_scripts import rows
 
 MODEL_KEYS = {'format', 'version', 'arch', 'classes', 'model', 'size', 'cache_size', 'mean',
@@ -61,7 +61,7 @@ def test_saved_model_file(saved):
     assert set(obj) == MODEL_KEYS
     assert obj['format'] == 'finetuned-classifier' and obj['version'] == 1
     assert (obj['arch'], obj['classes'], obj['size'], obj['cache_size']) == \
-        ('resnet18', ['c0', 'c1', 'c2'], 32, 40)
+        (ARCH, ['c0', 'c1', 'c2'], 32, 40)
     assert (obj['tta'], obj['aug'], obj['batch_size'], obj['seed']) == (2, 'finetune_skin', 5, 0)
     assert obj['mean'] == list(common.IMAGENET_MEAN) and obj['std'] == list(common.IMAGENET_STD)
     assert {k.split('.')[0] for k in obj['model']} == {'backbone', 'head'}
@@ -69,7 +69,7 @@ def test_saved_model_file(saved):
     (row,) = rows(saved / 'results.jsonl')
     assert common.result_key(obj['result']) == common.result_key(row)
     assert (row['tta'], row['eval_batch_size']) == (2, 5)
-    m = common.Classifier(*common.make_backbone('resnet18'), 3)
+    m = common.Classifier(*common.make_backbone(ARCH), 3)
     m.load_state_dict(obj['model'])  # strict
     assert not (saved / 'ft').exists() or not os.listdir(saved / 'ft')  # run folder dropped
 
@@ -131,7 +131,7 @@ def bad_model(kind, saved, path):
         torch.save({k[9:]: v for k, v in obj['model'].items() if k.startswith('backbone.')}, path)
     elif kind == 'ckpt.pt':
         torch.save(dict(model=obj['model'], optimizer={'state': {}, 'param_groups': []},
-                        scaler={}, step=2, epoch=1, pos=0, config={'arch': 'resnet18'}), path)
+                        scaler={}, step=2, epoch=1, pos=0, config={'arch': ARCH}), path)
     elif kind == 'other-arch':
         torch.save(dict(obj, arch='resnet34'), path)
     elif kind == 'other-head':
@@ -142,7 +142,7 @@ def bad_model(kind, saved, path):
 
 
 BAD = {'backbone.pt': 'bare state dict', 'ckpt.pt': 'resumable training checkpoint',
-       'other-arch': "a resnet18's", 'other-head': 'size mismatch for head.weight',
+       'other-arch': f"a {ARCH}'s", 'other-head': 'size mismatch for head.weight',
        'not-torch': 'not even a PyTorch file', 'missing': 'no such file',
        'empty-folder': 'no images found'}
 

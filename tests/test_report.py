@@ -14,6 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import forkrun
+from conftest import script_env
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import report  # noqa: E402
@@ -286,8 +289,9 @@ def write_results(path):
 
 
 def run_report(*args, cwd):
-    return subprocess.run([sys.executable, str(ROOT / 'report.py'), *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=60)
+    """report.py in a process of its own, forked from the fork server (forkrun.py)."""
+    return forkrun.Run(str(ROOT / 'report.py'), args, str(cwd),
+                       script_env(os.path.join(cwd, 'torch_home'))).wait(60)
 
 
 def table_rows(md, heading):

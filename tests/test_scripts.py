@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import common
-from conftest import TINY
+from conftest import ARCH, TINY
 
 
 def sha(path):
@@ -107,8 +107,8 @@ def test_pretrain_supervised(work, sup):
     assert 'val top-1' in sup.stdout
     sd = torch.load(work / 'sup' / 'backbone.pt', weights_only=True)
     assert not [k for k in sd if k.startswith('fc.')]
-    m, _ = common.make_backbone('resnet18')
-    m.load_state_dict(sd)  # strict: exactly a resnet18 backbone
+    m, _ = common.make_backbone(ARCH)
+    m.load_state_dict(sd)  # strict: exactly the backbone of --arch
     meta = json.loads((work / 'sup' / 'meta.json').read_text())
     assert 0 <= meta['val']['top1'] <= meta['val']['top5'] <= 1
     assert meta['classes'] == ['c0', 'c1', 'c2']
@@ -137,8 +137,10 @@ def test_pretrain_barlow_on_split_pool_trains_only_the_last_block(work, bt):
     out = torch.load(work / 'bt' / 'backbone.pt', weights_only=True)
     assert init.keys() == out.keys()
     convs = [k for k in init if is_conv(k)]
-    last = [k for k in convs if k.startswith('layer4.1.')]
-    assert len(last) == 2 and len(convs) == 20
+    block = max(int(k.split('.')[1]) for k in init if k.startswith('layer4.'))
+    last = [k for k in convs if k.startswith(f'layer4.{block}.')]
+    # resnet10's one block of layer4 has its downsampling conv; resnet18's last has none
+    assert (len(last), len(convs)) == {'resnet10': (3, 12), 'resnet18': (2, 20)}[ARCH]
     frozen_changed = [k for k in convs if k not in last and not torch.equal(init[k], out[k])]
     assert not frozen_changed
     assert all(not torch.equal(init[k], out[k]) for k in last)
@@ -287,7 +289,7 @@ def test_finetune_refuses_checkpoint_of_another_arch(evals, work):
     assert r.returncode == 2, r.stderr[-3000:]
     assert 'Traceback' not in r.stderr
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and '--arch resnet18' in lines[0], r.stderr
+    assert len(lines) == 1 and f'--arch {ARCH}' in lines[0], r.stderr
     assert not os.path.exists(work / 'x.jsonl')
 
 

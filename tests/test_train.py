@@ -12,7 +12,7 @@ import pytest
 import torch
 import torchvision
 
-from conftest import TINY
+from conftest import ARCH, TINY
 
 STEPS = 12  # 90 images / batch 8 = 11 steps per epoch: the runs cross an epoch boundary
 
@@ -84,7 +84,7 @@ def test_checkpoint_contents(base):
     ckpt = torch.load(base / 'a' / 'ckpt.pt', weights_only=True)
     assert ckpt['step'] == STEPS
     assert {'model', 'optimizer', 'scaler', 'step', 'config'} <= set(ckpt)
-    assert plain(ckpt['config']) and ckpt['config']['arch'] == 'resnet18'
+    assert plain(ckpt['config']) and ckpt['config']['arch'] == ARCH
     assert ckpt['config']['batch_size'] == 8 and ckpt['config']['projector'] == '32-32'
     assert all(torch.is_tensor(v) for v in ckpt['model'].values())
     assert not [k for k in ckpt['model'] if k.startswith(('module.', '_orig_mod.'))]
@@ -96,7 +96,9 @@ def test_checkpoint_contents(base):
 
 def test_backbone_is_a_torchvision_state_dict(base):
     sd = backbone(base / 'a')
-    m = torchvision.models.resnet18()
+    m = {'resnet10': lambda: torchvision.models.resnet.ResNet(
+        torchvision.models.resnet.BasicBlock, [1, 1, 1, 1]),
+         'resnet18': torchvision.models.resnet18}[ARCH]()
     res = m.load_state_dict(sd, strict=False)
     assert sorted(res.missing_keys) == ['fc.bias', 'fc.weight']
     assert res.unexpected_keys == []
@@ -107,7 +109,7 @@ def test_backbone_is_a_torchvision_state_dict(base):
 
 def test_meta_and_log(base):
     meta = json.loads((base / 'a' / 'meta.json').read_text())
-    assert meta['args']['arch'] == 'resnet18' and meta['args']['max_steps'] == STEPS
+    assert meta['args']['arch'] == ARCH and meta['args']['max_steps'] == STEPS
     assert meta['versions']['torch'] == torch.__version__
     assert meta['versions']['torchvision'] == torchvision.__version__
     # backbone_sha: sha1 over the sorted names and raw bytes of the tensors, 12 hex digits
