@@ -3,6 +3,7 @@ table, in one place. `make bench-gpu` prints the same table from the rates it me
 
     python tests/paper_cost.py                              # at the assumed rates
     python tests/paper_cost.py --ft 3100 --tta 2900 --bt 3300 --gpus 8
+    python tests/paper_cost.py --labels all                 # make paper PAPER_LABELS=all
 
 Rates (as `make bench-gpu` measures them, ResNet-50, bf16, channels_last):
   --ft   fine-tuning step, img/s at 256 px, batch 64 (finetune.py's)
@@ -110,10 +111,11 @@ def needed(rows, goal, column):
     return None if goal <= fixed else scaled / (goal - fixed)
 
 
-def table(ft, tta, bt, fit_s, ddp_efficiency, gpus=8, source='assumed', fits='assumed'):
+def table(ft, tta, bt, fit_s, ddp_efficiency, gpus=8, source='assumed', fits='assumed',
+          work=WORK):
     """Markdown lines: the pieces, the totals, and against each goal the factor on the rates
     that would meet it (the fits' time held fixed). fits: 'assumed' or 'measured'."""
-    rows = pieces(ft, tta, bt, fit_s, ddp_efficiency, gpus, fits=fits)
+    rows = pieces(ft, tta, bt, fit_s, ddp_efficiency, gpus, work, fits)
     rates = (f'Rates ({source}): fine-tuning {ft:,.0f} img/s at 256 px, test-time inference '
              f'{tta:,.0f} img/s through {WORK["tta"]} views, Barlow Twins {bt:,.0f} pairs/s at '
              f'224 px ({bt * (224 / 256) ** 2:,.0f} at 256); one seed\'s probe fits '
@@ -148,14 +150,25 @@ def get_args(argv=None):
     p.add_argument('--fit-s', type=positive, default=ASSUMED['fit_s'])
     p.add_argument('--ddp-efficiency', type=positive, default=ASSUMED['ddp_efficiency'])
     p.add_argument('--gpus', type=int, choices=range(2, 1025), metavar='N', default=8)
-    return p.parse_args(argv)
+    p.add_argument('--labels', nargs='+', default=['all', '0.5'], metavar='BUDGET',
+                   help="make paper's PAPER_LABELS: all, or fractions of each class "
+                        "(default: all 0.5)")
+    a = p.parse_args(argv)
+    try:
+        a.budgets = tuple(1.0 if b == 'all' else float(b) for b in a.labels)
+    except ValueError:
+        p.error(f'--labels {" ".join(a.labels)}: give all or fractions such as 0.5')
+    if not all(0 < b <= 1 for b in a.budgets):
+        p.error(f'--labels {" ".join(a.labels)}: fractions must be in (0, 1]')
+    return a
 
 
 def main(argv=None):
     a = get_args(argv)
     given = any(getattr(a, k) != ASSUMED[k] for k in ('ft', 'tta', 'bt'))
     print('\n'.join(table(a.ft, a.tta, a.bt, a.fit_s, a.ddp_efficiency, a.gpus,
-                          'given' if given else 'assumed: the targets of one H200')))
+                          'given' if given else 'assumed: the targets of one H200',
+                          work=dict(WORK, budgets=a.budgets))))
 
 
 if __name__ == '__main__':

@@ -124,3 +124,15 @@ def test_bench_gpu_computes_it_from_what_it_measured():
         bench_gpu.paper_cost_lines(dict(ft=1.0, tta=1.0, bt=1.0, fit_s=None), tiny=False))
     assert bench_gpu.paper_cost_lines(dict(ft=1.0, tta=1.0, bt=1.0), tiny=True)[0] == \
         '(tiny shapes: the arithmetic only, not what make paper costs)'
+
+
+def test_labels_as_make_paper_takes_them(capsys):
+    paper_cost.main(['--labels', 'all'])  # make paper PAPER_LABELS=all
+    out = capsys.readouterr().out
+    assert '| fine-tuning, all the labels |' in out and '0.5 of the labels' not in out
+    assert '| probe: fits | 210 seeds x' in out
+    for bad in (['2'], ['half'], ['0']):
+        with pytest.raises(SystemExit) as e:
+            paper_cost.main(['--labels', *bad])
+        assert e.value.code == 2
+    assert '--labels half: give all or fractions such as 0.5' in capsys.readouterr().err
