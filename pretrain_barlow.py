@@ -30,6 +30,7 @@ run on the source set).
 import argparse
 import functools
 import hashlib
+import math
 import os
 import re
 import time
@@ -39,7 +40,7 @@ import torch
 
 import common as C
 
-PRESETS = {  # the paper's further-pretraining settings (PAPER.md); explicit flags win
+PRESETS = {  # the paper's further-pretraining settings; explicit flags win
     'skin': dict(batch_size=128, lambd=1 / 8192, weight_decay=1.5e-6, optimizer='adamw',
                  schedule='onecycle', lr=1e-3, lr_biases=1e-3, epochs=100, warmup_epochs=25,
                  head_warmup_epochs=1, aug='barlow_skin', size=256, cache_size=256),
@@ -86,8 +87,8 @@ def get_args(argv=None):
                         '0.7 skin)')
     g.add_argument('--monitor-every', type=C.number(int, 0), default=None,
                    help='epochs between kNN scores of the --split val part (0: never; '
-                        'default: every epoch, at most about 50 times a run on pools under '
-                        '20,000 images, else 4 times a run)')
+                        'default: every epoch, but at most 50 times a run on pools under '
+                        '20,000 images and 4 times on bigger ones)')
     g.add_argument('--monitor-data', default=None,
                    help='with --monitor-split: score the kNN on this labelled dataset\'s '
                         'split instead (a run on a source set, watched on the target task)')
@@ -177,11 +178,11 @@ def collapse_watch(width, every_logs=3, floor=0.01):
 
 
 def monitor_every(epochs, pool_images):
-    """The default epochs between kNN monitor passes: every epoch, but at most about 50
-    passes a run on a pool under 20,000 images (there a pass costs about 8% of an epoch: on
-    the paper's split 2,142 eval-view images against 4,496 pairs' two training views), and 4
-    passes a run on a bigger pool."""
-    return max(1, epochs // (50 if pool_images < 20_000 else 4))
+    """The default epochs between kNN monitor passes: every epoch, but at most 50 passes in
+    the run's `epochs` on a pool under 20,000 images (there a pass costs about 8% of an
+    epoch: on the paper's split 2,142 eval-view images against 4,496 pairs' two training
+    views), and at most 4 on a bigger pool; plus the one before the first step."""
+    return max(1, math.ceil(epochs / (50 if pool_images < 20_000 else 4)))
 
 
 def knn_monitor(rt, backbone, ds, cache, split, size, per_class=25, k=20, batch=256):

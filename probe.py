@@ -20,6 +20,7 @@ Tiny CPU run:
 In the experiment chain: `make all` (see the Makefile).
 """
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -171,20 +172,30 @@ def fit_logreg(x, y, classes, l2, max_iter, init=None, xt=None):
     return w, b
 
 
+@contextlib.contextmanager
+def full_fp32():
+    """fp32 matrix products at full precision inside (no TF32 on CUDA; nothing changes on
+    the CPU): L-BFGS's line search compares losses to 1e-9, the kNN ranks similarities."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
 def fit_probe(x, y, classes, grid, max_iter, val=None, device='cpu'):
     """(W, b, l2, val score) of the probe on centred features x (n, D), labels y: along the
     L2 grid from strong to weak, each fit warm-started from the last, the one that labels
     val = (x, y) (centred the same way) with the best balanced accuracy; without val, or
-    with one L2 value, the grid's first and score -1. The fits run on `device` in full fp32
-    (no TF32): they are memory-bound matrix products, and at the paper's shape (43,418 x
-    2,048, 8 classes) the six took 11.6 s on two CPU cores (`make bench-gpu` times them on a
-    GPU). W, b and the scoring stay on the CPU with the features."""
+    with one L2 value, the grid's first and score -1. The fits run on `device` in full fp32:
+    they are memory-bound matrix products (at the paper's shape, 43,418 x 2,048 and 8
+    classes, the six took 11.6 s on two CPU cores; `make bench-gpu` times a seed on a GPU).
+    W, b and the scoring stay on the CPU with the features."""
     grid = list(grid)
     xd, yd = x.to(device), y.to(device)
     xt, host = xd.T.contiguous(), lambda wb: tuple(t.cpu() for t in wb)
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False  # L-BFGS's line search compares to 1e-9
-    try:
+    with full_fp32():
         if val is None or len(grid) < 2:
             return (*host(fit_logreg(xd, yd, classes, grid[0], max_iter, None, xt)), grid[0],
                     -1.0)
@@ -197,13 +208,11 @@ def fit_probe(x, y, classes, grid, max_iter, val=None, device='cpu'):
             if best is None or score > best[3]:
                 best = (w, b, l2, score)
         return best
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 def run_seed(args, row, labelled, feats, classes, device='cpu'):
     """Fit the probe of one seed (row['seed']) on the cached features of its labelled train
-    ids (the fits on `device`); return its result row."""
+    ids (the fits and the kNN on `device`); return its result row."""
     t0, labelled = time.time(), set(labelled)
     tr = feats['train']
     keep = torch.tensor([i in labelled for i in tr['ids']])
@@ -225,7 +234,9 @@ def run_seed(args, row, labelled, feats, classes, device='cpu'):
     te = feats['test']
     metrics = C.classification_metrics(torch.softmax(norm(te['x']) @ w + b, 1), te['y'],
                                        classes)
-    knn = C.knn_predict(x, y, te['x'], classes, args.knn_k)
+    with full_fp32():  # test x labelled similarities: 91 G multiply-adds at the paper's shape
+        knn = C.knn_predict(x.to(device), y.to(device), te['x'].to(device), classes,
+                            args.knn_k).cpu()
     knn_acc = (knn.argmax(1) == te['y']).double().mean().item()
     # the val part's balanced accuracy at the chosen L2 (optimistic: it chose the L2), the
     # score that budgets such as --aug-views are chosen by, never the test part's

@@ -20,8 +20,9 @@ warmup steps, the device waited for at both ends of a row, peak memory per row):
            finetune.py runs it, eager and compiled
   tta      common.predict with finetune.py's test-time augmentation (eval view + 2 random
            finetune_skin views, its --eval-batch-size 256, mean softmax)
-  probe    one seed's probe fits on the device (probe.fit_probe: 6 L2 values on 43,418 x 2,048
-           features, each scored on 1,942 val ones)
+  probe    one probe seed (probe.run_seed: 6 L2 fits on 2,554 x 17 views of 2,048-dimensional
+           features, each scored on 1,942 val ones, then the test metrics and kNN on 17,481),
+           with all the labelled images and with half, the fits and kNN on the device
 Then `make paper`'s cost on one GPU and on 8, computed from these rates (tests/paper_cost.py:
 the eager fine-tuning step, as make paper runs it; the test-time row; the end-to-end Barlow
 Twins step; the probe's fits).
@@ -57,10 +58,10 @@ import probe  # noqa: E402
 CONFIGS = {  # the paper's setting on one GPU, and tiny shapes that run in seconds on a CPU
     'full': dict(arch='resnet50', cache=256, size=224, batch=256, projector='8192-8192-8192',
                  ft_size=256, ft_batch=64, eval_batch=256, classes=8, tta=3, images=8192,
-                 probe_n=2554 * 17, probe_val=1942, width=2048, seconds=8.0, warmup=5),
+                 probe=(2554, 16, 1942, 17481), width=2048, seconds=8.0, warmup=5),
     'tiny': dict(arch='resnet10', cache=40, size=32, batch=16, projector='64-64',
                  ft_size=32, ft_batch=8, eval_batch=16, classes=3, tta=3, images=64,
-                 probe_n=256, probe_val=64, width=512, seconds=0.3, warmup=1),
+                 probe=(24, 2, 12, 48), width=512, seconds=0.3, warmup=1),
 }
 NVIDIA_SMI = ['nvidia-smi', '--query-gpu=name,clocks.sm,clocks.max.sm,clocks.mem,driver_version',
               '--format=csv,noheader']
@@ -447,8 +448,8 @@ def bench_tta(rt, cfg, cache):
 def paper_cost_lines(rates, tiny):
     """tests/paper_cost.py's table from the measured rates ({'ft', 'tta', 'bt', 'fit_s'}: the
     eager fine-tuning step, the test-time row, the Barlow Twins step end to end or else on
-    synthetic input, the probe's fits), the DDP efficiency assumed; a line saying why when a
-    rate is missing (the fits' time falls back to the assumed one)."""
+    synthetic input, {budget: seconds} of a probe seed), the DDP efficiency assumed; a line
+    saying why when a rate is missing (the probe's time falls back to the assumed one)."""
     a = paper_cost.ASSUMED
     missing = [k for k in ('ft', 'tta', 'bt') if rates.get(k) is None]
     if missing:
@@ -461,20 +462,40 @@ def paper_cost_lines(rates, tiny):
                                    fits='assumed' if fit_s is None else 'measured')
 
 
-def bench_probe_fit(rt, cfg):
-    """Seconds of one probe seed's fits (probe.fit_probe: its L2 grid, each value scored on
-    the val part) on the device, on features shaped as the paper's: the eval view and 16
-    augmented views of 2,554 labelled images, ResNet-50's 2,048 dimensions."""
+def probe_features(cfg):
+    """Cached features as probe.py holds them (train: the eval view and `views` augmented
+    views of the labelled images; val; test), shaped as the paper's split under ResNet-50
+    (2,554 labelled, 16 views, 1,942 val, 17,481 test, 2,048 dimensions): class centres plus
+    spread, non-negative like pooled ReLU outputs."""
+    labelled, views, n_val, n_test = cfg['probe']
     g = torch.Generator().manual_seed(0)
-    n, classes = cfg['probe_n'] + cfg['probe_val'], cfg['classes']
-    y = torch.randint(0, classes, (n,), generator=g)
-    centres = torch.rand(classes, cfg['width'], generator=g)
-    x = (centres[y] + torch.rand(n, cfg['width'], generator=g)).relu()  # pooled ReLU outputs
-    x = x - x[:cfg['probe_n']].mean(0)
-    train, val = (x[:cfg['probe_n']], y[:cfg['probe_n']]), (x[cfg['probe_n']:], y[cfg['probe_n']:])
-    fit = lambda: probe.fit_probe(*train, classes, probe.L2_GRID, 30, val, rt.device)
-    rate, _ = measure(rt, fit, 1, cfg['seconds'], 1, min_reps=1)
-    return [1 / rate]
+    centres = torch.rand(cfg['classes'], cfg['width'], generator=g)
+
+    def part(n, *lead):
+        y = torch.arange(n) % cfg['classes']
+        return (centres[y] + torch.rand(*lead, n, cfg['width'], generator=g)).relu(), y
+    x, y = part(labelled)
+    x_aug, _ = part(labelled, views)
+    feats = {'train': dict(ids=[f'i{k}' for k in range(labelled)], x=x, y=y, x_aug=x_aug)}
+    for name, n in (('val', n_val), ('test', n_test)):
+        feats[name] = dict(zip(('x', 'y'), part(n)), ids=[f'{name}{k}' for k in range(n)])
+    return feats
+
+
+def bench_probe_seed(rt, cfg):
+    """Seconds of one probe seed (probe.run_seed: its L2 grid of fits, each scored on the val
+    part, the test metrics and the kNN; the fits and the kNN on the device) with all the
+    labelled images and with half of them, as make paper's two budgets."""
+    feats = probe_features(cfg)
+    args = argparse.Namespace(l2=probe.L2_GRID, max_iter=30, knn_k=20, size=cfg['ft_size'])
+    ids = feats['train']['ids']
+    out = []
+    for labelled in (ids, ids[::2]):
+        seed = lambda: probe.run_seed(args, {'seed': 0}, labelled, feats, cfg['classes'],
+                                      rt.device)
+        rate, _ = measure(rt, seed, 1, cfg['seconds'], 1, min_reps=1)
+        out.append(1 / rate)
+    return out
 
 
 # --------------------------------------------------------------------------- main
@@ -547,9 +568,11 @@ def main():
     finally:
         if not args.tmp:
             shutil.rmtree(tmp, ignore_errors=True)
-    fitted = table.run([(f'probe fits of one seed ({len(probe.L2_GRID)} L2 values, '
-                         f'{cfg["probe_n"]:,} x {cfg["width"]:,} features, probe.fit_probe)',
-                         's', None)], lambda: bench_probe_fit(rt, cfg), row_s)
+    labelled, views = cfg['probe'][:2]
+    fitted = table.run([(f'probe, one seed of {labelled:,} labelled images x {1 + views} views '
+                         f'({len(probe.L2_GRID)} L2 fits, kNN; probe.run_seed)', 's', None),
+                        ('  the same with half of them', 's', None)],
+                       lambda: bench_probe_seed(rt, cfg), 2 * row_s)
 
     if 'timer' in load:
         load['timer'].join(30)
@@ -558,7 +581,7 @@ def main():
     wall = time.perf_counter() - table.t0
     first = lambda values: values[0] if values and isinstance(values[0], float) else None
     rates = dict(ft=first(tuned), tta=first(tested), bt=first(end) or first(eager),
-                 fit_s=first(fitted))
+                 fit_s=None if first(fitted) is None else dict(zip((1.0, 0.5), fitted)))
     text = '\n'.join(['# bench-gpu', ''] + [f'- {h}' for h in header] + [''] +
                      table.markdown() + ['', f'{table.verdict()} (wall {wall:.0f} s)', '',
                                          "## make paper's cost from these rates", ''] +

@@ -11,9 +11,12 @@ Rates (as `make bench-gpu` measures them, ResNet-50, bf16, channels_last):
          common.predict); one forward pass is then tta x that (probe features, kNN monitor)
   --bt   Barlow Twins step, pairs/s at 224 px, batch 256; make paper pretrains at 256 px, so
          the rate is taken x (224/256)^2 (compute grows with the pixels)
-  --fit-s  one seed's probe fits with all the labels (probe.fit_probe; half the labels: half)
-The one assumption no benchmark row measures: --ddp-efficiency (pretraining on N GPUs runs
-at N x efficiency x one GPU's rate).
+  --fit-s  one probe seed with all the labels (probe.run_seed: its fits and kNN); a budget
+         of half the labels is taken as half that (bench-gpu measures both)
+Assumed, never measured: --ddp-efficiency (pretraining on N GPUs runs at N x efficiency x one
+GPU's rate), and that make paper's Barlow Twins step (batch 128, AdamW, barlow_skin views)
+runs at the benchmark's (batch 256, LARS, barlow_imagenet views). Not counted: the ~27
+processes' start-up and loading of the 256 px uint8 cache (4.6 GB), and building it once.
 """
 import argparse
 import math
@@ -26,7 +29,7 @@ from pretrain_barlow import monitor_every  # noqa: E402
 
 # `make paper`'s work: the Makefile's `paper` line and finetune.py / probe.py /
 # pretrain_barlow.py defaults (test_paper_cost.py checks them against `make -n paper`). The
-# split: PAPER.md's ISIC 2019 under the paper rule, 2,554 labelled images; of the other 19,423,
+# split: the paper's ISIC 2019 under its rule, 2,554 labelled images; of the other 19,423,
 # 10% go to val (whole lesions) and the rest to test. The pretraining pool is every non-test
 # image (train and val)
 WORK = dict(
@@ -49,13 +52,21 @@ ASSUMED = dict(ft=2500.0, tta=2500.0, bt=2500.0, fit_s=1.0, ddp_efficiency=0.5)
 GOALS = {1: 3 * 3600, 8: 25 * 60}  # seconds: 3 hours on one GPU, 25 minutes on 8
 
 
-def monitor_passes(epochs, pool_images):
+def monitor_passes(epochs, projector_epochs, pool_images):
     """kNN monitor passes of a pretraining run with pretrain_barlow.py's default: before the
-    first step and on every monitor_every-th epoch."""
-    return epochs // monitor_every(epochs, pool_images) + 1
+    first step and on every monitor_every-th of all its epochs (the projector-only ones
+    count, as fit numbers them)."""
+    return (projector_epochs + epochs) // monitor_every(epochs, pool_images) + 1
+
+
+def seed_seconds(fit_s, budget):
+    """One probe seed's seconds at a label budget: fit_s a number (all the labels; a budget
+    in proportion, assumed) or {budget: seconds} (measured)."""
+    return fit_s[budget] if isinstance(fit_s, dict) else budget * fit_s
 
 
 def pieces(ft, tta, bt, fit_s, ddp_efficiency, gpus=1, work=WORK, fits='assumed'):
+    # fit_s: one probe seed's seconds, a number (all the labels) or {budget: seconds}
     """[(piece, work in words, seconds on one GPU, seconds on `gpus`)]: make paper's steps in
     the order it runs them (JOBS=1: one at a time), with `gpus` GPUs under torchrun. Evaluation
     runs --parallel seeds (each rank its seeds in turn: ceil(seeds / gpus) rounds per command,
@@ -80,18 +91,19 @@ def pieces(ft, tta, bt, fit_s, ddp_efficiency, gpus=1, work=WORK, fits='assumed'
                     runs * seed, w['inits'] * rounds * seed))
     images = w['labelled'] * (1 + w['probe_views']) + w['val'] + w['test']
     n_fits = w['inits'] * w['seeds'] * len(w['budgets'])
-    share = sum(w['budgets'])  # a fit reads its features: time in proportion to the labels
+    per_seed = sum(seed_seconds(fit_s, f) for f in w['budgets'])  # one seed of each budget
+    each = ' + '.join(f'{seed_seconds(fit_s, f):.3g}' for f in w['budgets'])
     feat = w['inits'] * images / forward
     out.append(('probe: features (once an init, on every rank)',
                 f'{w["inits"]} x ({w["labelled"]:,} x {1 + w["probe_views"]} views + '
                 f'{w["val"] + w["test"]:,}) = {w["inits"] * images:,} passes', feat, feat))
-    out.append(('probe: fits', f'{n_fits} seeds x {fit_s:.3g} s ({fits}) x their share of '
-                               f'the labels', w['inits'] * w['seeds'] * share * fit_s,
-                w['inits'] * rounds * share * fit_s))
+    out.append(('probe: seeds (fits, kNN)', f'{n_fits} seeds: {w["inits"] * w["seeds"]} x '
+                                            f'({each} s, {fits})',
+                w['inits'] * w['seeds'] * per_seed, w['inits'] * rounds * per_seed))
     for name, runs, epochs in (('further Barlow Twins', w['further_runs'], w['further_epochs']),
                                ('Barlow Twins on skin only', 1, w['skin_epochs'])):
         pairs = runs * (w['projector_epochs'] + epochs) * pool
-        passes = runs * monitor_passes(epochs, pool) * knn
+        passes = runs * monitor_passes(epochs, w['projector_epochs'], pool) * knn
         one = pairs / bt_rate + passes / forward
         out.append((name, f'{runs} x {w["projector_epochs"] + epochs:,} epochs x {pool:,} = '
                           f'{pairs:,} pairs + {passes:,} kNN passes', one,
@@ -106,21 +118,24 @@ def hours(s):
 def needed(rows, goal, column):
     """How many times the rates would have to be for the total to meet `goal` (the fits are
     fixed time), or None when the fixed part alone exceeds it."""
-    fixed = sum(r[column] for r in rows if r[0] == 'probe: fits')
+    fixed = sum(r[column] for r in rows if r[0] == 'probe: seeds (fits, kNN)')
     scaled = sum(r[column] for r in rows) - fixed
     return None if goal <= fixed else scaled / (goal - fixed)
 
 
 def table(ft, tta, bt, fit_s, ddp_efficiency, gpus=8, source='assumed', fits='assumed',
-          work=WORK):
+          ddp='assumed', work=WORK):
     """Markdown lines: the pieces, the totals, and against each goal the factor on the rates
-    that would meet it (the fits' time held fixed). fits: 'assumed' or 'measured'."""
+    that would meet it (the probe seeds' time held fixed). source, fits, ddp: where the
+    rates, the probe seeds' time and the DDP efficiency come from ('assumed', 'measured',
+    'given')."""
     rows = pieces(ft, tta, bt, fit_s, ddp_efficiency, gpus, work, fits)
+    probe = (f'{seed_seconds(fit_s, 1.0):.3g} s' if not isinstance(fit_s, dict) else
+             ' / '.join(f'{v:.3g} s' for v in fit_s.values()) + ' (all / half the labels)')
     rates = (f'Rates ({source}): fine-tuning {ft:,.0f} img/s at 256 px, test-time inference '
              f'{tta:,.0f} img/s through {WORK["tta"]} views, Barlow Twins {bt:,.0f} pairs/s at '
-             f'224 px ({bt * (224 / 256) ** 2:,.0f} at 256); one seed\'s probe fits '
-             f'{fit_s:.3g} s ({fits}); {gpus}-GPU pretraining at {ddp_efficiency:g} x {gpus} x '
-             f'one GPU (assumed).')
+             f'224 px ({bt * (224 / 256) ** 2:,.0f} at 256); one probe seed {probe} ({fits}); '
+             f'{gpus}-GPU pretraining at {ddp_efficiency:g} x {gpus} x one GPU ({ddp}).')
     lines = textwrap.wrap(rates, 95) + ['', f'| piece | work | one GPU | {gpus} GPUs |',
                                         '|---|---|---|---|']
     lines += [f'| {p} | {w} | {hours(a)} | {hours(b)} |' for p, w, a, b in rows]
@@ -135,7 +150,7 @@ def table(ft, tta, bt, fit_s, ddp_efficiency, gpus=8, source='assumed', fits='as
         total = totals[column - 2]
         verdict = 'meets it' if total <= goal else (
             f'misses it: every rate {k:.2f}x these would meet it' if k else
-            'misses it at any rate (the fits alone take longer)')
+            'misses it at any rate (the probe seeds alone take longer)')
         lines.append(f'- goal on {n} GPU{"s" if n > 1 else ""}: {hours(goal)}; '
                      f'{hours(total)} {verdict}')
     return lines
@@ -151,23 +166,31 @@ def get_args(argv=None):
     p.add_argument('--ddp-efficiency', type=positive, default=ASSUMED['ddp_efficiency'])
     p.add_argument('--gpus', type=int, choices=range(2, 1025), metavar='N', default=8)
     p.add_argument('--labels', nargs='+', default=['all', '0.5'], metavar='BUDGET',
-                   help="make paper's PAPER_LABELS: all, or fractions of each class "
-                        "(default: all 0.5)")
+                   help="make paper's PAPER_LABELS: all, or fractions of each class written "
+                        "with a point, as the Makefile reads them (default: all 0.5)")
     a = p.parse_args(argv)
-    try:
-        a.budgets = tuple(1.0 if b == 'all' else float(b) for b in a.labels)
-    except ValueError:
-        p.error(f'--labels {" ".join(a.labels)}: give all or fractions such as 0.5')
-    if not all(0 < b <= 1 for b in a.budgets):
-        p.error(f'--labels {" ".join(a.labels)}: fractions must be in (0, 1]')
+    budgets = []
+    for b in a.labels:
+        try:
+            f = 1.0 if b == 'all' else float(b) if '.' in b else None
+        except ValueError:
+            f = None
+        if f is None or not 0 < f <= 1:
+            p.error(f'--labels {b}: give all or a fraction of each class such as 0.5 (the '
+                    f'Makefile reads a number without a point as images per class, which '
+                    f'this table does not count)')
+        if f not in budgets:
+            budgets.append(f)
+    a.budgets = tuple(budgets)
     return a
 
 
 def main(argv=None):
     a = get_args(argv)
-    given = any(getattr(a, k) != ASSUMED[k] for k in ('ft', 'tta', 'bt'))
-    print('\n'.join(table(a.ft, a.tta, a.bt, a.fit_s, a.ddp_efficiency, a.gpus,
-                          'given' if given else 'assumed: the targets of one H200',
+    how = lambda *keys: 'given' if any(getattr(a, k) != ASSUMED[k] for k in keys) else 'assumed'
+    source = 'given' if how('ft', 'tta', 'bt') == 'given' else 'assumed: the targets of one H200'
+    print('\n'.join(table(a.ft, a.tta, a.bt, a.fit_s, a.ddp_efficiency, a.gpus, source,
+                          how('fit_s'), how('ddp_efficiency'),
                           work=dict(WORK, budgets=a.budgets))))
 
 

@@ -134,3 +134,31 @@ def test_logreg_bias_is_not_penalised():
     assert w.abs().max() < 1e-4
     assert (b[1] - b[0]).item() == pytest.approx(math.log(2), abs=1e-5)
     assert (b[2] - b[0]).item() == pytest.approx(math.log(3), abs=1e-5)
+
+
+def test_probe_fits_in_full_fp32_and_restore_the_tf32_flag(monkeypatch):
+    """fit_probe turns CUDA's TF32 matrix products off for its fits and puts the flag back,
+    also when a fit raises; it returns W, b on the CPU (here the device is the CPU too)."""
+    import probe
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 6, generator=g), torch.arange(40) % 3
+    val = (torch.randn(12, 6, generator=g), torch.arange(12) % 3)
+    flags, fit, seen = torch.backends.cuda.matmul, probe.fit_logreg, []
+
+    def spy(*a, **k):
+        seen.append(flags.allow_tf32)
+        return fit(*a, **k)
+    saved = flags.allow_tf32
+    try:
+        for before in (True, False):
+            flags.allow_tf32 = before
+            monkeypatch.setattr(probe, 'fit_logreg', spy)
+            w, b, l2, score = probe.fit_probe(x, y, 3, (1e-3, 1e-2), 20, val)
+            assert flags.allow_tf32 is before and w.device.type == 'cpu' and 0 <= score <= 1
+            monkeypatch.setattr(probe, 'fit_logreg', lambda *a, **k: 1 / 0)
+            with pytest.raises(ZeroDivisionError):
+                probe.fit_probe(x, y, 3, (1e-3,), 20)
+            assert flags.allow_tf32 is before
+        assert seen == [False] * 4  # two fits a call, never with TF32
+    finally:
+        flags.allow_tf32 = saved

@@ -1,6 +1,7 @@
 """tests/paper_cost.py, the arithmetic of `make paper`'s cost: its work is what `make -n paper`
 runs, its sums come out as computed by hand, the rate factor it names meets the goal exactly,
 and the README's table is its output."""
+import inspect
 import math
 import os
 import re
@@ -59,6 +60,13 @@ def test_the_work_is_what_make_paper_runs():
                and '--monitor-every' not in l for l in bt)
     assert pretrain_barlow.PRESETS['skin']['head_warmup_epochs'] == W['projector_epochs']
     assert probe.get_args(['--data', 'x', '--init', 'random']).aug_views == 16
+    # the kNN monitor's references, and the benchmark's shapes the rates are taken at
+    monitor = inspect.signature(pretrain_barlow.knn_monitor).parameters
+    assert monitor['per_class'].default == W['knn_per_class']
+    full = bench_gpu.CONFIGS['full']
+    assert (full['size'], full['ft_size'], full['tta'], full['classes']) == \
+        (W['bench_size'], W['bt_size'], W['tta'], W['classes'])
+    assert full['probe'] == (W['labelled'], W['probe_views'], W['val'], W['test'])
 
 
 def test_the_sums_at_rates_chosen_to_give_round_numbers():
@@ -76,17 +84,31 @@ def test_the_sums_at_rates_chosen_to_give_round_numbers():
     forward = 3 * tta  # single-view passes a second
     one, eight = rows['probe: features (once an init, on every rank)']
     assert close(one, 6 * (2554 * 17 + 1942 + 17481) / forward) and close(eight, one)
-    assert rows['probe: fits'] == (6 * 35 * 1.5 * 0.5, 6 * 5 * 1.5 * 0.5)  # half: half
+    assert rows['probe: seeds (fits, kNN)'] == (6 * 35 * 1.5 * 0.5, 6 * 5 * 1.5 * 0.5)  # half
+    measured = {p: (one, eight) for p, _, one, eight in paper_cost.pieces(
+        ft, tta, bt, fit_s={1.0: 0.5, 0.5: 0.4}, ddp_efficiency=0.25, gpus=8)}
+    assert measured['probe: seeds (fits, kNN)'] == (6 * 35 * 0.9, 6 * 5 * 0.9)
     knn = 8 * 25 + 1942  # the monitor's references and the val part
-    one, eight = rows['further Barlow Twins']  # 101 epochs, every 2nd monitored: 51 passes
+    one, eight = rows['further Barlow Twins']  # 1 + 100 epochs, every 2nd monitored: 51 passes
     assert close(one, 2 * 101 + 2 * 51 * knn / forward)
     assert close(eight, 2 * 101 / (8 * 0.25) + 2 * 51 * knn / forward)
-    one, eight = rows['Barlow Twins on skin only']  # 1,001 epochs, every 20th: 51 passes
+    one, eight = rows['Barlow Twins on skin only']  # 1 + 1,000 epochs, every 20th: 51 passes
     assert close(one, 1001 + 51 * knn / forward)
     assert close(eight, 1001 / 2 + 51 * knn / forward)
     assert pretrain_barlow.monitor_every(1000, 4496) == 20
     assert pretrain_barlow.monitor_every(6, 4496) == 1
     assert pretrain_barlow.monitor_every(100, 1_281_167) == 25
+
+
+def test_the_monitor_default_keeps_to_its_pass_counts():
+    """At most 50 passes in a run's epochs on a small pool (every epoch up to 50), at most 4
+    on a big one, besides the one before the first step; every epoch of a short run."""
+    for epochs in range(1, 2001):
+        small, big = (epochs // pretrain_barlow.monitor_every(epochs, pool)
+                      for pool in (4496, 20_000))
+        assert small == min(epochs, small) and small <= 50 and big <= 4
+        assert small == epochs if epochs <= 50 else small >= 25  # never fewer than half
+        assert paper_cost.monitor_passes(epochs, 1, 4496) <= 52
 
 
 @pytest.mark.parametrize('gpus,column', [(1, 2), (8, 3)])
@@ -118,9 +140,9 @@ def test_bench_gpu_computes_it_from_what_it_measured():
                                       tiny=False) == ['not computed: no tta, bt rate was measured']
     measured = ' '.join(bench_gpu.paper_cost_lines(dict(ft=1.0, tta=1.0, bt=1.0, fit_s=0.25),
                                                    tiny=False))
-    assert "one seed's probe fits 0.25 s (measured)" in measured
-    assert '| probe: fits | 420 seeds x 0.25 s (measured)' in measured
-    assert "probe fits 1 s (assumed)" in ' '.join(
+    assert 'one probe seed 0.25 s (measured)' in measured
+    assert '| probe: seeds (fits, kNN) | 420 seeds: 210 x (0.25 + 0.125 s, measured)' in measured
+    assert 'one probe seed 1 s (assumed)' in ' '.join(
         bench_gpu.paper_cost_lines(dict(ft=1.0, tta=1.0, bt=1.0, fit_s=None), tiny=False))
     assert bench_gpu.paper_cost_lines(dict(ft=1.0, tta=1.0, bt=1.0), tiny=True)[0] == \
         '(tiny shapes: the arithmetic only, not what make paper costs)'
@@ -130,9 +152,11 @@ def test_labels_as_make_paper_takes_them(capsys):
     paper_cost.main(['--labels', 'all'])  # make paper PAPER_LABELS=all
     out = capsys.readouterr().out
     assert '| fine-tuning, all the labels |' in out and '0.5 of the labels' not in out
-    assert '| probe: fits | 210 seeds x' in out
-    for bad in (['2'], ['half'], ['0']):
+    assert '| probe: seeds (fits, kNN) | 210 seeds:' in out
+    for bad in (['2'], ['half'], ['0.0'], ['1'], ['1.5']):
         with pytest.raises(SystemExit) as e:
             paper_cost.main(['--labels', *bad])
         assert e.value.code == 2
-    assert '--labels half: give all or fractions such as 0.5' in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert '--labels half: give all or a fraction of each class such as 0.5' in err
+    assert '--labels 1: give all' in err  # `1` is one image per class to the Makefile
