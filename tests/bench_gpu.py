@@ -25,7 +25,7 @@ warmup steps, the device waited for at both ends of a row, peak memory per row):
            with all the labelled images and with half, the fits and kNN on the device
 Then `make paper`'s cost on one GPU and on 8, computed from these rates (tests/paper_cost.py:
 the eager fine-tuning step, as make paper runs it; the test-time row; the end-to-end Barlow
-Twins step; the probe's fits).
+Twins step; the probe seeds).
 Targets (one H200): augmentation >= 20,000 pairs/s; Barlow Twins >= 2,500 pairs/s with the
 ratio >= 0.9; end to end >= 0.9 of the synthetic-input step; fine-tuning >= 2,500 img/s.
 On the CPU (or with --tiny) the shapes are tiny (resnet10, 32 px, batch 16, projector 64-64)

@@ -50,6 +50,7 @@ WORK = dict(
 # precision, batch 256, 224 px: DeepLearningExamples, resnet50v1.5 README, pytorch-21.03)
 ASSUMED = dict(ft=2500.0, tta=2500.0, bt=2500.0, fit_s=1.0, ddp_efficiency=0.5)
 GOALS = {1: 3 * 3600, 8: 25 * 60}  # seconds: 3 hours on one GPU, 25 minutes on 8
+PROBE_SEEDS = 'probe: seeds (fits, kNN)'  # the piece whose time the rates do not scale
 
 
 def monitor_passes(epochs, projector_epochs, pool_images):
@@ -66,11 +67,11 @@ def seed_seconds(fit_s, budget):
 
 
 def pieces(ft, tta, bt, fit_s, ddp_efficiency, gpus=1, work=WORK, fits='assumed'):
-    # fit_s: one probe seed's seconds, a number (all the labels) or {budget: seconds}
     """[(piece, work in words, seconds on one GPU, seconds on `gpus`)]: make paper's steps in
     the order it runs them (JOBS=1: one at a time), with `gpus` GPUs under torchrun. Evaluation
     runs --parallel seeds (each rank its seeds in turn: ceil(seeds / gpus) rounds per command,
-    every rank extracting the probe's features itself); pretraining is one DDP run."""
+    every rank extracting the probe's features itself); pretraining is one DDP run. fit_s:
+    one probe seed's seconds (seed_seconds)."""
     w = work
     forward = tta * w['tta']                         # single-view forward passes a second
     bt_rate = bt * (w['bench_size'] / w['bt_size']) ** 2
@@ -97,8 +98,7 @@ def pieces(ft, tta, bt, fit_s, ddp_efficiency, gpus=1, work=WORK, fits='assumed'
     out.append(('probe: features (once an init, on every rank)',
                 f'{w["inits"]} x ({w["labelled"]:,} x {1 + w["probe_views"]} views + '
                 f'{w["val"] + w["test"]:,}) = {w["inits"] * images:,} passes', feat, feat))
-    out.append(('probe: seeds (fits, kNN)', f'{n_fits} seeds: {w["inits"] * w["seeds"]} x '
-                                            f'({each} s, {fits})',
+    out.append((PROBE_SEEDS, f'{n_fits} seeds: {w["inits"] * w["seeds"]} x ({each} s, {fits})',
                 w['inits'] * w['seeds'] * per_seed, w['inits'] * rounds * per_seed))
     for name, runs, epochs in (('further Barlow Twins', w['further_runs'], w['further_epochs']),
                                ('Barlow Twins on skin only', 1, w['skin_epochs'])):
@@ -118,7 +118,7 @@ def hours(s):
 def needed(rows, goal, column):
     """How many times the rates would have to be for the total to meet `goal` (the fits are
     fixed time), or None when the fixed part alone exceeds it."""
-    fixed = sum(r[column] for r in rows if r[0] == 'probe: seeds (fits, kNN)')
+    fixed = sum(r[column] for r in rows if r[0] == PROBE_SEEDS)
     scaled = sum(r[column] for r in rows) - fixed
     return None if goal <= fixed else scaled / (goal - fixed)
 
@@ -132,9 +132,11 @@ def table(ft, tta, bt, fit_s, ddp_efficiency, gpus=8, source='assumed', fits='as
     rows = pieces(ft, tta, bt, fit_s, ddp_efficiency, gpus, work, fits)
     probe = (f'{seed_seconds(fit_s, 1.0):.3g} s' if not isinstance(fit_s, dict) else
              ' / '.join(f'{v:.3g} s' for v in fit_s.values()) + ' (all / half the labels)')
-    rates = (f'Rates ({source}): fine-tuning {ft:,.0f} img/s at 256 px, test-time inference '
-             f'{tta:,.0f} img/s through {WORK["tta"]} views, Barlow Twins {bt:,.0f} pairs/s at '
-             f'224 px ({bt * (224 / 256) ** 2:,.0f} at 256); one probe seed {probe} ({fits}); '
+    big, small = work['bt_size'], work['bench_size']
+    rates = (f'Rates ({source}): fine-tuning {ft:,.0f} img/s at {big} px, test-time inference '
+             f'{tta:,.0f} img/s through {work["tta"]} views, Barlow Twins {bt:,.0f} pairs/s at '
+             f'{small} px ({bt * (small / big) ** 2:,.0f} at {big}); one probe seed {probe} '
+             f'({fits}); '
              f'{gpus}-GPU pretraining at {ddp_efficiency:g} x {gpus} x one GPU ({ddp}).')
     lines = textwrap.wrap(rates, 95) + ['', f'| piece | work | one GPU | {gpus} GPUs |',
                                         '|---|---|---|---|']
