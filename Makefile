@@ -49,6 +49,9 @@ SKINBT_EPOCHS  ?= 2#                  further Barlow Twins from a pretrained ini
 SKINRND_EPOCHS ?= 6#                  Barlow Twins on skin only, from random init
 FT_EPOCHS      ?= 16
 SEEDS          ?= 0-5#                6 seeds: the paired test's smallest p is 1/64
+RANDOM_SEEDS   ?= $(SEEDS)#            the random init's seeds (the paper ran it 5 times)
+CURVE_INITS    ?= $(INITS)#            the inits fine-tuned at LABELS' later budgets too (the
+#                                      probe, seconds a seed, runs every init at every budget)
 BATCH          ?= 64
 BT_BATCH       ?= 64
 FT_BATCH       ?= 32
@@ -80,7 +83,7 @@ TRAIN := $(SYS) --max-steps $(MAX_STEPS)
 # a self-supervised run on the source set is watched on the target task: the kNN of the
 # skin split's val part (train and val images only), as the skin runs are
 WATCH := --monitor-data $(SKIN_DIR) --monitor-split $(SPLIT)
-EVAL  := $(SYS) --data $(SKIN_DIR) --split $(SPLIT) --seeds $(SEEDS) \
+EVAL  := $(SYS) --data $(SKIN_DIR) --split $(SPLIT) \
          --results $(RESULTS)/results.jsonl $(if $(filter 1,$(NPROC)),,--parallel seeds)
 # a budget (20, 0.5, all), or budgets of one kind joined by _ (5_10_20): its flag
 labels_flag = $(if $(filter all,$(1)),,$(if $(findstring .,$(1)),--label-fraction,--labels-per-class) $(subst _, ,$(1)))
@@ -110,7 +113,8 @@ ALL_INITS := random supervised barlow supervised+skinBT barlow+skinBT skinBT $(M
 init_path = $(if $(filter random,$(1)),random,$(if $(filter supervised,$(1)),$(SUP),$(if $(filter barlow,$(1)),$(BT),$(OUT)/$(1)/backbone.pt)))
 init_dep  = $(if $(filter random,$(1)),,$(if $(filter supervised,$(1)),$(SUP_DEP),$(if $(filter barlow,$(1)),$(BT_DEP),$(OUT)/$(1)/backbone.pt)))
 PRETRAINED = $(foreach i,$(INITS),$(call init_dep,$(i)))#  the pretraining runs INITS needs
-TAG   := $(notdir $(SKIN_DIR))-$(PROTOCOL)-$(ARCH)-$(SIZE)px-s$(SEEDS)
+seeds_of = $(if $(filter random,$(1)),$(RANDOM_SEEDS),$(SEEDS))
+tag      = $(notdir $(SKIN_DIR))-$(PROTOCOL)-$(ARCH)-$(SIZE)px-s$(call seeds_of,$(1))
 # the probe's budgets go in one process per kind (counts per class, fractions, all): the
 # features are extracted once for all of them, and torch's import alone takes seconds
 empty :=
@@ -120,8 +124,9 @@ PROBE_FRACS  := $(foreach l,$(PROBE_ALL),$(if $(findstring .,$(l)),$(l)))
 PROBE_COUNTS := $(filter-out all $(PROBE_FRACS),$(PROBE_ALL))
 PROBE_GROUPS := $(subst $(space),_,$(strip $(PROBE_COUNTS))) $(subst $(space),_,$(strip $(PROBE_FRACS))) \
                 $(filter all,$(PROBE_ALL))
-DONE  := $(foreach i,$(INITS),$(foreach l,$(LABELS),$(RESULTS)/.done/finetune-$(i)-$(l)-$(TAG)) \
-           $(foreach g,$(PROBE_GROUPS),$(RESULTS)/.done/probe-$(i)-$(g)-$(TAG)))
+ft_labels = $(if $(filter $(1),$(CURVE_INITS)),$(LABELS),$(firstword $(LABELS)))
+DONE  := $(foreach i,$(INITS),$(foreach l,$(call ft_labels,$(i)),$(RESULTS)/.done/finetune-$(i)-$(l)-$(call tag,$(i))) \
+           $(foreach g,$(PROBE_GROUPS),$(RESULTS)/.done/probe-$(i)-$(g)-$(call tag,$(i))))
 
 .PHONY: all help install test test-fast test-compile data split pretrain eval report paper bench bench-gpu \
         ablation budgets clean distclean
@@ -220,19 +225,20 @@ $(foreach o,$(MORE_SSL),$(eval $(call SSL_RULES,$(o))))
 # 122 s after its init was done, the last 50 s of `make all` on one slot)
 SOURCE_RUNS = $(filter $(SUP_DEP) $(BT_DEP) $(foreach o,$(MORE_SSL),$(OUT)/$(o)/backbone.pt),$(PRETRAINED))
 define FINETUNE_RULE
-$(RESULTS)/.done/finetune-$(1)-$(2)-$(TAG): $(call init_dep,$(1)) $(SPLIT) | finetune.py $(SOURCE_RUNS)
-	@echo "==> fine-tune $(1), $(2) labels, seeds $(SEEDS)"
-	$$(T0) $(RUN) finetune.py $(EVAL) $(call labels_flag,$(2)) \
+$(RESULTS)/.done/finetune-$(1)-$(2)-$(call tag,$(1)): $(call init_dep,$(1)) $(SPLIT) | finetune.py $(SOURCE_RUNS)
+	@echo "==> fine-tune $(1), $(2) labels, seeds $(call seeds_of,$(1))"
+	$$(T0) $(RUN) finetune.py $(EVAL) --seeds $(call seeds_of,$(1)) $(call labels_flag,$(2)) \
 	  --max-steps $(MAX_STEPS) --init $(call init_path,$(1)) --init-name $(1) \
 	  --epochs $(FT_EPOCHS) --batch-size $(FT_BATCH) --out $(OUT)/finetune \
 	  $$(call took,finetune-$(1)-$(2))
 	@mkdir -p $$(@D) && touch $$@
 endef
 define PROBE_RULE
-$(RESULTS)/.done/probe-$(1)-$(2)-$(TAG): $(call init_dep,$(1)) $(SPLIT) | probe.py $(SOURCE_RUNS)
-	@echo "==> linear probe $(1), $(subst _, ,$(2)) labels, seeds $(SEEDS)"
-	$$(T0) $(RUN) probe.py $(EVAL) $(call labels_flag,$(2)) --aug-views $(PROBE_VIEWS) \
-	  --init $(call init_path,$(1)) --init-name $(1) $$(call took,probe-$(1)-$(2))
+$(RESULTS)/.done/probe-$(1)-$(2)-$(call tag,$(1)): $(call init_dep,$(1)) $(SPLIT) | probe.py $(SOURCE_RUNS)
+	@echo "==> linear probe $(1), $(subst _, ,$(2)) labels, seeds $(call seeds_of,$(1))"
+	$$(T0) $(RUN) probe.py $(EVAL) --seeds $(call seeds_of,$(1)) $(call labels_flag,$(2)) \
+	  --aug-views $(PROBE_VIEWS) --init $(call init_path,$(1)) --init-name $(1) \
+	  $$(call took,probe-$(1)-$(2))
 	@mkdir -p $$(@D) && touch $$@
 endef
 $(foreach i,$(INITS),$(foreach l,$(LABELS),$(eval $(call FINETUNE_RULE,$(i),$(l)))))
@@ -273,8 +279,8 @@ $(foreach l,$(LABELS),$(call PROBE_RULE,barlow+skinBT@$(1),$(l)))
 endef
 $(foreach f,$(POOL_FRACTIONS),$(eval $(call ABLATION_RULES,$(f))))
 ABLATION := $(foreach f,$(POOL_FRACTIONS),$(foreach l,$(LABELS),\
-              $(RESULTS)/.done/finetune-barlow+skinBT@$(f)-$(l)-$(TAG) \
-              $(RESULTS)/.done/probe-barlow+skinBT@$(f)-$(l)-$(TAG)))
+              $(RESULTS)/.done/finetune-barlow+skinBT@$(f)-$(l)-$(call tag,barlow+skinBT@$(f)) \
+              $(RESULTS)/.done/probe-barlow+skinBT@$(f)-$(l)-$(call tag,barlow+skinBT@$(f))))
 
 ablation: install $(ABLATION) | report.py  ## further pretraining on shares of the pool (POOL_FRACTIONS)
 	@echo "==> report"
@@ -290,13 +296,18 @@ report: $(PRETRAINED) $(DONE) | report.py  ## the comparison table: results/summ
 	@echo "==> total: $$(( $$(date +%s) - $(START) )) s"
 
 # --------------------------------------------------------------------------- the paper's setting
-# the paper's label budgets: all 2,554 labelled images, and half of each class (the README's
-# cost table: the half budget is a third of the work; PAPER_LABELS=all leaves it out)
-PAPER_LABELS ?= all 0.5
+# the paper's grid: all 2,554 labelled images for every init (random init 5 seeds, the others
+# 35), and half of each class for supervised and barlow (PAPER_LABELS=all leaves it out;
+# PAPER_CURVE_INITS="random supervised ..." fine-tunes more inits at it, PAPER_RANDOM_SEEDS=0-34
+# runs random init as often as the rest: the README's cost table says what each adds)
+PAPER_LABELS       ?= all 0.5
+PAPER_CURVE_INITS  ?= supervised barlow
+PAPER_RANDOM_SEEDS ?= 0-4
 paper:  ## the paper's experiment: ResNet-50, 256 px, published weights, 35 seeds (GPU; SKIN=...)
 	@test -n "$(SKIN)" || { echo "make paper needs SKIN=/path/to/ISIC_2019 (see README)"; exit 2; }
 	$(MAKE) all INITS="$(ALL_INITS)" JOBS=1 ARCH=resnet50 SIZE=256 CACHE_SIZE=256 PROTOCOL=paper PER_CLASS=500 \
-	  LABELS="$(PAPER_LABELS)" PROBE_LABELS= PROBE_VIEWS=16 SEEDS=0-34 FT_EPOCHS=40 FT_BATCH=64 SUP_INIT=torchvision BT_INIT=barlowtwins \
+	  LABELS="$(PAPER_LABELS)" PROBE_LABELS= PROBE_VIEWS=16 SEEDS=0-34 RANDOM_SEEDS=$(PAPER_RANDOM_SEEDS) \
+	  CURVE_INITS="$(PAPER_CURVE_INITS)" FT_EPOCHS=40 FT_BATCH=64 SUP_INIT=torchvision BT_INIT=barlowtwins \
 	  SKINBT_EPOCHS=100 SKINRND_EPOCHS=1000 BT_BATCH=128 PROJECTOR=8192-8192-8192 \
 	  SKINBT_FLAGS="--preset skin --lambd 0.000122 --batch-size 128" SKINBT_BLOCKS=last \
 	  SKINRND_FLAGS="--preset skin --lambd 0.000122 --batch-size 128" \

@@ -4,6 +4,8 @@ table, in one place. `make bench-gpu` prints the same table from the rates it me
     python tests/paper_cost.py                              # at the assumed rates
     python tests/paper_cost.py --ft 3100 --tta 2900 --bt 3300 --gpus 8
     python tests/paper_cost.py --labels all                 # make paper PAPER_LABELS=all
+    python tests/paper_cost.py --curve-inits random supervised barlow supervised+skinBT \
+        barlow+skinBT skinBT --random-seeds 35             # every init at every budget, 35 seeds
 
 Rates (as `make bench-gpu` measures them, ResNet-50, bf16, channels_last):
   --ft   fine-tuning step, img/s at 256 px, batch 64 (finetune.py's)
@@ -33,10 +35,11 @@ from pretrain_barlow import monitor_every  # noqa: E402
 # 10% go to val (whole lesions) and the rest to test. The pretraining pool is every non-test
 # image (train and val)
 WORK = dict(
-    inits=6,                 # random, supervised, barlow, supervised+skinBT, barlow+skinBT, skinBT
-    seeds=35,
+    inits=('random', 'supervised', 'barlow', 'supervised+skinBT', 'barlow+skinBT', 'skinBT'),
+    seeds=35, random_seeds=5,  # the paper ran random init 5 times (PAPER_RANDOM_SEEDS=0-4)
     labelled=2554, val=1942, test=17481,
     budgets=(1.0, 0.5),      # LABELS="all 0.5": every labelled image, then half of each class
+    curve_inits=('supervised', 'barlow'),  # fine-tuned at the later budgets (PAPER_CURVE_INITS)
     head_epochs=1, epochs=40, tta=3,
     probe_views=16,          # augmented passes over the probe's train images (+ the eval view)
     knn_per_class=25, classes=8,  # the pretraining runs' kNN monitor: its labelled references
@@ -76,30 +79,33 @@ def pieces(ft, tta, bt, fit_s, ddp_efficiency, gpus=1, work=WORK, fits='assumed'
     forward = tta * w['tta']                         # single-view forward passes a second
     bt_rate = bt * (w['bench_size'] / w['bt_size']) ** 2
     dist = gpus * ddp_efficiency if gpus > 1 else 1
-    rounds = math.ceil(w['seeds'] / gpus)
+    seeds = lambda inits: sum(w['random_seeds'] if i == 'random' else w['seeds'] for i in inits)
+    rounds = lambda inits: sum(math.ceil((w['random_seeds'] if i == 'random' else w['seeds'])
+                                         / gpus) for i in inits)  # one command an init
     pool = w['labelled'] + w['val']
     knn = min(w['labelled'], w['knn_per_class'] * w['classes']) + w['val']
     out = []
-    for f in w['budgets']:
+    for k, f in enumerate(w['budgets']):
+        inits = w['inits'] if k == 0 else [i for i in w['inits'] if i in w['curve_inits']]
         n = round(f * w['labelled'])
         train = (w['head_epochs'] + w['epochs']) * n / ft
         test = w['test'] / tta
         seed = train + test
-        runs = w['inits'] * w['seeds']
         out.append((f'fine-tuning, {"all the" if f == 1 else f"{f:g} of the"} labels',
-                    f'{runs} seeds x ({w["head_epochs"] + w["epochs"]} epochs x {n:,} = '
-                    f'{train:,.1f} s + {w["tta"]} TTA passes x {w["test"]:,} = {test:,.1f} s)',
-                    runs * seed, w['inits'] * rounds * seed))
+                    f'{seeds(inits)} seeds of {len(inits)} inits x ({w["head_epochs"] + w["epochs"]} '
+                    f'epochs x {n:,} = {train:,.1f} s + {w["tta"]} TTA passes x {w["test"]:,} = '
+                    f'{test:,.1f} s)', seeds(inits) * seed, rounds(inits) * seed))
     images = w['labelled'] * (1 + w['probe_views']) + w['val'] + w['test']
-    n_fits = w['inits'] * w['seeds'] * len(w['budgets'])
+    n_inits = len(w['inits'])
     per_seed = sum(seed_seconds(fit_s, f) for f in w['budgets'])  # one seed of each budget
     each = ' + '.join(f'{seed_seconds(fit_s, f):.3g}' for f in w['budgets'])
-    feat = w['inits'] * images / forward
+    feat = n_inits * images / forward
     out.append(('probe: features (once an init, on every rank)',
-                f'{w["inits"]} x ({w["labelled"]:,} x {1 + w["probe_views"]} views + '
-                f'{w["val"] + w["test"]:,}) = {w["inits"] * images:,} passes', feat, feat))
-    out.append((PROBE_SEEDS, f'{n_fits} seeds: {w["inits"] * w["seeds"]} x ({each} s, {fits})',
-                w['inits'] * w['seeds'] * per_seed, w['inits'] * rounds * per_seed))
+                f'{n_inits} x ({w["labelled"]:,} x {1 + w["probe_views"]} views + '
+                f'{w["val"] + w["test"]:,}) = {n_inits * images:,} passes', feat, feat))
+    every = seeds(w['inits'])  # the probe: every init at every budget
+    out.append((PROBE_SEEDS, f'{every * len(w["budgets"])} seeds: {every} x ({each} s, {fits})',
+                every * per_seed, rounds(w['inits']) * per_seed))
     for name, runs, epochs in (('further Barlow Twins', w['further_runs'], w['further_epochs']),
                                ('Barlow Twins on skin only', 1, w['skin_epochs'])):
         pairs = runs * (w['projector_epochs'] + epochs) * pool
@@ -162,14 +168,28 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     positive = lambda s: float(s) if float(s) > 0 else p.error(f'{s}: must be > 0')
+
+    def count(low):
+        def parse(s):
+            if not s.isdigit() or int(s) < low:
+                raise argparse.ArgumentTypeError(f'{s}: give a whole number, {low} or more')
+            return int(s)
+        return parse
     for k in ('ft', 'tta', 'bt'):
         p.add_argument(f'--{k}', type=positive, default=ASSUMED[k])
     p.add_argument('--fit-s', type=positive, default=ASSUMED['fit_s'])
     p.add_argument('--ddp-efficiency', type=positive, default=ASSUMED['ddp_efficiency'])
-    p.add_argument('--gpus', type=int, choices=range(2, 1025), metavar='N', default=8)
+    p.add_argument('--gpus', type=count(2), metavar='N', default=8)
     p.add_argument('--labels', nargs='+', default=['all', '0.5'], metavar='BUDGET',
                    help="make paper's PAPER_LABELS: all, or fractions of each class written "
                         "with a point, as the Makefile reads them (default: all 0.5)")
+    p.add_argument('--curve-inits', nargs='+', choices=WORK['inits'], metavar='INIT',
+                   default=list(WORK['curve_inits']),
+                   help="make paper's PAPER_CURVE_INITS: the inits fine-tuned at the budgets "
+                        "after all (default: supervised barlow, as the paper)")
+    p.add_argument('--random-seeds', type=count(1), metavar='N',
+                   default=WORK['random_seeds'],
+                   help="seeds of the random init (make paper's PAPER_RANDOM_SEEDS=0-4: 5)")
     a = p.parse_args(argv)
     budgets = []
     for b in a.labels:
@@ -193,7 +213,8 @@ def main(argv=None):
     source = 'given' if how('ft', 'tta', 'bt') == 'given' else 'assumed: the targets of one H200'
     print('\n'.join(table(a.ft, a.tta, a.bt, a.fit_s, a.ddp_efficiency, a.gpus, source,
                           how('fit_s'), how('ddp_efficiency'),
-                          work=dict(WORK, budgets=a.budgets))))
+                          work=dict(WORK, budgets=a.budgets, curve_inits=tuple(a.curve_inits),
+                                    random_seeds=a.random_seeds))))
 
 
 if __name__ == '__main__':

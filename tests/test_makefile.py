@@ -112,6 +112,29 @@ def test_dry_run_probe_budgets_share_one_process_per_kind():
     assert len(ft) == 8 and sum('--labels-per-class 5 ' in l for l in ft) == 4
 
 
+def test_dry_run_curve_inits_and_random_seeds_narrow_the_grid():
+    """CURVE_INITS: only they are fine-tuned at the budgets after the first; every init is
+    probed at every budget. RANDOM_SEEDS: random init's seeds, in its commands and its done
+    markers (a change of them runs it again)."""
+    r = make('-n', 'all', ALL_INITS, 'LABELS=all 0.5', 'PROBE_LABELS=', 'SEEDS=0-3',
+             'RANDOM_SEEDS=0-1', 'CURVE_INITS=supervised skinBT', 'OUT=/tmp/never',
+             'RESULTS=/tmp/never-results', 'DATA=/tmp/never-data')
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    grid = lambda script: sorted(
+        (l.split('--init-name ')[1].split()[0], '--label-fraction 0.5' in l,
+         l.split('--seeds ')[1].split()[0]) for l in lines if script in l)
+    seeds = lambda i: '0-1' if i == 'random' else '0-3'
+    assert grid('finetune.py') == sorted([(i, False, seeds(i)) for i in INITS] +
+                                         [('supervised', True, '0-3'), ('skinBT', True, '0-3')])
+    assert grid('probe.py') == sorted((i, h, seeds(i)) for i in INITS for h in (False, True))
+    assert all(l.count('--seeds') == 1 for l in lines if 'finetune.py' in l or 'probe.py' in l)
+    assert '==> fine-tune random, all labels, seeds 0-1' in r.stdout
+    touched = [l.split()[-1] for l in lines if l.startswith('mkdir -p /tmp/never-results/.done')]
+    assert sum(t.endswith('-s0-1') for t in touched) == 3  # random: fine-tuning, 2 probes
+    assert sum(t.endswith('-s0-3') for t in touched) == len(touched) - 3 == 5 * 3 + 2
+
+
 def tiny(tmp, nproc=1):
     return ['all', ALL_INITS, f'DATA={tmp}/data', f'OUT={tmp}/runs', f'RESULTS={tmp}/results',
             f'CACHE_DIR={tmp}/cache', f'SPLIT={tmp}/split.json', f'NPROC={nproc}',

@@ -35,15 +35,19 @@ def test_the_work_is_what_make_paper_runs():
     ft = [l for l in lines if 'finetune.py ' in l]
     pr = [l for l in lines if 'probe.py ' in l]
     bt = [l for l in lines if 'pretrain_barlow.py ' in l]
-    inits = {flag(l, '--init-name') for l in ft}
-    assert len(inits) == W['inits'] and {flag(l, '--init-name') for l in pr} == inits
-    # each init fine-tuned and probed at every budget: no flag is all the labels
-    fractions = sorted(float(flag(l, '--label-fraction') or 1) for l in ft)
-    assert fractions == sorted(W['budgets'] * W['inits'])
-    assert sorted(float(flag(l, '--label-fraction') or 1) for l in pr) == fractions
+    # every init fine-tuned with all the labels (no flag), the curve's inits at the later
+    # budgets too; every init probed at every budget; one command each
+    grid = lambda lines: sorted((flag(l, '--init-name'), float(flag(l, '--label-fraction') or 1))
+                                for l in lines)
+    first, *later = W['budgets']
+    assert grid(ft) == sorted([(i, first) for i in W['inits']] +
+                              [(i, f) for f in later for i in W['curve_inits']])
+    assert grid(pr) == sorted((i, f) for i in W['inits'] for f in W['budgets'])
+    assert set(W['curve_inits']) < set(W['inits'])
     assert not any('--labels-per-class' in l for l in ft + pr)
-    seeds = {flag(l, '--seeds') for l in ft + pr}
-    assert seeds == {f'0-{W["seeds"] - 1}'}
+    seeds = {(flag(l, '--init-name'), flag(l, '--seeds')) for l in ft + pr}
+    assert seeds == {(i, f'0-{(W["random_seeds"] if i == "random" else W["seeds"]) - 1}')
+                     for i in W['inits']}
     assert {flag(l, '--epochs') for l in ft} == {str(W['epochs'])}
     assert {flag(l, '--aug-views') for l in pr} == {str(W['probe_views'])}
     assert all(flag(l, '--size') == str(W['bt_size']) for l in ft + pr + bt)
@@ -77,17 +81,28 @@ def test_the_sums_at_rates_chosen_to_give_round_numbers():
     rows = {p: (one, eight) for p, _, one, eight in
             paper_cost.pieces(ft, tta, bt, fit_s=0.5, ddp_efficiency=0.25, gpus=8)}
     close = lambda got, want: math.isclose(got, want, rel_tol=1e-9)
+    # all the labels: 5 inits x 35 seeds + random init's 5; on 8 GPUs 35 seeds are 5 rounds
+    # and random init's 5 one
     one, eight = rows['fine-tuning, all the labels']
-    assert close(one, 6 * 35 * 2.0) and close(eight, 6 * 5 * 2.0)  # 35 seeds on 8: 5 rounds
-    one, eight = rows['fine-tuning, 0.5 of the labels']
-    assert close(one, 6 * 35 * (41 * 1277 / ft + 1)) and close(eight, 6 * 5 * (41 * 1277 / ft + 1))
+    assert close(one, (5 * 35 + 5) * 2.0) and close(eight, (5 * 5 + 1) * 2.0)
+    one, eight = rows['fine-tuning, 0.5 of the labels']  # supervised and barlow only
+    assert close(one, 2 * 35 * (41 * 1277 / ft + 1)) and close(eight, 2 * 5 * (41 * 1277 / ft + 1))
     forward = 3 * tta  # single-view passes a second
     one, eight = rows['probe: features (once an init, on every rank)']
     assert close(one, 6 * (2554 * 17 + 1942 + 17481) / forward) and close(eight, one)
-    assert rows['probe: seeds (fits, kNN)'] == (6 * 35 * 1.5 * 0.5, 6 * 5 * 1.5 * 0.5)  # half
+    # every init probed at both budgets, half the labels in half the time
+    assert rows['probe: seeds (fits, kNN)'] == (180 * 1.5 * 0.5, 26 * 1.5 * 0.5)
     measured = {p: (one, eight) for p, _, one, eight in paper_cost.pieces(
         ft, tta, bt, fit_s={1.0: 0.5, 0.5: 0.4}, ddp_efficiency=0.25, gpus=8)}
-    assert measured['probe: seeds (fits, kNN)'] == (6 * 35 * 0.9, 6 * 5 * 0.9)
+    assert measured['probe: seeds (fits, kNN)'] == (180 * 0.9, 26 * 0.9)
+    # the whole grid, every init 35 times at both budgets
+    full = {p: (one, eight) for p, _, one, eight in paper_cost.pieces(
+        ft, tta, bt, fit_s=0.5, ddp_efficiency=0.25, gpus=8,
+        work=dict(W, curve_inits=W['inits'], random_seeds=35))}
+    assert full['fine-tuning, all the labels'] == (6 * 35 * 2.0, 6 * 5 * 2.0)
+    one, eight = full['fine-tuning, 0.5 of the labels']
+    assert close(one, 6 * 35 * (41 * 1277 / ft + 1)) and close(eight, 6 * 5 * (41 * 1277 / ft + 1))
+    assert full['probe: seeds (fits, kNN)'] == (6 * 35 * 1.5 * 0.5, 6 * 5 * 1.5 * 0.5)
     knn = 8 * 25 + 1942  # the monitor's references and the val part
     one, eight = rows['further Barlow Twins']  # 1 + 100 epochs, every 2nd monitored: 51 passes
     assert close(one, 2 * 101 + 2 * 51 * knn / forward)
@@ -141,7 +156,7 @@ def test_bench_gpu_computes_it_from_what_it_measured():
     measured = ' '.join(bench_gpu.paper_cost_lines(dict(ft=1.0, tta=1.0, bt=1.0, fit_s=0.25),
                                                    tiny=False))
     assert 'one probe seed 0.25 s (measured)' in measured
-    assert '| probe: seeds (fits, kNN) | 420 seeds: 210 x (0.25 + 0.125 s, measured)' in measured
+    assert '| probe: seeds (fits, kNN) | 360 seeds: 180 x (0.25 + 0.125 s, measured)' in measured
     assert 'one probe seed 1 s (assumed)' in ' '.join(
         bench_gpu.paper_cost_lines(dict(ft=1.0, tta=1.0, bt=1.0, fit_s=None), tiny=False))
     assert bench_gpu.paper_cost_lines(dict(ft=1.0, tta=1.0, bt=1.0), tiny=True)[0] == \
@@ -152,7 +167,19 @@ def test_labels_as_make_paper_takes_them(capsys):
     paper_cost.main(['--labels', 'all'])  # make paper PAPER_LABELS=all
     out = capsys.readouterr().out
     assert '| fine-tuning, all the labels |' in out and '0.5 of the labels' not in out
-    assert '| probe: seeds (fits, kNN) | 210 seeds:' in out
+    assert '| probe: seeds (fits, kNN) | 180 seeds:' in out
+    paper_cost.main(['--curve-inits', 'random', 'skinBT', '--random-seeds', '35'])
+    out = capsys.readouterr().out
+    assert '| fine-tuning, 0.5 of the labels | 70 seeds of 2 inits x' in out
+    assert '| fine-tuning, all the labels | 210 seeds of 6 inits x' in out
+    for bad in (['--random-seeds', '0'], ['--gpus', '1'], ['--curve-inits', 'imagenet']):
+        with pytest.raises(SystemExit) as e:
+            paper_cost.main(bad)
+        assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert '--random-seeds: 0: give a whole number, 1 or more' in err
+    assert '--gpus: 1: give a whole number, 2 or more' in err
+    assert "--curve-inits: invalid choice: 'imagenet'" in err
     for bad in (['2'], ['half'], ['0.0'], ['1'], ['1.5']):
         with pytest.raises(SystemExit) as e:
             paper_cost.main(['--labels', *bad])
