@@ -614,12 +614,12 @@ def notes_md(args):
                  'paired t-interval ("k pairs" when some seeds have no partner; (u): the '
                  'difference of means with Welch\'s interval)')}[args.test]
     diff = diff or 'the difference of means init - baseline with Welch\'s interval'
-    return [f'n = runs (seeds); metric cells = mean +- sample std (ddof=1) over those runs on '
-            f'the test set (std "-" when n = 1; a split named "(val part)": rows of '
-            f'finetune.py --eval-part val, scored on the val part to choose budgets, in tables '
-            f'of their own). ft = fine-tuning the whole network, probe = '
-            f'linear probe on frozen features; acc = accuracy, bal. acc = balanced accuracy '
-            f'(mean recall over the classes in the test labels), AUROC = macro one-vs-rest.',
+    return ['n = runs (seeds); metric cells = mean +- sample std (ddof=1) over those runs on '
+            'the test set (std "-" when n = 1; a split named "(val part)": rows of '
+            'finetune.py --eval-part val, scored on the val part to choose budgets, in tables '
+            'of their own). ft = fine-tuning the whole network, probe = '
+            'linear probe on frozen features; acc = accuracy, bal. acc = balanced accuracy '
+            '(mean recall over the classes in the test labels), AUROC = macro one-vs-rest.',
             f'{pm} [95% CI] = mean with the t-interval over seeds (mean +- t_0.975,n-1 s / '
             f'sqrt n); diff = {diff}.',
             f'p = one-sided p-value of H1: mean {name} of the init > that of `{args.baseline}` '

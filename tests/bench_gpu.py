@@ -380,20 +380,19 @@ def bench_e2e(rt, cfg, cache, workers):
     loader = C.make_loader(cache, range(len(cache['ids'])), cfg['batch'], workers=workers,
                            pin=rt.device.type == 'cuda')
 
-    def batches():
+    def batches(loader):
         epoch = 0
         while True:
             loader.sampler.set_epoch(epoch)
             yield from loader
             epoch += 1
-    it = batches()
+    it = batches(loader)
     first_call(rt, lambda: step(next(it)))  # starts the workers
     # warmup past the batches the workers buffer ahead (prefetch_factor 4 each): a full
     # buffer would hide a loader slower than the step for as many steps
     rate, _ = measure(rt, lambda: step(next(it)), cfg['batch'], cfg['seconds'],
                       cfg['warmup'] + 4 * workers)
-    del it, loader
-    return rate
+    return rate  # the loader's workers stop with it
 
 
 def finetune_task(rt, cfg, compile=False):
