@@ -413,15 +413,18 @@ def skin_plan(n, seed):
 
 
 # --------------------------------------------------------------------------- writing
-def render_job(job):  # one image, in a worker, from its own random streams [seed, kind, keys]
-    kind, path, size, seed, keys = job
-    rng = np.random.default_rng([seed, 0, *keys] if kind == 'source' else [seed, 3, keys[2]])
-    if kind == 'source':
-        im = finish(source_image(SOURCE_CLASSES[keys[0]], rng, 2 * size), rng, size, .2)
-    else:  # the lesion from its own stream: the same in all its photos
-        im = photograph(make_lesion(keys[0], np.random.default_rng([seed, 2, keys[1]]), 2 * size),
-                        rng, size)
-    im.save(path, 'JPEG', quality=int(rng.integers(75 if kind == 'source' else 70, 96)))
+def render_job(job):  # one source image, or the photos of one lesion, in a worker
+    kind, size, seed, shots = job  # shots: [(path, keys)]; each image its own random streams
+    lesion = None
+    for path, keys in shots:
+        rng = np.random.default_rng([seed, 0, *keys] if kind == 'source' else [seed, 3, keys[2]])
+        if kind == 'source':
+            im = finish(source_image(SOURCE_CLASSES[keys[0]], rng, 2 * size), rng, size, .2)
+        else:  # the lesion from its own stream, painted once for all its photos (56% of a photo)
+            if lesion is None:
+                lesion = make_lesion(keys[0], np.random.default_rng([seed, 2, keys[1]]), 2 * size)
+            im = photograph(lesion, rng, size)
+        im.save(path, 'JPEG', quality=int(rng.integers(75 if kind == 'source' else 70, 96)))
 
 
 def write_dataset(args, pool, name):
@@ -455,8 +458,11 @@ def write_dataset(args, pool, name):
             w = csv.DictWriter(f, head, extrasaction='ignore', lineterminator='\n')
             w.writeheader()
             w.writerows(images)
-    pool.map(render_job, [(name, os.path.join(tmp, im['path']), args.size, args.seed, im['keys'])
-                          for im in images], chunksize=8)
+    shots = {}  # a job per source image, or per lesion (its 1-3 photos)
+    for k, im in enumerate(images):
+        shots.setdefault(im['key'] if name == 'skin' else k, []).append(
+            (os.path.join(tmp, im['path']), im['keys']))
+    pool.map(render_job, [(name, args.size, args.seed, s) for s in shots.values()], chunksize=8)
     counts = {c: sum(im['cls'] == c for im in images) for c in classes}
     extra = dict(lesions=len({im['key'] for im in images})) if name == 'skin' else {}
     with open(os.path.join(tmp, STAMP), 'w') as f:  # last: only a whole dataset gets renamed
