@@ -82,7 +82,7 @@ def _run_as_main(script, args, cwd, env):
     sys.argv = [script, *args]
     import runpy
     import traceback
-    code = 0
+    code = interrupted = 0
     try:
         runpy.run_path(script, run_name='__main__')
     except SystemExit as e:
@@ -93,13 +93,16 @@ def _run_as_main(script, args, cwd, env):
         else:
             print(e.code, file=sys.stderr)
             code = 1
-    except BaseException:
+    except BaseException as e:
         traceback.print_exc()
-        code = 1
+        code, interrupted = 1, isinstance(e, KeyboardInterrupt)
     import atexit
     atexit._run_exitfuncs()  # what the interpreter does at exit: os._exit below skips it
     sys.stdout.flush()
     sys.stderr.flush()
+    if interrupted:  # as python does for an uncaught Ctrl-C: it dies by SIGINT
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
     os._exit(code)
 
 

@@ -74,6 +74,13 @@ def test_uncaught_exception_and_string_exit(tmp_path):
     r = forkrun.Run(write(tmp_path, 'd.py', 'import sys; sys.exit("bad flag")\n'), [],
                     tmp_path, script_env(tmp_path)).wait(60)
     assert (r.returncode, r.stderr) == (1, 'bad flag\n')
+    # an uncaught Ctrl-C: python prints the traceback and dies by SIGINT, as here
+    script = write(tmp_path, 'k.py', 'import atexit\natexit.register(print, "at exit")\n'
+                                     'raise KeyboardInterrupt\n')
+    r = forkrun.Run(script, [], tmp_path, script_env(tmp_path)).wait(60)
+    real = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=60)
+    assert r.returncode == real.returncode == -signal.SIGINT
+    assert r.stdout == real.stdout == 'at exit\n' and 'KeyboardInterrupt' in r.stderr
 
 
 def test_timeout_kills_the_run(tmp_path):
