@@ -13,7 +13,7 @@ to bottom: each `# ---` banner is one topic, in this order.
                      HAM10000, DermaMNIST), make_dataset, load_image
   splits             make_split, save_split, load_split, split_path, labelled_subset,
                      pool_subset
-  uint8 cache        build_cache, find_cache, fingerprint, fmt_time
+  uint8 cache        build_cache, find_cache, fingerprint, cache_fingerprint, fmt_time
   loader             make_loader, CachedImages, EpochBatches, prepare_cache,
                      cache_positions, to_device, dataset_name
   augmentations      preset_params, draw_params, take_params, apply_params, augment,
@@ -957,10 +957,13 @@ def pool_subset(ds, ids, fraction, seed=0):
 # stored in one memory-mapped (N, S, S, 3) uint8 .npy beside a JSON description, the `cache`
 # dict: {'file', 'size', 'ids', 'labels', 'groups', 'classes', 'fingerprint', 'bad'}. Image k
 # of the cache (its *position*) is cache['ids'][k]. Training then reads raw bytes: no JPEG
-# decoding per epoch. The fingerprint of the source files (path, size, mtime) makes a changed
-# source rebuild the cache and an unchanged one be reused.
+# decoding per epoch. The fingerprint of the source files (path, size, mtime) and of what the
+# dataset says about them (classes, labels, groups: a corrected label CSV beside unchanged
+# images) makes a changed source rebuild the cache and an unchanged one be reused.
 
-def fingerprint(paths):
+def fingerprint(paths, about=None):
+    """sha1 of the files' paths, sizes and mtimes (an .npz member by its archive), and of
+    `about` (JSON-able: what the dataset says of them) when given."""
     h = hashlib.sha1()
     for p in dict.fromkeys(p.rsplit('.npz:', 1)[0] + '.npz' if '.npz:' in p else p
                            for p in paths):
@@ -970,7 +973,15 @@ def fingerprint(paths):
         except FileNotFoundError:
             h.update(f'{p}\0missing\n'.encode())
     h.update('\n'.join(paths).encode())
+    if about is not None:
+        h.update(b'\0' + json.dumps(about, sort_keys=True).encode())
     return h.hexdigest()
+
+
+def cache_fingerprint(ds):
+    """The fingerprint a cache of ds is reused under: its files and its classes, labels and
+    groups (the cache holds those too, and training and scoring read them from it)."""
+    return fingerprint(ds['paths'], [ds['classes'], ds['labels'], ds['groups']])
 
 
 def _decode_resized(path, size):
@@ -1012,7 +1023,7 @@ def find_cache(ds, size, cache_dir, skip_bad=False, fp=None):
     except UserError as e:
         print0(f'note: {e}; rebuilding the cache')
         return None
-    if cache.get('fingerprint') == (fp or fingerprint(ds['paths'])) and \
+    if cache.get('fingerprint') == (fp or cache_fingerprint(ds)) and \
             (skip_bad or not cache['bad']):
         return cache
     return None
@@ -1039,7 +1050,7 @@ def build_cache(ds, size, cache_dir='cache', workers=2, skip_bad=False, verbose=
     dict: {'file', 'size', 'ids', 'labels', 'groups', 'classes', 'fingerprint', 'bad'}."""
     if size < 8:
         raise UserError(f'--cache-size {size}: too small, use at least 8 pixels')
-    stem, fp = _cache_stem(ds, size, cache_dir), fingerprint(ds['paths'])
+    stem, fp = _cache_stem(ds, size, cache_dir), cache_fingerprint(ds)
     cache = find_cache(ds, size, cache_dir, skip_bad, fp)
     if cache:
         return cache

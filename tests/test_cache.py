@@ -114,6 +114,20 @@ def test_cache_round_trip_sizes_and_reuse(tmp_path):
     stamp = os.path.getmtime(index['file'])
     again = C.build_cache(ds, 16, str(tmp_path / 'cache'), workers=0, verbose=False)
     assert again == index and os.path.getmtime(index['file']) == stamp  # reused, not rebuilt
+    # the same files, other labels (a corrected label CSV): the cache is not reused with the
+    # old ones, which training and scoring read from it
+    labelled = dict(ds, labels=[0, 1, 0, 1], classes=['a', 'b'])
+    C.build_cache(labelled, 16, str(tmp_path / 'cache'), workers=0, verbose=False)
+    relabelled = dict(labelled, labels=[1, 0, 1, 0])
+    fresh = C.build_cache(relabelled, 16, str(tmp_path / 'cache'), workers=0, verbose=False)
+    assert fresh['labels'] == [relabelled['labels'][ds['ids'].index(i)] for i in fresh['ids']]
+    assert fresh['fingerprint'] != index['fingerprint']
+    assert C.find_cache(ds, 16, str(tmp_path / 'cache')) is None  # the old labels: not it
+    regrouped = dict(relabelled, groups=['one'] * len(ds['ids']))
+    assert C.build_cache(regrouped, 16, str(tmp_path / 'cache'), workers=0,
+                         verbose=False)['groups'] == ['one'] * len(ds['ids'])
+    index = C.build_cache(ds, 16, str(tmp_path / 'cache'), workers=0, verbose=False)
+    stamp = os.path.getmtime(index['file'])
     Image.fromarray(rgb(10, 10, 7)).save(src / 'tiny.png')  # the source changes
     os.utime(src / 'tiny.png', (stamp + 5, stamp + 5))
     ds = C.read_dataset(str(src))
