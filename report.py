@@ -9,7 +9,8 @@ against the unlabelled images of further pretraining; plots of the pretraining l
 
 Reads the JSON lines that finetune.py and probe.py append (one per init, protocol, dataset,
 split, label budget and seed; a later line with the same key is a rerun and replaces the
-earlier one) and writes results/summary.md (also printed) and results/summary.csv (every
+earlier one; two splits of one name, other test sets, are told apart by their split_sha and
+never compared) and writes results/summary.md (also printed) and results/summary.csv (every
 number). With matplotlib installed (`make install`, or pip install matplotlib) it also writes
 results/summary.png (the --p-metric per init with 95% intervals), results/curve.png (that metric
 against labelled images per class, when a dataset has 2+ label budgets) and results/pretrain.png
@@ -120,7 +121,10 @@ def get_args(argv=None):
 # --------------------------------------------------------------------------- reading rows
 def read_results(path, metrics):
     """Rows keyed by (dataset, split, budget, init, protocol, seed); later lines replace
-    earlier ones. Returns (rows, number of lines read). As common.read_jsonl: a line cut
+    earlier ones. Two splits of one name (their split_sha, the hash of the test ids, differs:
+    another --per-class, another split file) are kept apart, their names followed by
+    [split_sha], with a warning: no seed is compared with one scored on another test set.
+    Returns (rows, number of lines read). As common.read_jsonl: a line cut
     short by a killed writer or a full disk (it starts like a JSON object but does not parse;
     anywhere, since the writers start a new line after one) is named and ignored, any other
     bad line is refused, naming it."""
@@ -129,7 +133,7 @@ def read_results(path, metrics):
     if not os.path.isfile(path):
         raise UserError(f'{path} does not exist; run finetune.py or probe.py first, or pass '
                         f'--results')
-    rows, n_lines = {}, 0
+    read, n_lines = [], 0
     with open(path, encoding='utf-8', errors='replace') as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -160,11 +164,25 @@ def read_results(path, metrics):
             if pool is not None and not (is_number(pool) and pool >= 0):
                 raise UserError(f'{where}: pool_images is {pool!r}, expected a number of images '
                                 f'or null')
-            split = str(row.get('split', '-'))  # rows scored on the val part: tables apart
-            split += VAL_PART if row.get('eval_part', 'test') != 'test' else ''
-            key = (str(row.get('dataset', '-')), split, budget_of(row))
-            row['_group'] = key
-            rows[key + (str(row['init']), str(row['protocol']), str(row['seed']))] = row
+            read.append(row)
+    shas = {}  # (dataset, split name): its split_sha values, in the order they came
+    for row in read:
+        name = (str(row.get('dataset', '-')), str(row.get('split', '-')))
+        shas.setdefault(name, {}).setdefault(str(row.get('split_sha', '-'))[:8], None)
+    for (dataset, split), seen in shas.items():
+        if len(seen) > 1:
+            print(f'warning: {dataset}/{split}: rows of {len(seen)} different splits of that '
+                  f'name (split_sha {", ".join(seen)}: other test sets), kept apart as '
+                  f'"{split} [split_sha]"', file=sys.stderr)
+    rows = {}
+    for row in read:
+        dataset, split = str(row.get('dataset', '-')), str(row.get('split', '-'))
+        if len(shas[(dataset, split)]) > 1:
+            split += f' [{str(row.get("split_sha", "-"))[:8]}]'
+        split += VAL_PART if row.get('eval_part', 'test') != 'test' else ''  # tables apart
+        key = (dataset, split, budget_of(row))
+        row['_group'] = key
+        rows[key + (str(row['init']), str(row['protocol']), str(row['seed']))] = row
     if not rows:
         raise UserError(f'{path} is empty: no result rows; run finetune.py or probe.py first')
     return list(rows.values()), n_lines

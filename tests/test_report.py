@@ -459,6 +459,32 @@ def test_report_paired_default(tmp_path):
     assert float(got[('barlow', 'probe', 'balanced_accuracy')]['p']) == pytest.approx(p_probe)
 
 
+def test_rows_of_two_splits_of_one_name_are_never_compared(tmp_path):
+    """Two split files of protocol paper (another --per-class: other test sets): their rows
+    keep to tables of their own, a seed of one never replaces or pairs with a seed of the
+    other, and the report says so."""
+    a = [dict(row('supervised', 'finetune', s, x), split_sha='aaaa1111ffff') for s, x in
+         enumerate([0.60, 0.61, 0.62])]
+    b = [dict(row(init, 'finetune', s, x), split_sha='bbbb2222ffff') for init, xs in
+         (('supervised', [0.40, 0.41]), ('barlow', [0.70, 0.71])) for s, x in enumerate(xs)]
+    (tmp_path / 'results.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in a + b))
+    r = run_report('--results', 'results.jsonl', '--out', 'out', cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert ('warning: skin/paper: rows of 2 different splits of that name (split_sha '
+            'aaaa1111, bbbb2222: other test sets)') in r.stderr
+    md = (tmp_path / 'out' / 'summary.md').read_text()
+    _, first = table_rows(md, '## skin / split paper [aaaa1111] / 2554 labels')
+    _, second = table_rows(md, '## skin / split paper [bbbb2222] / 2554 labels')
+    assert set(first) == {'supervised'} and first['supervised']['ft n'] == '3'
+    assert first['supervised']['ft bal. acc'] == cell([0.60, 0.61, 0.62])
+    assert second['supervised']['ft bal. acc'] == cell([0.40, 0.41])  # not replaced by a
+    assert second['barlow']['ft diff [95% CI]'].startswith('+0.300')  # paired within b only
+    (tmp_path / 'b.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in b))  # one split
+    one = run_report('--results', 'b.jsonl', '--out', 'out_b', cwd=tmp_path)
+    assert one.returncode == 0 and 'different splits' not in one.stderr
+    assert '## skin / split paper / 2554 labels' in (tmp_path / 'out_b' / 'summary.md').read_text()
+
+
 def test_report_welch_option(tmp_path):
     write_results(tmp_path / 'results.jsonl')
     r = run_report('--results', 'results.jsonl', '--out', 'out', '--test', 'welch',
