@@ -1995,6 +1995,9 @@ def load_checkpoint(path):
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
+        if 'GLOBAL' not in str(e):  # no blocked import: bytes that are not a pickle at all
+            raise UserError(f'{path}: not a readable PyTorch checkpoint (damaged, or another '
+                            f'kind of file)')
         # PyTorch's message opens with generic advice (including to retry with
         # weights_only=False); the reason is the first line after it
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
@@ -2184,7 +2187,8 @@ def simclr_loss(z1, z2, temperature=0.1):
         u1, u2 = F.normalize(z1.float(), dim=1), F.normalize(z2.float(), dim=1)
         candidates = torch.cat([_all_gather(u1), _all_gather(u2)])  # (2N, D) views 1, then 2
         logits = torch.cat([u1, u2]) @ candidates.T / temperature  # (2B, 2N) local anchors
-        i = torch.arange(b, device=z1.device) + b * dist_info()[0]
+        rank = dist.get_rank() if _world() > 1 else 0  # the group's, as _world (not $RANK)
+        i = torch.arange(b, device=z1.device) + b * rank
         own, other = torch.cat([i, i + n]), torch.cat([i + n, i])  # anchors' candidate columns
         logits = logits.masked_fill(F.one_hot(own, 2 * n).bool(), float('-inf'))
         return _all_reduce(F.cross_entropy(logits, other, reduction='sum')) / (2 * n)

@@ -183,6 +183,17 @@ def test_simclr_matches_float64_reference(shape, temperature):
     assert got.item() == pytest.approx(reference_simclr(z1, z2, temperature).item(), rel=1e-5)
 
 
+def test_simclr_without_a_process_group_ignores_torchruns_rank(monkeypatch):
+    """A rank of torchrun's with no process group (--parallel seeds: one runtime a rank):
+    the loss is the one-process loss, as Barlow Twins' and VICReg's are."""
+    z1 = randn(8, 16, seed=1)
+    z2 = z1 + 0.5 * randn(8, 16, seed=2)
+    want = reference_simclr(z1, z2, 0.1).item()
+    monkeypatch.setenv('RANK', '1')
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    assert simclr_loss(z1.float(), z2.float(), 0.1).item() == pytest.approx(want, rel=1e-5)
+
+
 def test_simclr_hand_value_for_orthonormal_images():
     # identical views, different images orthogonal: s_ii+-N = 1/t, every negative 0, so each
     # anchor's loss is log(1 + (2N - 2) exp(-1/t)); a self-similarity left in the denominator

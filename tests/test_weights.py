@@ -259,7 +259,15 @@ def test_refuses_truncated_file(tmp_path):
 @pytest.mark.parametrize('raw', [b'', b'hello, I am a text file\n', bytes(range(256)) * 4],
                          ids=['empty', 'text', 'binary'])
 def test_refuses_corrupt_file(tmp_path, raw):
-    refused(tmp_path, None, raw=raw)
+    msg = refused(tmp_path, None, raw=raw)
+    assert 'not a readable PyTorch checkpoint' in msg and 'more than tensors' not in msg
+
+
+def test_garbage_in_a_pickle_is_not_called_unsafe(tmp_path):
+    """Bytes the weights-only unpickler stops at (an unknown opcode) are a damaged file,
+    not one that holds more than tensors."""
+    msg = refused(tmp_path, None, raw=b'\x80\x02garbage bytes')
+    assert 'not a readable PyTorch checkpoint' in msg and 'more than tensors' not in msg
 
 
 def test_missing_file(tmp_path):
