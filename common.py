@@ -2318,7 +2318,14 @@ def make_optimizer(named_groups, name, lr, lr_biases, weight_decay, batch_size, 
     fused = all(p.device.type in ('cpu', 'cuda') and p.is_floating_point()
                 for g in groups for p in g['params'])
     if name == 'sgd':
-        return torch.optim.SGD(groups, lr=0.0, momentum=momentum, nesterov=True, fused=fused)
+        sgd = torch.optim.SGD(groups, lr=0.0, momentum=momentum, nesterov=True, fused=fused)
+        # fused SGD makes its momentum buffers with empty_like on its first step; a first step
+        # the fp16 loss scaler skips (an overflow, common at the initial scale) leaves them
+        # uninitialised and the next step moved the weights by 1e21. Zeros give the first
+        # step's buffer exactly (0.9 x 0 + grad) and make every step an ordinary one
+        for p in (p for g in groups for p in g['params']) if fused else ():
+            sgd.state[p]['momentum_buffer'] = torch.zeros_like(p)
+        return sgd
     if name == 'adamw':
         return torch.optim.AdamW(groups, lr=0.0, fused=fused)
     raise UserError(f'--optimizer {name}: choose lars, sgd or adamw')

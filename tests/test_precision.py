@@ -167,3 +167,34 @@ def test_compile_on_cpu_pretrain_barlow(tmp_path, imagefolder, run_script):
     backbone.load_state_dict(sd)  # strict: a plain torchvision-layout backbone
     assert all(torch.isfinite(v.float()).all() for v in sd.values())
     print(f'pretrain_barlow.py --compile, 2 steps on the CPU: {time.time() - t:.0f} s')
+
+
+# --------------------------------------------------------------------------- fp16 loss scaling
+@pytest.mark.parametrize('name', ['sgd', 'adamw'])
+def test_a_step_the_fp16_scaler_skips_leaves_the_optimizer_as_it_was(name):
+    """The fp16 scaler skips a step whose gradients overflow (common at its initial scale of
+    65536): the weights must not move then, nor afterwards differ from an optimizer that never
+    saw that step. Before, make_optimizer's fused SGD kept uninitialised momentum buffers from
+    the skipped first step, and the next step moved the weights by ~1e21."""
+    def run(skip_first):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.BatchNorm1d(4))
+        opt = C.make_optimizer({'net': net}, name, 0.4, 0.4, 1e-4, 256)
+        for g in opt.param_groups:
+            g['lr'] = g['peak_lr']
+        scaler = torch.amp.GradScaler('cpu', init_scale=2.0 ** 16)
+        x = torch.randn(8, 6, generator=torch.Generator().manual_seed(1))
+        for k, poison in enumerate([True, False, False] if skip_first else [False, False]):
+            opt.zero_grad(set_to_none=True)
+            loss = net(x).square().mean() * (float('inf') if poison else 1.0)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            if poison:
+                assert scaler.get_scale() == 2.0 ** 15  # the step was skipped
+        return [p.detach().clone() for p in net.parameters()]
+    # the fused kernels are what the CPU and CUDA get: the path under test
+    assert C.make_optimizer({'n': torch.nn.Linear(2, 2)}, name, 0.1, 0.1, 0, 256
+                            ).defaults['fused'] is True
+    for a, b in zip(run(skip_first=True), run(skip_first=False)):
+        assert torch.isfinite(a).all() and torch.allclose(a, b, rtol=1e-6, atol=1e-7)
