@@ -2424,8 +2424,9 @@ def fit(rt, model, raw, optimizer, loader, step_fn, out, total_steps, lr_fn, *, 
 
     The host waits for the device only at check steps: every log_every steps, every
     ckpt_every steps and the last one. There the loss is read and logged, a non-finite loss
-    since the last check stops the run (checkpoints are written only right after a check
-    passed, so the last one is intact), a pending SIGTERM/SIGINT checkpoints and exits, and a
+    since the last check, or non-finite weights (an update with non-finite gradients), stops
+    the run (checkpoints are written only right after a check passed, so the last one is
+    intact), a pending SIGTERM/SIGINT checkpoints and exits, and a
     checkpoint is written when ckpt_every or ckpt_minutes says so. Under DDP every rank takes
     these decisions at the same step. A step_fn may return (loss, stats): the 0-d tensors of
     stats go to each log record, and log_fn(stats) -> dict adds figures computed from the
@@ -2483,6 +2484,7 @@ def fit(rt, model, raw, optimizer, loader, step_fn, out, total_steps, lr_fn, *, 
     bad_step = torch.full((), -1, dtype=torch.long, device=rt.device)  # first non-finite
     global_batch = sampler.batch_size * rt.world
     stop = _StopFlag()
+    checked = step  # the step of the last check (or where the run started)
     try:
         model.train()
         t_log = t_ckpt = time.time()
@@ -2505,16 +2507,26 @@ def fit(rt, model, raw, optimizer, loader, step_fn, out, total_steps, lr_fn, *, 
                 signum = late = 0
                 if check:  # the one place the host waits, every rank at the same step
                     now = time.time()
+                    # the losses cover the weights before each step; the weights themselves
+                    # cover the last update (a finite loss with non-finite gradients)
+                    weights_bad = ~torch.isfinite(torch.nn.utils.get_total_norm(
+                        [t for t in raw.state_dict().values() if t.is_floating_point()]))
                     flags = torch.stack([
                         bad_step, torch.tensor(stop.signum, device=rt.device),
-                        torch.tensor(int(now - t_ckpt > 60 * ckpt_minutes), device=rt.device)])
+                        torch.tensor(int(now - t_ckpt > 60 * ckpt_minutes), device=rt.device),
+                        weights_bad.long().to(rt.device)])
                     if rt.world > 1:
                         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-                    bad, signum, late = flags.tolist()
-                    if bad >= 0:
+                    bad, signum, late, weights_bad = flags.tolist()
+                    last_check, checked = checked, step
+                    if bad >= 0 or weights_bad:
+                        what = (f'loss is not finite at step {bad} (epoch '
+                                f'{bad // steps_per_epoch})' if bad >= 0 else
+                                f'the weights are not finite after {step} steps (epoch '
+                                f'{(step - 1) // steps_per_epoch}): a step since step '
+                                f'{last_check} had non-finite gradients, with finite losses')
                         raise UserError(
-                            f'loss is not finite at step {bad} (epoch '
-                            f'{bad // steps_per_epoch}); stopped. ' +
+                            f'{what}; stopped. ' +
                             (f'The last good checkpoint {ckpt_path} (step {saved_step}) is '
                              f'intact; ' if saved_step >= 0 else 'No checkpoint yet; ') +
                             'lower --lr, or try --precision fp32, then rerun to resume')

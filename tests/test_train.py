@@ -225,3 +225,40 @@ def test_non_finite_loss_between_two_checks_keeps_the_last_good_checkpoint(base,
     assert all(torch.isfinite(v).all() for v in ckpt['model'].values() if v.is_floating_point())
     assert [r['step'] for r in read_log(out / 'log.jsonl')] == [3]  # step 6 was never logged
     assert not (out / 'backbone.pt').exists()
+
+
+def test_a_finite_loss_with_non_finite_gradients_is_never_checkpointed(tmp_path):
+    """The losses a check reads were computed before each update; an update with NaN
+    gradients (a finite loss: torch.where's untaken sqrt(-1) branch) is caught by the weights
+    at the next check, before anything is saved: the checkpoint of the check before stays."""
+    import numpy as np
+    import common as C
+    rt = C.setup_runtime('cpu', 'fp32', seed=0)
+    np.save(tmp_path / 'x.npy', np.random.default_rng(0).integers(0, 256, (32, 8, 8, 3),
+                                                                   np.uint8))
+    cache = {'file': str(tmp_path / 'x.npy'), 'labels': [i % 2 for i in range(32)]}
+    loader = C.make_loader(cache, range(32), batch_size=4, workers=0)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 2))
+    model, raw = C.wrap_model(rt, net)
+    opt = C.make_optimizer({'net': raw}, 'adamw', 1e-3, 1e-3, 0.0, 4)
+    steps = [0]
+
+    def step_fn(x, y, gen):
+        loss = torch.nn.functional.cross_entropy(model(x.float() / 255), y)
+        steps[0] += 1
+        if steps[0] == 6:  # step 5, the last before the check at 6: finite, NaN gradients
+            w = raw[1].weight.sum()
+            loss = loss + torch.where(w > -1e9, torch.zeros(()), torch.sqrt(-w.abs() - 1))
+            assert torch.isfinite(loss)
+        return loss
+    with pytest.raises(C.UserError) as e:
+        C.fit(rt, model, raw, opt, loader, step_fn, str(tmp_path / 'run'), 8,
+              lambda s, g: g['peak_lr'], config={'k': 1}, log_every=3, ckpt_every=3)
+    msg = str(e.value)
+    assert msg.startswith('the weights are not finite after 6 steps (epoch 0): a step since '
+                          'step 3 had non-finite gradients'), msg
+    assert '(step 3) is intact' in msg, msg
+    ckpt = torch.load(tmp_path / 'run' / 'ckpt.pt', weights_only=True)
+    assert ckpt['step'] == 3
+    assert all(torch.isfinite(v).all() for v in ckpt['model'].values())
