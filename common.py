@@ -2418,9 +2418,10 @@ def fit(rt, model, raw, optimizer, loader, step_fn, out, total_steps, lr_fn, *, 
     """The one training loop over `loader` (make_loader's; len(loader) steps per epoch).
     step_fn(x_uint8 (B,3,S,S), y, generator) -> scalar loss runs under autocast; lr_fn(step,
     group) -> lr; `model` is what runs, `raw` what is saved (wrap_model's pair). `config`: the
-    plain values that define the run (architecture, batch, data...), saved in out/ckpt.pt.
-    With out/ckpt.pt present the run resumes from it, mid-epoch, when its config is the same,
-    and is refused otherwise. max_steps > 0 caps total_steps.
+    plain values that define the run (architecture, batch, data, schedule...), saved in
+    out/ckpt.pt with the optimizer's class. With out/ckpt.pt present the run resumes from it,
+    mid-epoch, when its config is the same, and is refused otherwise; the lrs, the weight
+    decay and the precision may change on resume. max_steps > 0 caps total_steps.
 
     The host waits for the device only at check steps: every log_every steps, every
     ckpt_every steps and the last one. There the loss is read and logged, a non-finite loss
@@ -2435,7 +2436,7 @@ def fit(rt, model, raw, optimizer, loader, step_fn, out, total_steps, lr_fn, *, 
     nan_at_step poisons that step's loss (for tests). Returns the final step."""
     steps_per_epoch, sampler = len(loader), loader.sampler
     total_steps = min(total_steps, max_steps) if max_steps else total_steps
-    config = dict(config or {})
+    config = dict(config or {}, optimizer=type(optimizer).__name__)  # its state is its own
     ckpt_path = os.path.join(out, 'ckpt.pt')
     scaler = grad_scaler(rt)
     step = 0
@@ -2458,7 +2459,8 @@ def fit(rt, model, raw, optimizer, loader, step_fn, out, total_steps, lr_fn, *, 
             first = str(e).strip().splitlines()[-1].strip()[:200]
             raise UserError(f'{ckpt_path} does not fit this model ({first}); use another '
                             f'--out, or delete it to start over')
-        scaler.load_state_dict(state['scaler'])
+        if state['scaler']:  # empty from a run without fp16: this one's starts afresh
+            scaler.load_state_dict(state['scaler'])
         torch.set_rng_state(state['rng_cpu'])
         if rt.device.type == 'cuda' and 'rng_cuda' in state:
             torch.cuda.set_rng_state(state['rng_cuda'], rt.device)

@@ -159,7 +159,8 @@ def run_seed(rt, args, row, ds, split, cache, backbone_sd, width):
     lr_fn = lambda step, g: C.phase_lr(step, g, total, int(0.25 * (total - head)), 'onecycle',
                                        head)
     config = dict(arch=args.arch, batch_size=batch, size=args.size, epochs=args.epochs,
-                  seed=seed)
+                  seed=seed, head_epochs=args.head_epochs, aug=args.aug,
+                  class_weights=args.class_weights)
     step = C.fit(rt, model, raw, optimizer, loader, step_fn, out, total, lr_fn, config=config,
                  seed=seed, max_steps=args.max_steps, log_every=args.log_every,
                  ckpt_every=args.ckpt_every, ckpt_minutes=args.ckpt_minutes,

@@ -332,10 +332,11 @@ def main():
     # pool: then the lineage written at the end holds for every step of the run)
     config = dict(arch=args.arch, batch_size=args.batch_size, size=args.size,
                   epochs=args.epochs, seed=args.seed, projector=args.projector,
-                  objective=args.objective,
-                  train_blocks=args.train_blocks, init_sha=init_sha, data_root=root,
-                  held_out=held_out, split_file_sha1=split_file_sha, extra_data=folders,
-                  pool_fingerprint=cache['fingerprint'], pool_images=len(positions),
+                  objective=args.objective, **settings, aug=args.aug, min_scale=args.min_scale,
+                  schedule=args.schedule, warmup_epochs=args.warmup_epochs,
+                  head_warmup_epochs=args.head_warmup_epochs, train_blocks=args.train_blocks,
+                  init_sha=init_sha, data_root=root, held_out=held_out,
+                  split_file_sha1=split_file_sha, extra_data=folders, pool_fingerprint=cache['fingerprint'], pool_images=len(positions),
                   pool_fraction=args.pool_fraction)
     if rt.is_main:
         C.claim(args.out)  # one process per run folder

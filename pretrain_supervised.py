@@ -113,6 +113,8 @@ def main():
     # --- train (resumes from <out>/ckpt.pt when it was made with the same settings and data)
     config = dict(arch=args.arch, batch_size=args.batch_size, size=args.size,
                   epochs=args.epochs, seed=args.seed, classes=classes, init_sha=init_sha,
+                  aug=args.aug, min_scale=args.min_scale, warmup_epochs=args.warmup_epochs,
+                  label_smoothing=args.label_smoothing, val_fraction=args.val_fraction,
                   data_root=ds['root'], data_fingerprint=cache['fingerprint'],
                   held_out=C.split_sha(split))
     if rt.is_main:

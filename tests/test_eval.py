@@ -32,6 +32,21 @@ def test_resume_into_another_model_is_refused(run_script, imagefolder, tmp_path)
     assert 'made with projector 32-32 (this run: projector 64-64)' in r.stderr
     assert 'Traceback' not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert torch.load(out / 'ckpt.pt', weights_only=True)['step'] == 2  # left as it was
+    # another optimizer (its state would not fit: a KeyError at the first step) or schedule
+    for flags, said in ((['--optimizer', 'adamw'], 'made with optimizer LARS (this run: '
+                                                   'optimizer AdamW)'),
+                        (['--schedule', 'onecycle'], 'made with schedule cosine (this run: '
+                                                     'schedule onecycle)')):
+        r = run_script('pretrain_barlow.py', *common, '--projector', '32-32', *flags,
+                       cwd=tmp_path)
+        assert r.returncode == 2 and said in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+    # another precision resumes (the error of a non-finite loss advises it): the fp32 run's
+    # scaler state is empty, fp16's starts afresh (before: a traceback)
+    r = run_script('pretrain_barlow.py', *common, '--max-steps', '3', '--projector', '32-32',
+                   '--precision', 'fp16', cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert 'resumed' in r.stdout and torch.load(out / 'ckpt.pt', weights_only=True)['step'] == 3
 
 
 def test_backbone_pretrained_without_the_test_part_held_out_is_refused(tmp_path):
