@@ -2557,6 +2557,10 @@ def fit(rt, model, raw, optimizer, loader, step_fn, out, total_steps, lr_fn, *, 
         stop.restore()
     if step != saved_step:
         save(step)
+    if stop.signum:  # it came after the last check (during the last epoch_fn): obey it now
+        print0(f'signal {stop.signum} after the last step; {ckpt_path} saved, run the same '
+               f'command to finish')
+        signal.raise_signal(stop.signum)  # the previous handler's doing, as if never caught
     return step
 
 

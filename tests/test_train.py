@@ -262,3 +262,38 @@ def test_a_finite_loss_with_non_finite_gradients_is_never_checkpointed(tmp_path)
     ckpt = torch.load(tmp_path / 'run' / 'ckpt.pt', weights_only=True)
     assert ckpt['step'] == 3
     assert all(torch.isfinite(v).all() for v in ckpt['model'].values())
+
+
+def test_a_signal_after_the_last_check_is_not_lost(tmp_path):
+    """SIGINT during the last epoch_fn (validation after the last step's check): the run
+    saves its last step, then the handler it found (here the test's) gets the signal."""
+    import numpy as np
+    import common as C
+    rt = C.setup_runtime('cpu', 'fp32', seed=0)
+    np.save(tmp_path / 'x.npy', np.zeros((8, 8, 8, 3), np.uint8))
+    loader = C.make_loader({'file': str(tmp_path / 'x.npy'), 'labels': [0, 1] * 4}, range(8),
+                           batch_size=4, workers=0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 2))
+    model, raw = C.wrap_model(rt, net)
+    opt = C.make_optimizer({'net': raw}, 'adamw', 1e-3, 1e-3, 0.0, 4)
+    step_fn = lambda x, y, gen: torch.nn.functional.cross_entropy(model(x.float()), y)
+
+    class Interrupted(Exception):
+        pass
+
+    def handler(signum, frame):
+        raise Interrupted(signum)
+
+    def epoch_fn(epoch):
+        if epoch == 2:  # the last epoch's validation, after the last check
+            signal.raise_signal(signal.SIGINT)
+        return {}
+    old = signal.signal(signal.SIGINT, handler)
+    try:
+        with pytest.raises(Interrupted):
+            C.fit(rt, model, raw, opt, loader, step_fn, str(tmp_path / 'run'), 4,
+                  lambda s, g: g['peak_lr'], epoch_fn=epoch_fn, log_every=1)
+        assert signal.getsignal(signal.SIGINT) is handler  # restored, then raised
+    finally:
+        signal.signal(signal.SIGINT, old)
+    assert torch.load(tmp_path / 'run' / 'ckpt.pt', weights_only=True)['step'] == 4
