@@ -215,16 +215,29 @@ def remove_stale_tmp(path):
 
 
 def atomic_write(path, write_fn, mode='w'):
-    """Write through write_fn(file) to a temporary name, then rename: never half a file.
-    Temporary files a killed earlier write left beside it are removed first."""
+    """Write through write_fn(file) to a temporary name, on disk (fsync), then rename: never
+    half a file, even after a crash of the machine (the rename is synced too where the
+    filesystem allows). Temporary files a killed earlier write left beside it are removed
+    first."""
     path = str(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
     remove_stale_tmp(path)
     tmp = tmp_name(path)
     try:
         with open(tmp, mode) as f:
             write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        try:
+            fd = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError:  # a filesystem that cannot sync a folder: the file itself is synced
+            pass
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

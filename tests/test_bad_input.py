@@ -449,6 +449,27 @@ def test_temporary_files_of_a_killed_write_are_removed(tiny, tmp_path):
     assert sorted(os.listdir(ckpt.parent)) == ['ckpt.pt']
 
 
+def test_a_checkpoint_is_on_disk_before_it_replaces_the_last_one(tmp_path, monkeypatch):
+    """atomic_write syncs the new file's bytes before the rename (a machine that crashes
+    right after it must not find an empty ckpt.pt where the last good one was), then the
+    folder; a folder that cannot be synced is not an error."""
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(('fsync', os.path.isdir(f'/proc/self/fd/{fd}'),
+                       os.path.getsize(f'/proc/self/fd/{fd}')))
+        if events[-1][1]:
+            raise OSError(22, 'Invalid argument')  # as some network filesystems answer
+        real_fsync(fd)
+    monkeypatch.setattr(os, 'fsync', fsync)
+    monkeypatch.setattr(os, 'replace', lambda a, b: (events.append(('replace',)),
+                                                     real_replace(a, b)))
+    C.torch_save({'w': torch.ones(100)}, tmp_path / 'ckpt.pt')
+    assert [e[:2] for e in events] == [('fsync', False), ('replace',), ('fsync', True)]
+    assert events[0][2] == os.path.getsize(tmp_path / 'ckpt.pt') > 400  # all of it, synced
+    assert torch.equal(torch.load(tmp_path / 'ckpt.pt', weights_only=True)['w'], torch.ones(100))
+
+
 def test_unreadable_probe_features_are_extracted_again(tiny, tmp_path):
     """Before: 'not a readable PyTorch checkpoint' on every later run of that backbone."""
     args = [*data_args(tiny), *PROBE, '--init', 'random', '--cache-dir', tmp_path / 'c']
