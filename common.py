@@ -1197,7 +1197,29 @@ def make_loader(cache, positions, batch_size, rank=0, world=1, shuffle=True, see
     return torch.utils.data.DataLoader(
         CachedImages(cache, positions), sampler=sampler, batch_size=None, num_workers=workers,
         pin_memory=pin, persistent_workers=workers > 0,
-        prefetch_factor=4 if workers > 0 else None)
+        prefetch_factor=4 if workers > 0 else None, worker_init_fn=_worker_signals)
+
+
+def _worker_signals(worker_id):
+    """In each loader worker: Ctrl-C, or a SIGTERM sent to every process of the job (a
+    terminal's process group, a scheduler's kill of the job), is the main process's to act on
+    (fit checkpoints and exits at its next check), so the worker keeps serving batches until
+    the main process stops it. Left to the defaults, the workers died at once and the main
+    process failed with "DataLoader worker exited unexpectedly", saving nothing. A SIGTERM
+    from the main process itself (multiprocessing stopping its workers) still ends it."""
+    import threading
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not hasattr(signal, 'sigwaitinfo'):  # macOS, Windows: SIGTERM as by default
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # this thread and later ones
+    parent = os.getppid()
+
+    def watch():  # SIGTERM arrives here only: by sender
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+            pass
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # in this thread:
+        os.kill(os.getpid(), signal.SIGTERM)  # die of it (SIG_DFL), as without all this
+    threading.Thread(target=watch, daemon=True, name='sigterm-watch').start()
 
 
 def dataset_name(ds):

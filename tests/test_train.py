@@ -6,13 +6,14 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
 import torch
 import torchvision
 
-from conftest import ARCH, TINY
+from conftest import ARCH, TINY, script_env, script_path
 
 STEPS = 12  # 90 images / batch 8 = 11 steps per epoch: the runs cross an epoch boundary
 
@@ -297,3 +298,43 @@ def test_a_signal_after_the_last_check_is_not_lost(tmp_path):
     finally:
         signal.signal(signal.SIGINT, old)
     assert torch.load(tmp_path / 'run' / 'ckpt.pt', weights_only=True)['step'] == 4
+
+
+@pytest.mark.slow
+def test_ctrl_c_and_a_sigterm_to_the_whole_job_with_loader_workers(base, imagefolder,
+                                                                   torch_home):
+    """Ctrl-C reaches every process of the terminal's group, a scheduler's SIGTERM every
+    process of the job: the loader workers among them. The main process checkpoints and
+    exits (130, 143), the workers serve on until it stops them (before: they died at once
+    and the run failed with "DataLoader worker exited unexpectedly", saving nothing), and
+    the resumed run ends where an uninterrupted one does. A run of its own session, so the
+    signal reaches its group only."""
+    out = base / 'group'
+    args = [sys.executable, script_path('pretrain_barlow.py'),
+            *barlow_args(imagefolder, out, base / 'cache-group', log_every=2), '--workers', '2']
+    stopped = 0
+    for sig in (signal.SIGINT, signal.SIGTERM, None):
+        with open(base / 'group.txt', 'w') as log:
+            p = subprocess.Popen(args, cwd=base, env=script_env(torch_home), stdout=log,
+                                 stderr=subprocess.STDOUT, start_new_session=True)
+            if sig is None:  # the last run: to the end
+                assert p.wait(timeout=300) == 0, (base / 'group.txt').read_text()[-3000:]
+                break
+            wait_for(p, lambda: last_step(out) >= stopped + 2, f'step {stopped + 2}')
+            os.killpg(p.pid, sig)  # from outside the job, as a terminal or a scheduler
+            code = p.wait(timeout=120)
+        text = (base / 'group.txt').read_text()
+        assert code == 128 + sig, text[-3000:]
+        assert f'stopped by signal {int(sig)}' in text and 'Traceback' not in text, text
+        stopped, prev = torch.load(out / 'ckpt.pt', weights_only=True)['step'], stopped
+        assert prev < stopped < STEPS
+        t0 = time.time()  # and no worker outlives it
+        while time.time() - t0 < 30:
+            try:
+                os.killpg(p.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail('a loader worker outlived its run')
+    assert_same_tensors(backbone(out), backbone(base / 'a'))
