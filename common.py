@@ -1606,7 +1606,7 @@ def augment_views(x, views, generator):
 
 
 # --------------------------------------------------------------------------- command line
-# The flags every script spells the same way (DESIGN.md), in small groups that each script
+# The flags every script spells the same way, in small groups that each script
 # combines: a script has exactly the flags it uses, so a flag it would ignore is an error.
 # Numeric flags carry their range in their type: a bad value stops before any work.
 

@@ -17,8 +17,9 @@ Rates (as `make bench-gpu` measures them, ResNet-50, bf16, channels_last):
          of half the labels is taken as half that (bench-gpu measures both)
 Assumed, never measured: --ddp-efficiency (pretraining on N GPUs runs at N x efficiency x one
 GPU's rate), and that make paper's Barlow Twins step (batch 128, AdamW, barlow_skin views)
-runs at the benchmark's (batch 256, LARS, barlow_imagenet views). Not counted: the ~27
-processes' start-up and loading of the 256 px uint8 cache (4.6 GB), and building it once.
+runs at the benchmark's (batch 256, LARS, barlow_imagenet views). Not counted: the 23 script
+runs' start-up and loading of the 256 px uint8 cache (5.0 GB: all 25,331 ISIC 2019 images,
+the downsampled copies included), and building it once.
 """
 import argparse
 import math
