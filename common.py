@@ -264,10 +264,11 @@ def torch_save(obj, path):
     atomic_write(path, lambda f: torch.save(obj, f), mode='wb')
 
 
-def append_jsonl(path, row):
+def append_jsonl(path, row, sync=False):
     """Append one JSON line in a single write call (O_APPEND keeps concurrent lines whole).
     A file whose last line is incomplete (a killed writer, a full disk) gets a newline first,
-    so the row never glues onto it; readers name that torn line."""
+    so the row never glues onto it; readers name that torn line. sync=True also puts it on
+    disk before returning (a result row, before its seed's checkpoint is removed)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     line = (json.dumps(row) + '\n').encode()
     fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
@@ -279,6 +280,8 @@ def append_jsonl(path, row):
             line = b'\n' + line
         if os.write(fd, line) < len(line):  # a full disk may take part of it, silently
             raise OSError(errno.ENOSPC, 'short write', path)
+        if sync:
+            os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -2883,7 +2886,7 @@ def run_seeds(rt, rows, run, results, describe):
         else:
             print0(describe(row))
         if rt.is_main:
-            append_jsonl(results, row)
+            append_jsonl(results, row, sync=True)
             if then:
                 then()
         done.append(row)

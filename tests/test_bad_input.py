@@ -519,6 +519,15 @@ def test_append_that_the_disk_cuts_short_is_an_error(tmp_path, monkeypatch):
     assert e.value.errno == errno.ENOSPC
 
 
+def test_a_synced_append_is_on_disk_when_it_returns(tmp_path, monkeypatch):
+    path, synced = tmp_path / 'r.jsonl', []
+    monkeypatch.setattr(C.os, 'fsync', lambda fd: synced.append(os.fstat(fd).st_size))
+    C.append_jsonl(str(path), {'init': 'a'})  # a log line: not synced
+    assert synced == []
+    C.append_jsonl(str(path), {'init': 'b'}, sync=True)  # a result row: after its write
+    assert synced == [path.stat().st_size] and len(rows(path)) == 2
+
+
 def _append_rows(args):
     path, writer = args
     for i in range(100):
@@ -583,8 +592,8 @@ def test_failed_append_keeps_the_trained_seed(tiny, tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, 'No space left on device', path)
     real = C.append_jsonl
     with monkeypatch.context() as m:  # the results file only: log.jsonl still gets its lines
-        m.setattr(C, 'append_jsonl', lambda path, row: full_disk(path, row)
-                  if str(path) == str(res) else real(path, row))
+        m.setattr(C, 'append_jsonl', lambda path, row, **kw: full_disk(path, row)
+                  if str(path) == str(res) else real(path, row, **kw))
         refused(finetune(tiny, 'random', res, tmp_path / 'ft'), res, 'disk is full')
     (seed_dir,) = (tmp_path / 'ft').iterdir()
     assert (seed_dir / 'ckpt.pt').exists()
