@@ -208,8 +208,8 @@ def knn_monitor(rt, backbone, ds, cache, split, size, per_class=25, k=20, batch=
             backbone.eval()
             with torch.autocast(rt.device.type, dtype=rt.dtype,
                                 enabled=rt.dtype != torch.float32):
-                feats = [torch.cat([backbone(xb.to(rt.device).float()).float().cpu()
-                                    for xb in x.split(batch)]) for x, _ in inputs]
+                feats = [torch.cat([backbone(xb.to(rt.device).float()).float()
+                                    for xb in x.split(batch)]).cpu() for x, _ in inputs]
             backbone.train(was)
             (fr, yr), (fv, yv) = zip(feats, [y for _, y in inputs])
             probs = C.knn_predict(fr, yr, fv, len(cache['classes']), k)
