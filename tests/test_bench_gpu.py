@@ -3,6 +3,7 @@ cannot rot: every row of its table is there with a finite positive value. No tim
 thresholds (timings belong to the machine); the targets are judged only on a GPU, which the
 table logic is tested for in-process."""
 import math
+import warnings
 
 import pytest
 import torch
@@ -18,19 +19,22 @@ ROWS = [  # (a piece of the measurement's name, unit), in table order
     ('synthetic input', 'pairs/s'),
     ('its ratio to bare / 2', 'x'),
     ('its first step (allocation', 's'),
+    ('its host waits for the device', 'syncs/step'),
     ('batch 16, --compile', 'pairs/s'),
     ('its ratio to bare (eager) / 2', 'x'),
     ('its first step (compilation)', 's'),
     ('end to end from a 64-image uint8 cache on disk', 'pairs/s'),
     ('its ratio to the synthetic-input step', 'x'),
     ('AdamW), eager', 'img/s'),
+    ('its host waits for the device', 'syncs/step'),
     ('AdamW), --compile', 'img/s'),
     ('its first step (compilation)', 's'),
     ('test-time augmentation inference', 'img/s'),
+    ('its host waits for the device (the copy back at the end)', 'syncs/call'),
     ('probe, one seed of 24 labelled images x 3 views', 's'),
     ('the same with half of them', 's'),
 ]
-COMPILED = {5, 6, 7, 11, 12}  # positions in ROWS of the torch.compile rows
+COMPILED = {6, 7, 8, 13, 14}  # positions in ROWS of the torch.compile rows
 
 
 def run_bench(tmp_path, *extra, timeout):
@@ -71,6 +75,9 @@ def check_table(text, compiled):
         if k in COMPILED and not compiled:
             assert row['value'] == 'skipped (--skip-compile)', row
             continue
+        if unit.startswith('syncs/'):  # counted on CUDA only (test_counting_host_waits)
+            assert row['value'] == 'n/a (CPU: no device queue)', row
+            continue
         value = number(row['value'])
         assert math.isfinite(value) and value > 0, row
         if row['peak memory']:
@@ -80,7 +87,8 @@ def check_table(text, compiled):
     firsts = [r for r in rows if r['unit'] in ('pairs/s', 'img/s') and r['value'][0].isdigit()]
     assert all(r['peak memory'].endswith(' GiB') for r in firsts)  # each group has its peak
     targets = {r['measurement'].strip(): r['target'] for r in rows if r['target']}
-    assert sorted(set(targets.values())) == ['>= 0.9', '>= 2,500', '>= 20,000']
+    assert sorted(set(targets.values())) == ['<= 0', '<= 1', '>= 0.9', '>= 2,500',
+                                             '>= 20,000']
     # then make paper's cost from the rates measured: the eager fine-tuning step, the
     # test-time row and the end-to-end Barlow Twins step
     cost = text.split("## make paper's cost from these rates\n\n", 1)[1]
@@ -118,6 +126,8 @@ def test_targets_judged_missed_rows_named_and_failures_kept():
     table.add('fast', 3000.0, 'pairs/s', 1.5, 2500)
     table.add('slow', 2000.0, 'pairs/s', 1.5, 2500)
     table.add('no target', 5.0, 's')
+    table.add('no wait', 0.0, 'syncs/step', target=bench_gpu.AtMost(0))
+    table.add('waits', 0.5, 'syncs/step', target=bench_gpu.AtMost(0))
 
     def boom():
         raise RuntimeError('CUDA out of memory\nmore')
@@ -126,17 +136,19 @@ def test_targets_judged_missed_rows_named_and_failures_kept():
     table.run([('left out', 'img/s', 2500)], lambda: [1.0], 1, skip='skipped (--skip-compile)')
     rows = table_rows('\n'.join(table.markdown()))
     met = {r['measurement']: r['met?'] for r in rows}
-    assert met == {'fast': 'yes', 'slow': 'NO', 'no target': '', 'broken': 'not measured',
+    assert met == {'fast': 'yes', 'slow': 'NO', 'no target': '', 'no wait': 'yes',
+                   'waits': 'NO', 'broken': 'not measured',
                    'its ratio': 'not measured', 'too long': 'not measured',
                    'left out': 'not measured'}
     value = {r['measurement']: r['value'] for r in rows}
     assert value['fast'] == '3,000' and value['no target'] == '5.00'
+    assert {r['target'] for r in rows if r['measurement'] in ('no wait', 'waits')} == {'<= 0'}
     assert value['broken'] == value['its ratio'] == \
         'failed (RuntimeError: CUDA out of memory)'
     assert value['too long'].startswith('skipped (time budget:')
     assert value['left out'] == 'skipped (--skip-compile)'
-    assert table.verdict() == ('targets missed: slow. not measured: broken; its ratio; '
-                               'too long; left out')
+    assert table.verdict() == ('targets missed: slow; waits. not measured: broken; its '
+                               'ratio; too long; left out')
     table.rows = table.rows[:1]
     assert table.verdict() == 'targets: all met'
 
@@ -154,3 +166,42 @@ def test_the_cache_it_writes_reads_as_a_cache(tmp_path):
     assert x.float().std() > 10  # structured images, not zeros
     assert not (x[256:512] == x[:256]).all()  # distinct up to 1,024, then repeated
     assert (x[1024:] == x[:76]).all()
+
+
+def test_counting_host_waits(monkeypatch, capsys):
+    """count_syncs as on CUDA (the mode switch and the device wait faked): the warnings of
+    sync debug mode 'warn' per call, the first one's traceback under 'error' when there are
+    more than expected, and the mode back to 'default' whatever happens."""
+    modes = []
+    monkeypatch.setattr(torch.cuda, 'set_sync_debug_mode', modes.append)
+    monkeypatch.setattr(bench_gpu, 'sync', lambda rt: None)
+    rt = C.setup_runtime('cpu', 'fp32')
+    assert bench_gpu.count_syncs(rt, lambda: None) == 'n/a (CPU: no device queue)'
+    rt.device = torch.device('cuda')
+
+    def call(waits):
+        def run():
+            for _ in range(waits):
+                if modes[-1] == 'error':
+                    raise RuntimeError(bench_gpu.SYNC_WARNING)
+                warnings.warn(bench_gpu.SYNC_WARNING)
+            warnings.warn('another warning: not counted')
+        return run
+    assert bench_gpu.count_syncs(rt, call(0), calls=4) == 0.0
+    assert modes == ['warn', 'default'] and capsys.readouterr().out == ''
+    modes.clear()
+    assert bench_gpu.count_syncs(rt, call(1), calls=2, expected=1) == 1.0  # as expected
+    assert modes == ['warn', 'default'] and capsys.readouterr().out == ''
+    modes.clear()
+    assert bench_gpu.count_syncs(rt, call(3), calls=2) == 3.0
+    assert modes == ['warn', 'default', 'error', 'default']
+    captured = capsys.readouterr()
+    assert '6 synchronizing call(s) in 2 calls; the first one:' in captured.out
+    assert f'RuntimeError: {bench_gpu.SYNC_WARNING}' in captured.err  # with its traceback
+
+    def broken():
+        raise ValueError('a failed step')
+    modes.clear()
+    with pytest.raises(ValueError):
+        bench_gpu.count_syncs(rt, broken)
+    assert modes == ['warn', 'default']
