@@ -79,13 +79,18 @@ class UserError(Exception):
 def main_guard(fn):
     """Run fn(); turn an expected mistake into one line on stderr and exit status 2, no
     traceback: a UserError, an OSError (permissions, a missing or wrong-kind path, a full disk,
-    a symlink loop; named by its path) or a text input that is not UTF-8. Anything else is a
-    bug and keeps its traceback."""
+    a symlink loop; named by its path), a text input that is not UTF-8, or a batch too big for
+    the GPU's memory. Anything else is a bug and keeps its traceback."""
     try:
         fn()
         return
     except UserError as e:
         msg = str(e)
+    except torch.OutOfMemoryError as e:  # torch's first sentences: the sizes involved
+        said = (str(e).strip().splitlines() or [''])[0].split('. Including')[0][:300]
+        msg = (f'out of GPU memory ({said}); lower --batch-size (it is global: each '
+               f'rank gets its share) or --size, or spread the batch over more GPUs with '
+               f'torchrun. A training run resumes from its last checkpoint')
     except OSError as e:
         msg = os_error(e)
     except UnicodeDecodeError as e:  # readers name the file; this is the fallback
@@ -2528,6 +2533,8 @@ def fit(rt, model, raw, optimizer, loader, step_fn, out, total_steps, lr_fn, *, 
     global_batch = sampler.batch_size * rt.world
     stop = _StopFlag()
     checked = step  # the step of the last check (or where the run started)
+    if rt.device.type == 'cuda':  # the log's mem_gb: this run's peak, not an earlier seed's
+        torch.cuda.reset_peak_memory_stats(rt.device)
     try:
         model.train()
         t_log = t_ckpt = time.time()

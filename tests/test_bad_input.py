@@ -262,6 +262,24 @@ def test_main_guard_turns_expected_faults_into_one_line(exc, words, capsys):
     assert err.startswith('error: ') and all(w in err for w in words), err
 
 
+def test_a_batch_too_big_for_the_gpu_is_one_line(capsys):
+    """torch's out-of-memory error (raised here as a GPU would: a RuntimeError subclass) keeps
+    its sizes and says what to change; CPU memory errors are not this one."""
+    def fail():
+        raise torch.OutOfMemoryError(
+            'CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of '
+            '139.81 GiB of which 1.05 GiB is free. Including non-PyTorch memory, this process '
+            'has 138.70 GiB memory in use.\nSee documentation for Memory Management')
+    with pytest.raises(SystemExit) as e:
+        C.main_guard(fail)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith('error: out of GPU memory (CUDA out of memory. Tried to allocate '
+                          '2.00 GiB. GPU 0 has a total capacity of 139.81 GiB of which 1.05 '
+                          'GiB is free); lower --batch-size'), err
+    assert 'torchrun' in err and 'Including' not in err
+
+
 def test_ctrl_c_outside_training_is_one_line(capsys):
     def interrupted():
         raise KeyboardInterrupt
