@@ -318,7 +318,7 @@ paper:  ## the paper's experiment: ResNet-50, 256 px, published weights, 35 seed
 bench: install  ## throughput table (augmentation, training steps, cache vs JPEG, probe)
 	$(PY) tests/bench.py
 
-bench-gpu: install  ## the GPU table on one H200-class GPU (about 5 minutes): results/bench-gpu.md
+bench-gpu: install  ## the GPU table on one H200-class GPU (at most 7 minutes): results/bench-gpu.md
 	$(PY) tests/bench_gpu.py --out $(RESULTS)/bench-gpu.md
 
 clean:  ## remove runs, results, splits and caches (keeps data/ and .venv)
