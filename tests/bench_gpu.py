@@ -285,11 +285,12 @@ class Table:
     """Rows of (measurement, value, unit, peak GiB, target); a row whose function fails or
     is skipped keeps its place with the reason as its value, and the others still run."""
 
-    def __init__(self, rt, judge, budget_s, out=None, header=()):
-        """budget_s counts from the process's start; out: a file the table so far is
-        written to after each run()."""
+    def __init__(self, rt, judge, budget_s, out=None, header=(), started=None):
+        """budget_s counts from `started` (a time.perf_counter() reading; default now); out:
+        a file the table so far is written to after each run()."""
         self.rt, self.judge, self.rows, self.out, self.header = rt, judge, [], out, header
-        self.t0, self.budget_s = time.perf_counter() - since_start(), budget_s
+        self.t0 = time.perf_counter() if started is None else started
+        self.budget_s = budget_s
 
     def add(self, what, value, unit, peak=None, target=None):
         self.rows.append(dict(what=what, value=value, unit=unit, peak=peak, target=target))
@@ -589,7 +590,7 @@ def main():
     header = environment(rt, args, cfg)
     print('\n'.join(header), flush=True)
     table = Table(rt, judge=name == 'full', budget_s=60 * args.budget_minutes, out=args.out,
-                  header=header)
+                  header=header, started=time.perf_counter() - since_start())
     row_s = 2 * cfg['seconds'] + 15  # a row's warmup and timing, roughly
     no_compile = 'skipped (--skip-compile)' if args.skip_compile else None
     B, S, P, arch = cfg['batch'], cfg['size'], cfg['projector'], cfg['arch']
