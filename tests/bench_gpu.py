@@ -111,6 +111,9 @@ def get_args(argv=None):
 
 
 # --------------------------------------------------------------------------- helpers
+IMPORTED = time.perf_counter()
+
+
 def since_start():
     """Seconds since this process started (the interpreter's and torch's imports included):
     Linux's /proc; elsewhere since this module was imported."""
@@ -120,9 +123,6 @@ def since_start():
         return time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf('SC_CLK_TCK')
     except (OSError, ValueError, IndexError, AttributeError):
         return time.perf_counter() - IMPORTED
-
-
-IMPORTED = time.perf_counter()
 
 
 def sync(rt):

@@ -264,7 +264,7 @@ def test_main_guard_turns_expected_faults_into_one_line(exc, words, capsys):
 
 def test_a_batch_too_big_for_the_gpu_is_one_line(capsys):
     """torch's out-of-memory error (raised here as a GPU would: a RuntimeError subclass) keeps
-    its sizes and says what to change; CPU memory errors are not this one."""
+    its sizes and says what to change."""
     def fail():
         raise torch.OutOfMemoryError(
             'CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of '
