@@ -63,6 +63,7 @@ SKINBT_FLAGS   ?= --preset skin --lr 2e-3 --lr-biases 2e-3 --batch-size $(BT_BAT
                   --projector $(PROJECTOR) --lambd 0.0051
 SKINRND_FLAGS  ?= --lr $(BT_LR) $(BT_FLAGS) --batch-size $(BT_BATCH) --projector $(PROJECTOR)
 SKINBT_BLOCKS  ?= all#                further BT from a pretrained init: all | layer4 | last
+SKIN_POOL      ?= all#                the skin runs' images: all non-test ones | train (the paper's)
 
 # `make all` runs JOBS steps at once (or make's own -jN), each with THREADS = an even share of
 # the cores; any other target runs one step at a time on all of them. On a 2-core machine two
@@ -190,19 +191,20 @@ $(OUT)/barlow/backbone.pt: $(SRC_DEP) $(SPLIT) | pretrain_barlow.py
 $(OUT)/supervised+skinBT/backbone.pt: $(SUP_DEP) $(SPLIT) | pretrain_barlow.py
 	@echo "==> further Barlow Twins on the skin pool, from supervised"
 	$(T0) $(RUN) pretrain_barlow.py $(TRAIN) $(SKINBT_FLAGS) --data $(SKIN_DIR) --split $(SPLIT) \
-	  --init $(SUP) --train-blocks $(SKINBT_BLOCKS) --epochs $(SKINBT_EPOCHS) --out $(@D) \
-	  $(call took,pretrain-supervised+skinBT)
+	  --pool $(SKIN_POOL) --init $(SUP) --train-blocks $(SKINBT_BLOCKS) --epochs $(SKINBT_EPOCHS) \
+	  --out $(@D) $(call took,pretrain-supervised+skinBT)
 
 $(OUT)/barlow+skinBT/backbone.pt: $(BT_DEP) $(SPLIT) | pretrain_barlow.py
 	@echo "==> further Barlow Twins on the skin pool, from Barlow Twins"
 	$(T0) $(RUN) pretrain_barlow.py $(TRAIN) $(SKINBT_FLAGS) --data $(SKIN_DIR) --split $(SPLIT) \
-	  --init $(BT) --train-blocks $(SKINBT_BLOCKS) --epochs $(SKINBT_EPOCHS) --out $(@D) \
-	  $(call took,pretrain-barlow+skinBT)
+	  --pool $(SKIN_POOL) --init $(BT) --train-blocks $(SKINBT_BLOCKS) --epochs $(SKINBT_EPOCHS) \
+	  --out $(@D) $(call took,pretrain-barlow+skinBT)
 
 $(OUT)/skinBT/backbone.pt: $(SPLIT) | pretrain_barlow.py
 	@echo "==> Barlow Twins on the skin pool only, from random init"
 	$(T0) $(RUN) pretrain_barlow.py $(TRAIN) $(SKINRND_FLAGS) --data $(SKIN_DIR) --split $(SPLIT) \
-	  --init random --epochs $(SKINRND_EPOCHS) --out $(@D) $(call took,pretrain-skinBT)
+	  --pool $(SKIN_POOL) --init random --epochs $(SKINRND_EPOCHS) --out $(@D) \
+	  $(call took,pretrain-skinBT)
 
 define SSL_RULES
 $(OUT)/$(1)/backbone.pt: $(SRC_DEP) $(SPLIT) | pretrain_barlow.py
@@ -213,7 +215,7 @@ $(OUT)/$(1)/backbone.pt: $(SRC_DEP) $(SPLIT) | pretrain_barlow.py
 $(OUT)/$(1)+skin/backbone.pt: $(OUT)/$(1)/backbone.pt $(SPLIT) | pretrain_barlow.py
 	@echo "==> further $(1) on the skin pool, from $(1)"
 	$$(T0) $(RUN) pretrain_barlow.py $(TRAIN) $(SKINBT_FLAGS) --objective $(1) \
-	  --data $(SKIN_DIR) --split $(SPLIT) --init $(OUT)/$(1)/backbone.pt \
+	  --data $(SKIN_DIR) --split $(SPLIT) --pool $(SKIN_POOL) --init $(OUT)/$(1)/backbone.pt \
 	  --train-blocks $(SKINBT_BLOCKS) --epochs $(SKINBT_EPOCHS) --out $$(@D) \
 	  $$(call took,pretrain-$(1)+skin)
 endef
@@ -272,8 +274,9 @@ define ABLATION_RULES
 $(OUT)/barlow+skinBT@$(1)/backbone.pt: $(BT_DEP) $(SPLIT) | pretrain_barlow.py
 	@echo "==> further Barlow Twins on $(1) of the skin pool, from Barlow Twins"
 	$$(T0) $(RUN) pretrain_barlow.py $(TRAIN) $(SKINBT_FLAGS) --data $(SKIN_DIR) --split $(SPLIT) \
-	  --init $(BT) --train-blocks $(SKINBT_BLOCKS) --epochs $(call share_epochs,$(1)) \
-	  --pool-fraction $(1) --out $$(@D) $$(call took,pretrain-barlow+skinBT@$(1))
+	  --pool $(SKIN_POOL) --init $(BT) --train-blocks $(SKINBT_BLOCKS) \
+	  --epochs $(call share_epochs,$(1)) --pool-fraction $(1) --out $$(@D) \
+	  $$(call took,pretrain-barlow+skinBT@$(1))
 $(foreach l,$(LABELS),$(call FINETUNE_RULE,barlow+skinBT@$(1),$(l)))
 $(foreach l,$(LABELS),$(call PROBE_RULE,barlow+skinBT@$(1),$(l)))
 endef
@@ -310,7 +313,7 @@ paper:  ## the paper's experiment: ResNet-50, 256 px, published weights, 35 seed
 	  CURVE_INITS="$(PAPER_CURVE_INITS)" FT_EPOCHS=40 FT_BATCH=64 SUP_INIT=torchvision BT_INIT=barlowtwins \
 	  SKINBT_EPOCHS=100 SKINRND_EPOCHS=1000 BT_BATCH=128 PROJECTOR=8192-8192-8192 \
 	  SKINBT_FLAGS="--preset skin --lambd 0.000122 --batch-size 128" SKINBT_BLOCKS=last \
-	  SKINRND_FLAGS="--preset skin --lambd 0.000122 --batch-size 128" \
+	  SKINRND_FLAGS="--preset skin --lambd 0.000122 --batch-size 128" SKIN_POOL=train \
 	  SPLIT_FLAGS=--drop-downsampled WORKERS=8 OUT=runs/paper \
 	  RESULTS=results/paper
 

@@ -9,9 +9,10 @@ One node, 8 GPUs (the batch is global, split over ranks):
     torchrun --standalone --nproc_per_node=8 pretrain_barlow.py --data ... --out runs/barlow
 Two nodes: the same on each node with
     torchrun --nnodes=2 --node_rank=R --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 ...
-Further pretraining on the skin pool of a split, the paper's BT_ variant:
+Further pretraining on the train part of a split, the paper's BT_ variant (without --pool
+train: every non-test image of the split):
     python pretrain_barlow.py --preset skin --data ISIC_2019 --split splits/x-paper.json \\
-        --init barlowtwins --train-blocks last --out runs/barlow+skinBT
+        --pool train --init barlowtwins --train-blocks last --out runs/barlow+skinBT
 Tiny CPU smoke run:
     python pretrain_barlow.py --data data/source --arch resnet18 --size 32 --cache-size 40 \\
         --batch-size 32 --projector 64-64 --max-steps 5 --out /tmp/bt
@@ -94,6 +95,11 @@ def get_args(argv=None):
                         'split instead (a run on a source set, watched on the target task)')
     g.add_argument('--monitor-split', default=None,
                    help='split JSON of --monitor-data (its train and val parts; never test)')
+    g.add_argument('--pool', default='all', choices=['all', 'train'],
+                   help='with --split, the images pretrained on: all (every non-test image: '
+                        'train, val, unlabelled, the split\'s extra folders) or train (its '
+                        'labelled train part alone, as the paper\'s BT_ rows; val then stays '
+                        'unseen by pretraining too). --extra-data joins either')
     g.add_argument('--pool-fraction', type=C.number(float, 1e-6, 1), default=1.0,
                    help='pretrain on this seeded share of the pool, whole lesion groups at a '
                         'time (never test images): how much unlabelled data is needed')
@@ -105,6 +111,8 @@ def get_args(argv=None):
     args = C.parse_args(p, PRESETS, argv)
     if bool(args.monitor_data) != bool(args.monitor_split):
         p.error('give --monitor-data and --monitor-split together')
+    if args.pool == 'train' and not args.split:
+        p.error('--pool train needs --split (the split names the train part)')
     return args
 
 
@@ -179,9 +187,10 @@ def collapse_watch(width, every_logs=3, floor=0.01):
 
 def monitor_every(epochs, pool_images):
     """The default epochs between kNN monitor passes: every epoch, but at most 50 passes in
-    the run's `epochs` on a pool under 20,000 images (there a pass costs about 8% of an
-    epoch: on the paper's split 2,142 eval-view images against 4,496 pairs' two training
-    views), and at most 4 on a bigger pool; plus the one before the first step."""
+    the run's `epochs` on a pool under 20,000 images (there a pass costs 8-14% of an epoch:
+    on the paper's split 2,142 eval-view images against the two training views of 4,496
+    pairs, or of the train part's 2,554), and at most 4 on a bigger pool; plus the one before
+    the first step."""
     return max(1, math.ceil(epochs / (50 if pool_images < 20_000 else 4)))
 
 
@@ -244,7 +253,10 @@ def main():
         split = C.load_split(args.split, ds)
         ids, test, held_out = split['pretrain'], split['test'], C.split_sha(split)
         split_file_sha = file_sha1(args.split)
-        folders = split['extra'] + folders
+        if args.pool == 'all':
+            folders = split['extra'] + folders
+        else:
+            ids = split['train']
     folders = list(dict.fromkeys(os.path.abspath(f) for f in folders))
     stem = lambda i: os.path.splitext(os.path.basename(i))[0]
     test_stems = {stem(t) for t in test}  # test ids may carry folders and extensions
@@ -283,7 +295,8 @@ def main():
     loader = C.make_loader(cache, positions, local_batch, rt.rank, rt.world, seed=args.seed,
                            workers=args.workers, pin=rt.device.type == 'cuda')
     steps_per_epoch = len(loader)
-    C.print0(f'pool: {len(positions)} images, {steps_per_epoch} steps/epoch of '
+    part = ' (the train part)' if args.pool == 'train' else ''
+    C.print0(f'pool: {len(positions)} images{part}, {steps_per_epoch} steps/epoch of '
              f'{args.batch_size}')
 
     # --- model
@@ -336,7 +349,8 @@ def main():
                   schedule=args.schedule, warmup_epochs=args.warmup_epochs,
                   head_warmup_epochs=args.head_warmup_epochs, train_blocks=args.train_blocks,
                   init_sha=init_sha, data_root=root, held_out=held_out,
-                  split_file_sha1=split_file_sha, extra_data=folders, pool_fingerprint=cache['fingerprint'], pool_images=len(positions),
+                  split_file_sha1=split_file_sha, extra_data=folders, pool=args.pool,
+                  pool_fingerprint=cache['fingerprint'], pool_images=len(positions),
                   pool_fraction=args.pool_fraction)
     if rt.is_main:
         C.claim(args.out)  # one process per run folder
@@ -350,7 +364,7 @@ def main():
     C.write_handoff(rt, args.out, raw.backbone, dict(
         script='pretrain_barlow', objective=args.objective, args=vars(args), init=source,
         steps=step, data_root=root, held_out=held_out, lineage=lineage,
-        pool_images=len(positions), pool_fraction=args.pool_fraction,
+        pool=args.pool, pool_images=len(positions), pool_fraction=args.pool_fraction,
         data_fingerprint=cache['fingerprint'], wall_s=round(time.time() - t0, 1)))
     C.print0(f'done: {args.out}/backbone.pt after {step} steps')
     C.teardown(rt)

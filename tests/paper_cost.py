@@ -4,6 +4,7 @@ table, in one place. `make bench-gpu` prints the same table from the rates it me
     python tests/paper_cost.py                              # at the assumed rates
     python tests/paper_cost.py --ft 3100 --tta 2900 --bt 3300 --gpus 8
     python tests/paper_cost.py --labels all                 # make paper PAPER_LABELS=all
+    python tests/paper_cost.py --pool all                   # make paper SKIN_POOL=all
     python tests/paper_cost.py --curve-inits random supervised barlow supervised+skinBT \
         barlow+skinBT skinBT --random-seeds 35             # every init at every budget, 35 seeds
 
@@ -33,8 +34,8 @@ from pretrain_barlow import monitor_every  # noqa: E402
 # `make paper`'s work: the Makefile's `paper` line and finetune.py / probe.py /
 # pretrain_barlow.py defaults (test_paper_cost.py checks them against `make -n paper`). The
 # split: the paper's ISIC 2019 under its rule, 2,554 labelled images; of the other 19,423,
-# 10% go to val (whole lesions) and the rest to test. The pretraining pool is every non-test
-# image (train and val)
+# 10% go to val (whole lesions) and the rest to test. The pretraining pool is the train part
+# (SKIN_POOL=train, as the paper's BT_ rows); 'all' would add val
 WORK = dict(
     inits=('random', 'supervised', 'barlow', 'supervised+skinBT', 'barlow+skinBT', 'skinBT'),
     seeds=35, random_seeds=5,  # the paper ran random init 5 times (PAPER_RANDOM_SEEDS=0-4)
@@ -47,6 +48,7 @@ WORK = dict(
     further_runs=2, further_epochs=100,  # supervised+skinBT and barlow+skinBT
     skin_epochs=1000,        # skinBT: Barlow Twins on the skin pool alone, from random init
     projector_epochs=1,      # --preset skin: one projector-only epoch before each run
+    pool='train',
     bt_size=256, bench_size=224,
 )
 # bench_gpu.py's targets for one H200, taken as its rates (no GPU measured yet). For scale: NVIDIA
@@ -83,7 +85,7 @@ def pieces(ft, tta, bt, fit_s, ddp_efficiency, gpus=1, work=WORK, fits='assumed'
     seeds = lambda inits: sum(w['random_seeds'] if i == 'random' else w['seeds'] for i in inits)
     rounds = lambda inits: sum(math.ceil((w['random_seeds'] if i == 'random' else w['seeds'])
                                          / gpus) for i in inits)  # one command an init
-    pool = w['labelled'] + w['val']
+    pool = w['labelled'] + (w['val'] if w['pool'] == 'all' else 0)
     knn = min(w['labelled'], w['knn_per_class'] * w['classes']) + w['val']
     out = []
     for k, f in enumerate(w['budgets']):
@@ -191,6 +193,9 @@ def get_args(argv=None):
     p.add_argument('--random-seeds', type=count(1), metavar='N',
                    default=WORK['random_seeds'],
                    help="seeds of the random init (make paper's PAPER_RANDOM_SEEDS=0-4: 5)")
+    p.add_argument('--pool', choices=['train', 'all'], default=WORK['pool'],
+                   help="make paper's SKIN_POOL: the skin pretraining runs' images, the train "
+                        "part (default, the paper's) or all non-test ones (train and val)")
     a = p.parse_args(argv)
     budgets = []
     for b in a.labels:
@@ -215,7 +220,7 @@ def main(argv=None):
     print('\n'.join(table(a.ft, a.tta, a.bt, a.fit_s, a.ddp_efficiency, a.gpus, source,
                           how('fit_s'), how('ddp_efficiency'),
                           work=dict(WORK, budgets=a.budgets, curve_inits=tuple(a.curve_inits),
-                                    random_seeds=a.random_seeds))))
+                                    random_seeds=a.random_seeds, pool=a.pool))))
 
 
 if __name__ == '__main__':

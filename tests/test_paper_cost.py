@@ -61,7 +61,7 @@ def test_the_work_is_what_make_paper_runs():
     assert runs == [('barlowtwins', W['further_epochs']), ('random', W['skin_epochs']),
                     ('torchvision', W['further_epochs'])]
     assert all(flag(l, '--preset') == 'skin' and '--head-warmup-epochs' not in l
-               and '--monitor-every' not in l for l in bt)
+               and '--monitor-every' not in l and flag(l, '--pool') == W['pool'] for l in bt)
     assert pretrain_barlow.PRESETS['skin']['head_warmup_epochs'] == W['projector_epochs']
     assert probe.get_args(['--data', 'x', '--init', 'random']).aug_views == 16
     # the kNN monitor's references, and the benchmark's shapes the rates are taken at
@@ -77,7 +77,7 @@ def test_the_sums_at_rates_chosen_to_give_round_numbers():
     """At ft = 41 x 2,554 img/s a seed of all the labels trains in 1 s; at tta = 17,481 its
     test passes take 1 s. Each other piece is written out by hand here."""
     ft, tta = 41 * 2554, 17481.0
-    bt = 4496 / (224 / 256) ** 2  # one epoch of pairs a second at 256 px
+    bt = 2554 / (224 / 256) ** 2  # one epoch of the train part's pairs a second at 256 px
     rows = {p: (one, eight) for p, _, one, eight in
             paper_cost.pieces(ft, tta, bt, fit_s=0.5, ddp_efficiency=0.25, gpus=8)}
     close = lambda got, want: math.isclose(got, want, rel_tol=1e-9)
@@ -110,8 +110,9 @@ def test_the_sums_at_rates_chosen_to_give_round_numbers():
     one, eight = rows['Barlow Twins on skin only']  # 1 + 1,000 epochs, every 20th: 51 passes
     assert close(one, 1001 + 51 * knn / forward)
     assert close(eight, 1001 / 2 + 51 * knn / forward)
-    assert pretrain_barlow.monitor_every(1000, 4496) == 20
-    assert pretrain_barlow.monitor_every(6, 4496) == 1
+    assert pretrain_barlow.monitor_every(1000, 2554) == 20
+    assert pretrain_barlow.monitor_every(100, 2554) == 2
+    assert pretrain_barlow.monitor_every(6, 2554) == 1
     assert pretrain_barlow.monitor_every(100, 1_281_167) == 25
 
 

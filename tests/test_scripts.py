@@ -192,6 +192,34 @@ def test_pretrain_barlow_refuses_extra_data_with_test_images(work, imagefolder, 
     assert not (tmp_path / 'run').exists() and not (tmp_path / 'cache').exists()
 
 
+def test_pretrain_barlow_pool_train_is_the_split_train_part(work, imagefolder, monkeypatch,
+                                                          capsys, tmp_path):
+    """--pool train pretrains on the split's labelled train part alone (the paper's BT_ rows),
+    says so and records it; a resume with the other pool is refused, and so is the flag
+    without a split."""
+    split = json.loads((work / 'split.json').read_text())
+    assert len(split['train']) < len(split['pretrain'])  # the val part is in the default pool
+    argv = ['--data', imagefolder, *TINY, '--projector', '32-32', '--batch-size', '8',
+            '--max-steps', '1', '--cache-dir', work / 'cache', '--out', tmp_path / 'run']
+    code, out, err = run_main('pretrain_barlow', argv + ['--split', work / 'split.json',
+                                                        '--pool', 'train'],
+                              monkeypatch, capsys, tmp_path)
+    assert code == 0, err
+    assert f'pool: {len(split["train"])} images (the train part),' in out
+    meta = json.loads((tmp_path / 'run' / 'meta.json').read_text())
+    assert (meta['pool'], meta['pool_images']) == ('train', len(split['train']))
+    ckpt = tmp_path / 'run' / 'ckpt.pt'
+    before = sha(ckpt)
+    code, out, err = run_main('pretrain_barlow', argv + ['--split', work / 'split.json'],
+                              monkeypatch, capsys, tmp_path)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert 'pool train' in err and 'pool all' in err, err
+    assert sha(ckpt) == before
+    code, out, err = run_main('pretrain_barlow', argv + ['--pool', 'train'], monkeypatch, capsys,
+                              tmp_path)
+    assert code == 2 and '--pool train needs --split' in err, err
+
+
 # --------------------------------------------------------------------------- evaluation
 METRICS = {'accuracy', 'balanced_accuracy', 'macro_f1', 'weighted_f1', 'auroc',
            'per_class_recall', 'confusion_matrix', 'n'}
