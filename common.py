@@ -2317,7 +2317,11 @@ class BarlowTwins(SSLModel):
 class LARS(torch.optim.Optimizer):
     """LARS as Facebook's Barlow Twins: SGD with momentum where each weight's update is scaled
     by eta * ||w|| / ||g + wd * w||; 1-d parameters (biases, BN) get neither weight decay nor
-    the adaptation."""
+    the adaptation. Under fp16 the loss scaler hands step() its scale and overflow flag
+    (`grad_scale`, `found_inf`: torch's contract for an optimizer that unscales itself), and a
+    step with an overflow leaves weights and momentum as they were without the host reading
+    the flag (the scaler's own skip reads it every step: a wait on CUDA)."""
+    _step_supports_amp_scaling = True
 
     def __init__(self, params, lr, weight_decay=0.0, momentum=0.9, eta=0.001):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
@@ -2325,11 +2329,13 @@ class LARS(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self):
+        scale, found_inf = getattr(self, 'grad_scale', None), getattr(self, 'found_inf', None)
+        skip = None if found_inf is None else found_inf > 0  # stays on the device
         for g in self.param_groups:
             for p in g['params']:
                 if p.grad is None:
                     continue
-                dp = p.grad
+                dp = p.grad if scale is None else p.grad / scale
                 if p.ndim != 1:
                     dp = torch.add(dp, p, alpha=g['weight_decay'])
                     w_norm, u_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(dp)
@@ -2338,8 +2344,13 @@ class LARS(torch.optim.Optimizer):
                 state = self.state[p]
                 if 'mu' not in state:
                     state['mu'] = torch.zeros_like(p)
-                state['mu'].mul_(g['momentum']).add_(dp)
-                p.add_(state['mu'], alpha=-g['lr'])
+                mu = state['mu']
+                if skip is None:
+                    mu.mul_(g['momentum']).add_(dp)
+                    p.add_(mu, alpha=-g['lr'])
+                else:  # the same arithmetic, taken or dropped on the device
+                    mu.copy_(torch.where(skip, mu, mu * g['momentum'] + dp))
+                    p.add_(torch.where(skip, 0.0, mu), alpha=-g['lr'])
 
 
 def make_optimizer(named_groups, name, lr, lr_biases, weight_decay, batch_size, momentum=0.9):

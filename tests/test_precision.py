@@ -170,7 +170,7 @@ def test_compile_on_cpu_pretrain_barlow(tmp_path, imagefolder, run_script):
 
 
 # --------------------------------------------------------------------------- fp16 loss scaling
-@pytest.mark.parametrize('name', ['sgd', 'adamw'])
+@pytest.mark.parametrize('name', ['sgd', 'adamw', 'lars'])
 def test_a_step_the_fp16_scaler_skips_leaves_the_optimizer_as_it_was(name):
     """The fp16 scaler skips a step whose gradients overflow (common at its initial scale of
     65536): the weights must not move then, nor afterwards differ from an optimizer that never
@@ -193,8 +193,51 @@ def test_a_step_the_fp16_scaler_skips_leaves_the_optimizer_as_it_was(name):
             if poison:
                 assert scaler.get_scale() == 2.0 ** 15  # the step was skipped
         return [p.detach().clone() for p in net.parameters()]
-    # the fused kernels are what the CPU and CUDA get: the path under test
-    assert C.make_optimizer({'n': torch.nn.Linear(2, 2)}, name, 0.1, 0.1, 0, 256
-                            ).defaults['fused'] is True
+    # the fused kernels are what the CPU and CUDA get, and LARS takes the scale and the
+    # overflow flag itself: the paths under test
+    opt = C.make_optimizer({'n': torch.nn.Linear(2, 2)}, name, 0.1, 0.1, 0, 256)
+    assert opt._step_supports_amp_scaling if name == 'lars' else opt.defaults['fused'] is True
     for a, b in zip(run(skip_first=True), run(skip_first=False)):
         assert torch.isfinite(a).all() and torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_fp16_lars_steps_read_nothing_back_and_equal_unscaled_ones(monkeypatch):
+    """LARS unscales and drops an overflowing step on the device (the scaler's
+    _step_supports_amp_scaling contract), where the scaler's own skip reads its overflow flag
+    with .item() every step: a host wait on CUDA. Under a scale that is a power of 2 the steps
+    equal bitwise those of LARS in fp32 given the unscaled gradients, the overflow skipped."""
+    def net_and_opt():
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.BatchNorm1d(4))
+        opt = C.make_optimizer({'net': net}, 'lars', 0.4, 0.4, 1e-4, 256)
+        for g in opt.param_groups:
+            g['lr'] = g['peak_lr']
+        return net, opt
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(1))
+    poisons = [True, False, False, True, False]
+    net, opt = net_and_opt()
+    scaler = torch.amp.GradScaler('cpu', init_scale=2.0 ** 16)
+
+    def no_read(*_):
+        raise AssertionError('a value was read back on the host')
+    for poison in poisons:
+        opt.zero_grad(set_to_none=True)
+        loss = net(x).square().mean() * (float('inf') if poison else 1.0)
+        scaler.scale(loss).backward()
+        with monkeypatch.context() as m:
+            for name in ('item', 'tolist', '__bool__', '__float__'):
+                m.setattr(torch.Tensor, name, no_read)
+            scaler.step(opt)
+            scaler.update()
+    assert scaler.get_scale() == 2.0 ** 14  # both overflows were seen
+    ref, ref_opt = net_and_opt()
+    for poison in poisons:
+        if poison:
+            continue
+        ref_opt.zero_grad(set_to_none=True)
+        ref(x).square().mean().backward()
+        ref_opt.step()
+    for a, b in zip(net.parameters(), ref.parameters()):
+        assert torch.equal(a, b)
+    assert all(torch.equal(opt.state[a]['mu'], ref_opt.state[b]['mu'])
+               for a, b in zip(net.parameters(), ref.parameters()))
