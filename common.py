@@ -2662,6 +2662,14 @@ def git_revision():
         return None
 
 
+def warn_if_never_warm(warmup, steps, warmup_epochs, epochs):
+    """One line when a warmup of `warmup` steps does not end within the `steps` it schedules:
+    the lr would never reach its peak (a 25-epoch warmup in a 2-epoch run peaks at 5%)."""
+    if warmup >= steps > 0:
+        print0(f'note: --warmup-epochs {warmup_epochs:g} is not shorter than the run\'s '
+               f'{epochs:g} epochs: the lr never reaches its peak; give a shorter warmup')
+
+
 def phase_lr(step, group, total, warmup, kind, head_steps=0):
     """lr of a param group at a step. The first head_steps train the head alone (the
     'backbone' role's weights get lr 0; its 1-d BN/bias parameters stay trainable, as fastai's

@@ -43,7 +43,7 @@ import common as C
 
 PRESETS = {  # the paper's further-pretraining settings; explicit flags win
     'skin': dict(batch_size=128, lambd=1 / 8192, weight_decay=1.5e-6, optimizer='adamw',
-                 schedule='onecycle', lr=1e-3, lr_biases=1e-3, epochs=100, warmup_epochs=25,
+                 schedule='onecycle', lr=1e-3, lr_biases=1e-3, epochs=100, warmup_epochs=None,
                  head_warmup_epochs=1, aug='barlow_skin', size=256, cache_size=256),
 }
 
@@ -74,7 +74,9 @@ def get_args(argv=None):
     g.add_argument('--optimizer', default='lars', choices=['lars', 'sgd', 'adamw'],
                    help='lars for big batches; adamw (lr ~1e-3) for small-batch users')
     g.add_argument('--schedule', default='cosine', choices=['cosine', 'onecycle', 'constant'])
-    g.add_argument('--warmup-epochs', type=C.number(float, 0, C.MAX_EPOCHS), default=10)
+    g.add_argument('--warmup-epochs', type=C.number(float, 0, C.MAX_EPOCHS), default=10,
+                   help='default 10 (Facebook\'s, of 1000); --preset skin: a quarter of '
+                        '--epochs, as fastai\'s fit_one_cycle and finetune.py')
     g.add_argument('--head-warmup-epochs', type=C.number(float, 0, C.MAX_EPOCHS), default=0,
                    help='train the projector alone this long first, before --epochs '
                         '(backbone BN stays trainable)')
@@ -192,6 +194,17 @@ def monitor_every(epochs, pool_images):
     pairs, or of the train part's 2,554), and at most 4 on a bigger pool; plus the one before
     the first step."""
     return max(1, math.ceil(epochs / (50 if pool_images < 20_000 else 4)))
+
+
+def schedule(epochs, steps_per_epoch, kind, warmup_epochs, head_epochs=0):
+    """(total steps, lr_fn(step, group)): head_epochs of the projector alone, then `epochs` of
+    the whole model warming up over warmup_epochs; None: a quarter of them (the skin preset's
+    one-cycle, as fastai's fit_one_cycle and finetune.py)."""
+    head = int(head_epochs * steps_per_epoch)
+    steps = epochs * steps_per_epoch
+    warmup = int(0.25 * steps) if warmup_epochs is None else int(warmup_epochs * steps_per_epoch)
+    C.warn_if_never_warm(warmup, steps, warmup_epochs, epochs)
+    return head + steps, lambda step, g: C.phase_lr(step, g, head + steps, warmup, kind, head)
 
 
 def knn_monitor(rt, backbone, ds, cache, split, size, per_class=25, k=20, batch=256):
@@ -317,10 +330,8 @@ def main():
     optimizer = C.make_optimizer({'backbone': raw.backbone, 'projector': raw.projector},
                                  args.optimizer, args.lr, args.lr_biases, args.weight_decay,
                                  args.batch_size)
-    head = int(args.head_warmup_epochs * steps_per_epoch)
-    total = head + args.epochs * steps_per_epoch
-    warmup = int(args.warmup_epochs * steps_per_epoch)
-    lr_fn = lambda step, g: C.phase_lr(step, g, total, warmup, args.schedule, head)
+    total, lr_fn = schedule(args.epochs, steps_per_epoch, args.schedule, args.warmup_epochs,
+                            args.head_warmup_epochs)
 
     def step_fn(x, y, gen):  # (B, 3, S, S) uint8 -> two augmented views -> loss, stats
         return model(*C.augment_views(x, views, gen), stats=True)

@@ -289,6 +289,35 @@ def test_onecycle_schedule_hand_values():
         lr_factor(0, 10, 1, 'linear')
 
 
+def test_the_skin_presets_warmup_is_a_quarter_of_the_run(capsys):
+    """--preset skin warms up over a quarter of --epochs (fit_one_cycle's pct_start, as
+    finetune.py), so a short further-pretraining run reaches its peak lr: a fixed 25 epochs
+    left a 2-epoch run at 5.5% of it. An explicit --warmup-epochs wins; one as long as the run
+    says so in one line."""
+    import pretrain_barlow
+    g, spe = dict(role='backbone', kind='weights', peak_lr=1.0), 31  # steps per epoch
+    for epochs in (2, 100, 1000):
+        args = pretrain_barlow.get_args(['--data', 'x', '--preset', 'skin', '--epochs',
+                                         str(epochs)])
+        assert args.warmup_epochs is None and args.head_warmup_epochs == 1
+        total, lr = pretrain_barlow.schedule(args.epochs, spe, args.schedule,
+                                             args.warmup_epochs, args.head_warmup_epochs)
+        assert total == spe + epochs * spe  # the projector-only epoch first
+        lrs = [lr(s, g) for s in range(total + 1)]
+        peak = spe + int(0.25 * epochs * spe)
+        assert lrs[peak] == pytest.approx(1.0) and max(lrs) == lrs[peak]
+        assert lrs[spe] == pytest.approx(1 / 25) and lrs[total] == pytest.approx(1e-5)
+    assert capsys.readouterr().out == ''
+    args = pretrain_barlow.get_args(['--data', 'x', '--preset', 'skin', '--epochs', '2',
+                                     '--warmup-epochs', '25'])
+    total, lr = pretrain_barlow.schedule(args.epochs, spe, args.schedule, args.warmup_epochs,
+                                         args.head_warmup_epochs)
+    assert max(lr(s, g) for s in range(total + 1)) == pytest.approx(0.0551, abs=1e-4)
+    assert capsys.readouterr().out == ("note: --warmup-epochs 25 is not shorter than the run's "
+                                       "2 epochs: the lr never reaches its peak; give a "
+                                       "shorter warmup\n")
+
+
 def test_phase_lr_freezes_backbone_weights_during_head_steps():
     groups = [dict(role=r, kind=k, peak_lr=2.0) for r in ('backbone', 'head')
               for k in ('weights', 'biases')]
