@@ -1168,11 +1168,14 @@ class CachedImages(torch.utils.data.Dataset):
 
 class EpochBatches(torch.utils.data.Sampler):
     """Batches of indices for this rank: DistributedSampler's seeded per-epoch order, cut
-    into local batches, optionally skipping the first `skip` batches (mid-epoch resume)."""
+    into local batches, optionally skipping the first `skip` batches (mid-epoch resume).
+    DistributedSampler shuffles with seed + epoch, which gave seed s's epoch e the order of
+    seed s+1's epoch e-1: two seeds over the same images shared all their epochs' orders but
+    one. The seeds are spread further apart than any run has epochs (MAX_EPOCHS)."""
 
     def __init__(self, n, batch_size, rank=0, world=1, shuffle=True, seed=0, drop_last=True):
         self.base = torch.utils.data.DistributedSampler(
-            range(n), num_replicas=world, rank=rank, shuffle=shuffle, seed=seed,
+            range(n), num_replicas=world, rank=rank, shuffle=shuffle, seed=seed * 1_000_003,
             drop_last=drop_last)
         self.batch_size, self.drop_last, self.skip = batch_size, drop_last, 0
 

@@ -198,3 +198,16 @@ def test_loader_batches_follow_the_sampler(tmp_path):
     assert xd.shape == (4, 3, 8, 8) and xd.is_contiguous(memory_format=torch.channels_last)
     with pytest.raises(C.UserError, match='batch'):
         C.make_loader(cache, positions[:3], 4, workers=0)
+
+
+def test_seeds_draw_their_own_epoch_orders():
+    """Every (seed, epoch) shuffles the same images its own way: DistributedSampler's seed +
+    epoch alone gave seed 1's epoch 0 the order of seed 0's epoch 1, so seeds of a run over
+    the same images (every labelled image, a whole pool) shared their epochs' orders."""
+    def order(seed, epoch):
+        b = C.EpochBatches(40, 40, seed=seed)
+        b.set_epoch(epoch)
+        return tuple(next(iter(b)))
+    orders = {(s, e): order(s, e) for s in range(8) for e in range(8)}
+    assert len(set(orders.values())) == len(orders)
+    assert order(3, 5) == orders[3, 5] and sorted(order(3, 5)) == list(range(40))
