@@ -1818,7 +1818,10 @@ def setup_runtime(device='auto', precision='auto', seed=0, parallel_seeds=False)
     dev = torch.device(f'cuda:{gpu}' if cuda else 'cpu')
     if cuda:
         torch.cuda.set_device(dev)
-        torch.backends.cuda.matmul.allow_tf32 = True
+        # TF32 for convolutions (they run in bf16 under the default autocast anyway); matrix
+        # products keep torch's default, full fp32: the ones in fp32 under autocast are the
+        # ones meant to be (the Barlow Twins cross-correlation and loss, the probe's fits),
+        # and TF32 would round their inputs to 10 bits of mantissa
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     if world > 1 and not dist.is_initialized():

@@ -138,6 +138,9 @@ def test_more_seed_processes_than_gpus_share_them_and_ddp_refuses(monkeypatch, t
         assert rt.device == torch.device(f'cuda:{local % 2}') and rt.world == 1
         assert (rt.seed_rank, rt.seed_ranks) == (local, 5)
     assert two_fake_gpus == [torch.device(f'cuda:{k % 2}') for k in range(5)]
+    # TF32 for convolutions only: the matrix products meant to be fp32 (the Barlow Twins
+    # cross-correlation and loss, the probe's fits) stay full fp32
+    assert torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
     monkeypatch.setenv('LOCAL_RANK', '2')
     with pytest.raises(C.UserError, match=r'local rank 2, but 2 GPU\(s\) are visible: start at '
                                           r'most that many processes a node'):
