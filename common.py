@@ -1936,7 +1936,7 @@ def _matmul_conv(x, weight, bias, plan):
     m = wt[index].view(q, p, c, o).transpose(1, 2).reshape(q * c, p * o)
     y = xq.reshape(b, q * c) @ m
     if bias is not None:
-        y = y + bias.repeat(p)
+        y = y + bias.to(y.dtype).repeat(p)  # under autocast y is bf16, as F.conv2d's output
     return y.view(b, ho, wo, o).permute(0, 3, 1, 2)
 
 
@@ -2998,7 +2998,7 @@ def classification_metrics(probs, labels, num_classes):
 def knn_predict(train_x, train_y, x, classes, k=20, t=0.07):
     """Cosine kNN with similarity-weighted votes exp(sim / t), as DINO's: class probabilities
     (N, classes) of the rows of x from the k nearest rows of train_x (labels train_y)."""
-    a, q = F.normalize(train_x, dim=1), F.normalize(x, dim=1)
+    a, q = F.normalize(train_x.float(), dim=1), F.normalize(x.float(), dim=1)  # exp(1/t): 1.6e6
     sim, idx = (q @ a.T).topk(min(k, len(a)), dim=1)
     votes = torch.zeros(len(x), classes, dtype=sim.dtype, device=sim.device)
     votes.scatter_add_(1, train_y[idx], (sim / t).exp())

@@ -141,6 +141,18 @@ def test_conv2d_channels_last_and_float32():
     torch.testing.assert_close(conv(x), ref, rtol=1e-5, atol=1e-5)
 
 
+def test_conv2d_under_autocast_gives_conv2ds_dtype():
+    """On the matrix-product path (a map of at most MATMUL_PIXELS) with a bias, the output
+    under bf16 autocast is bf16 as F.conv2d's, not promoted to fp32 by the bias."""
+    torch.manual_seed(0)
+    conv = common.Conv2d(8, 6, 3, 1, 1, bias=True)
+    x = torch.randn(2, 8, 2, 2)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        y, ref = conv(x), F.conv2d(x, conv.weight, conv.bias, 1, 1)
+    assert y.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref.float(), rtol=2e-2, atol=2e-2)
+
+
 def test_common_imports_without_torchvision():
     """torchvision (4.4 s of imports on a 2-core machine) comes in with the first backbone."""
     code = ('import sys, common; print("torchvision" in sys.modules); '

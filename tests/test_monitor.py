@@ -103,6 +103,11 @@ def test_knn_predict_against_a_brute_force_vote():
             votes[c] += torch.exp(torch.tensor(s / 0.1, dtype=torch.float64)).item()
         ref = [v / sum(votes) for v in votes]
         assert probs[i].tolist() == pytest.approx(ref, rel=1e-4)
+    # half-precision features vote in fp32: exp(1 / 0.07) = 1.6e6 overflows fp16 to NaN
+    half = C.knn_predict(tx.half(), ty, x.half(), 3, k=4)
+    assert half.dtype == torch.float32 and torch.isfinite(half).all()
+    torch.testing.assert_close(half, C.knn_predict(tx.half().float(), ty, x.half().float(), 3,
+                                                   k=4))
 
 
 @pytest.fixture(scope='module')
