@@ -168,10 +168,15 @@ def claim(folder, flag='--out'):
     if fcntl is None:  # no flock on this platform: no guard
         return
     os.makedirs(folder, exist_ok=True)
-    lock = os.path.realpath(os.path.join(folder, '.lock'))
+    lock = os.path.join(os.path.realpath(folder), '.lock')
     if lock in _CLAIMED:  # ours already (a second run in one process): take it afresh
         os.close(_CLAIMED.pop(lock))
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:  # the lock is truncated and written: never through a link to another file
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o644)
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        raise UserError(f'{flag} {folder}: its .lock is a symbolic link; remove it')
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
@@ -185,6 +190,9 @@ def claim(folder, flag='--out'):
     os.ftruncate(fd, 0)
     os.pwrite(fd, f'process {os.getpid()} on {_HOST}'.encode(), 0)
     _CLAIMED[lock] = fd
+
+
+_NOFOLLOW = getattr(os, 'O_NOFOLLOW', 0)  # not on Windows
 
 
 def tmp_name(path, suffix='.tmp'):
@@ -230,7 +238,11 @@ def atomic_write(path, write_fn, mode='w'):
     remove_stale_tmp(path)
     tmp = tmp_name(path)
     try:
-        with open(tmp, mode) as f:
+        if os.path.lexists(tmp):  # ours from a killed run under a reused pid (or planted)
+            os.remove(tmp)
+        # a new file, never one through a link planted at the predictable name
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o666)
+        with os.fdopen(fd, mode) as f:
             write_fn(f)
             f.flush()
             os.fsync(f.fileno())

@@ -488,6 +488,27 @@ def test_a_checkpoint_is_on_disk_before_it_replaces_the_last_one(tmp_path, monke
     assert torch.equal(torch.load(tmp_path / 'ckpt.pt', weights_only=True)['w'], torch.ones(100))
 
 
+def test_writes_never_follow_a_link_planted_at_their_names(tmp_path):
+    """The temporary name of a write is predictable (path.HOST-PID.tmp) and a run folder's
+    .lock is truncated and rewritten: a symbolic link planted at either must not send those
+    bytes to its target. The write goes to a new file; the lock is refused in one line."""
+    victim = tmp_path / 'victim'
+    victim.write_text('precious\n')
+    path = tmp_path / 'meta.json'
+    os.symlink(victim, C.tmp_name(str(path)))
+    C.write_json(path, {'a': 1})
+    assert victim.read_text() == 'precious\n'
+    assert not path.is_symlink() and json.loads(path.read_text()) == {'a': 1}
+    assert sorted(os.listdir(tmp_path)) == ['meta.json', 'victim']
+    run = tmp_path / 'run'
+    run.mkdir()
+    os.symlink(victim, run / '.lock')
+    with pytest.raises(C.UserError, match=f'--out {run}: its .lock is a symbolic link; remove '
+                                          f'it'):
+        C.claim(str(run))
+    assert victim.read_text() == 'precious\n'
+
+
 def test_unreadable_probe_features_are_extracted_again(tiny, tmp_path):
     """Before: 'not a readable PyTorch checkpoint' on every later run of that backbone."""
     args = [*data_args(tiny), *PROBE, '--init', 'random', '--cache-dir', tmp_path / 'c']
