@@ -292,9 +292,9 @@ def t_sf(t, df):
     """P(T > t) for Student's t with df (real, > 0) degrees of freedom:
     P(|T| > |t|) = I_{df/(df+t^2)}(df/2, 1/2) = 1 - I_{t^2/(df+t^2)}(1/2, df/2)."""
     t2 = t * t
-    if t2 > df:  # far out: the first form, its x small and exact
+    if t2 > 1e-6 * df:  # the first form: no 1 - x, so tails far below 1e-16 keep their digits
         tail = 0.5 * betai(df / 2.0, 0.5, df / (df + t2))
-    else:        # near 0 the second keeps t^2 (df/(df+t^2) rounds to 1 for |t| < 1e-8)
+    else:  # near 0 the second keeps t^2 (df/(df+t^2) rounds to 1 for |t| < 1e-8 sqrt(df))
         tail = 0.5 * (1.0 - betai(0.5, df / 2.0, t2 / (df + t2)))
     return tail if t > 0 else 1.0 - tail
 

@@ -51,6 +51,19 @@ def test_t_cdf_tabulated_critical_values(q, df, p):
     assert report.t_cdf(-q, df) == pytest.approx(1 - p, abs=1e-6)
 
 
+def test_t_sf_keeps_tiny_tails_against_mpmath():
+    """Far tails with many degrees of freedom (t^2 < df): computed as 1 - I they cancelled to
+    0 below about 1e-16 (t = 25, df = 10,000 gave 0.0); the reference is mpmath's incomplete
+    beta at 50 digits."""
+    mpmath = pytest.importorskip('mpmath')
+    mpmath.mp.dps = 50
+    for t, df in ((8, 1e4), (25, 1e4), (6, 68), (3, 1e6), (0.5, 1e4), (1e-3, 1e4)):
+        x = mpmath.mpf(df) / (df + mpmath.mpf(t) ** 2)
+        ref = float(mpmath.betainc(mpmath.mpf(df) / 2, 0.5, 0, x, regularized=True) / 2)
+        assert report.t_sf(t, df) == pytest.approx(ref, rel=1e-9, abs=0), (t, df)
+        assert report.t_sf(-t, df) == pytest.approx(1 - ref, rel=1e-9)
+
+
 def test_t_cdf_non_integer_df_against_numerical_integration():
     # Welch df are not integers: integrate the t density with Simpson's rule from 0 to t
     df, t, n = 7.3, 1.7, 2000
