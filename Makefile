@@ -45,7 +45,7 @@ BT_INIT  ?=
 #     `make paper` sets the paper's)
 SUP_EPOCHS     ?= 9
 BT_EPOCHS      ?= 6
-SKINBT_EPOCHS  ?= 2#                  further Barlow Twins from a pretrained init
+SKINBT_EPOCHS  ?= 3#                  further Barlow Twins from a pretrained init
 SKINRND_EPOCHS ?= 6#                  Barlow Twins on skin only, from random init
 FT_EPOCHS      ?= 16
 SEEDS          ?= 0-5#                6 seeds: the paired test's smallest p is 1/64
