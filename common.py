@@ -2516,7 +2516,14 @@ def fit(rt, model, raw, optimizer, loader, step_fn, out, total_steps, lr_fn, *, 
     ckpt_path = os.path.join(out, 'ckpt.pt')
     scaler = grad_scaler(rt)
     step = 0
-    if os.path.exists(ckpt_path):
+    found = os.path.exists(ckpt_path)
+    if rt.world > 1:  # rank 0 writes it; a rank that cannot see it would train from step 0
+        seen = torch.tensor([found, not found], dtype=torch.int32, device=rt.device)
+        dist.all_reduce(seen, op=dist.ReduceOp.MAX)
+        if seen.tolist() == [1, 1]:
+            raise UserError(f'{ckpt_path} is there for some ranks and not for others: every '
+                            f'node must see the same --out (a shared filesystem)')
+    if found:
         state = load_checkpoint(ckpt_path)
         old = state.get('config', state.get('args', {}))
         diff = [k for k in config if old.get(k, '(not recorded)') != config[k]]

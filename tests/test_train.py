@@ -338,3 +338,71 @@ def test_ctrl_c_and_a_sigterm_to_the_whole_job_with_loader_workers(base, imagefo
         else:
             pytest.fail('a loader worker outlived its run')
     assert_same_tensors(backbone(out), backbone(base / 'a'))
+
+
+def _tiny_fit(rt, base, out):
+    """A Linear model's fit over 32 uint8 8x8 images in base/x.npy (made by the caller)."""
+    import common as C
+    loader = C.make_loader({'file': os.path.join(base, 'x.npy'), 'labels': [0, 1] * 16},
+                           range(32), batch_size=4 // rt.world, rank=rt.rank, world=rt.world,
+                           workers=0)
+    torch.manual_seed(0)
+    model, raw = C.wrap_model(rt, torch.nn.Sequential(torch.nn.Flatten(),
+                                                      torch.nn.Linear(192, 2)))
+    opt = C.make_optimizer({'net': raw}, 'adamw', 1e-3, 1e-3, 0.0, 4)
+    step_fn = lambda x, y, gen: torch.nn.functional.cross_entropy(model(x.float() / 255), y)
+    return C.fit(rt, model, raw, opt, loader, step_fn, out, 16, lambda s, g: g['peak_lr'],
+                 config={'k': 1}, max_steps=2 if rt.world == 1 else 0, log_every=2)
+
+
+def _rank_of_two(rank, base, port, conn):
+    import common as C
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE='2',
+                      MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    try:
+        rt = C.setup_runtime('cpu', 'fp32', seed=0)
+        conn.send(f'trained {_tiny_fit(rt, base, os.path.join(base, f"rank{rank}"))} steps')
+    except C.UserError as e:
+        conn.send(str(e))
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def test_a_checkpoint_only_some_ranks_see_is_refused_on_every_rank(tmp_path):
+    """Rank 0 writes ckpt.pt and every rank resumes from it; a node that does not share --out
+    with rank 0 would start its rank from step 0 while the others resume (DDP broadcast the
+    weights before fit loaded them), and the first gradient all-reduce mixes two runs. Two
+    gloo ranks whose --out differ, only rank 0's holding a checkpoint: both stop with one
+    line, before any step."""
+    import multiprocessing
+    import socket
+
+    import numpy as np
+
+    import common as C
+    np.save(tmp_path / 'x.npy', np.random.default_rng(0).integers(0, 256, (32, 8, 8, 3),
+                                                                   np.uint8))
+    rt = C.setup_runtime('cpu', 'fp32', seed=0)
+    assert _tiny_fit(rt, str(tmp_path), str(tmp_path / 'rank0')) == 2
+    before = (tmp_path / 'rank0' / 'ckpt.pt').read_bytes()
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context('fork')
+    pipes = [ctx.Pipe() for _ in range(2)]
+    procs = [ctx.Process(target=_rank_of_two, args=(r, str(tmp_path), port, pipes[r][1]),
+                         daemon=True) for r in range(2)]
+    for p in procs:
+        p.start()
+    deadline = time.time() + 60  # a few seconds when it works
+    said = [pipes[r][0].recv() if pipes[r][0].poll(max(0.0, deadline - time.time()))
+            else 'nothing' for r in range(2)]
+    for p in procs:  # a rank left waiting in a collective (the hang this test is about)
+        p.join(5)
+        if p.is_alive():
+            p.kill()
+    ckpt = [tmp_path / f'rank{r}' / 'ckpt.pt' for r in range(2)]  # each its own --out
+    assert said == [f'{c} is there for some ranks and not for others: every node must see the '
+                    f'same --out (a shared filesystem)' for c in ckpt], said
+    assert ckpt[0].read_bytes() == before and not ckpt[1].exists()
