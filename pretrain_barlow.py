@@ -332,6 +332,7 @@ def main():
                                  args.batch_size)
     total, lr_fn = schedule(args.epochs, steps_per_epoch, args.schedule, args.warmup_epochs,
                             args.head_warmup_epochs)
+    head = total - args.epochs * steps_per_epoch  # the projector-only steps
 
     def step_fn(x, y, gen):  # (B, 3, S, S) uint8 -> two augmented views -> loss, stats
         return model(*C.augment_views(x, views, gen), stats=True)
@@ -369,7 +370,8 @@ def main():
                  config=config, seed=args.seed, max_steps=args.max_steps,
                  log_every=args.log_every, ckpt_every=args.ckpt_every,
                  ckpt_minutes=args.ckpt_minutes, nan_at_step=args.nan_at_step,
-                 epoch_fn=monitor, log_fn=collapse_watch(width))
+                 epoch_fn=monitor, log_fn=collapse_watch(width),
+                 unfreeze=(head, C.held_in_head(optimizer)) if head else None)
 
     # --- hand-off
     C.write_handoff(rt, args.out, raw.backbone, dict(

@@ -406,3 +406,54 @@ def test_a_checkpoint_only_some_ranks_see_is_refused_on_every_rank(tmp_path):
     assert said == [f'{c} is there for some ranks and not for others: every node must see the '
                     f'same --out (a shared filesystem)' for c in ckpt], said
     assert ckpt[0].read_bytes() == before and not ckpt[1].exists()
+
+
+def _head_then_all(base, out, max_steps=0, unfreeze=True):
+    """fit with 4 head-only steps (phase_lr: the backbone's weights at lr 0), then 8 on all.
+    Returns (step, optimizer, the backbone weight)."""
+    import common as C
+    rt = C.setup_runtime('cpu', 'fp32', seed=0)
+    loader = C.make_loader({'file': os.path.join(base, 'x.npy'), 'labels': [0, 1] * 16},
+                           range(32), batch_size=4, workers=0)
+    torch.manual_seed(0)
+    net = torch.nn.ModuleDict(dict(backbone=torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(192, 6), torch.nn.BatchNorm1d(6)),
+        head=torch.nn.Linear(6, 2)))
+    model, raw = C.wrap_model(rt, net)
+    opt = C.make_optimizer({'backbone': raw['backbone'], 'head': raw['head']}, 'adamw', 1e-2,
+                           1e-2, 0.0, 4)
+    step_fn = lambda x, y, gen: torch.nn.functional.cross_entropy(
+        model['head'](model['backbone'](x.float() / 255)), y)
+    lr_fn = lambda step, g: C.phase_lr(step, g, 12, 2, 'onecycle', 4)
+    step = C.fit(rt, model, raw, opt, loader, step_fn, out, 12, lr_fn, config={'k': 1},
+                 max_steps=max_steps, log_every=2,
+                 unfreeze=(4, C.held_in_head(opt)) if unfreeze else None)
+    return step, opt, raw['backbone'][1].weight
+
+
+def test_weights_held_in_the_head_phase_start_the_rest_with_fresh_state(tmp_path):
+    """The backbone's weights stay put in the head-only steps (lr 0) but AdamW built their
+    moments from those steps' gradients; fastai's freeze gives them none. unfreeze zeroes
+    their state when the head phase ends: their AdamW step count is the 8 steps on all, not
+    12, the head's and BN's state runs on; and a run stopped at the phase's end and resumed
+    ends bitwise where an uninterrupted one does."""
+    import numpy as np
+
+    import common as C
+    np.save(tmp_path / 'x.npy', np.random.default_rng(0).integers(0, 256, (32, 8, 8, 3),
+                                                                   np.uint8))
+    start = _head_then_all(tmp_path, str(tmp_path / 'no-steps'), max_steps=1)[2].clone()
+    step, opt, w = _head_then_all(tmp_path, str(tmp_path / 'a'))
+    assert step == 12 and not torch.equal(w, start)
+    held = C.held_in_head(opt)
+    assert [p.shape for p in held] == [torch.Size([6, 192])]
+    counts = {tuple(p.shape): float(opt.state[p]['step']) for g in opt.param_groups
+              for p in g['params']}
+    assert counts == {(6, 192): 8.0, (6,): 12.0, (2, 6): 12.0, (2,): 12.0}
+    _, old, _ = _head_then_all(tmp_path, str(tmp_path / 'b'), unfreeze=False)
+    assert float(old.state[C.held_in_head(old)[0]]['step']) == 12.0  # what it was
+    assert _head_then_all(tmp_path, str(tmp_path / 'c'), max_steps=4)[0] == 4
+    _, resumed, w2 = _head_then_all(tmp_path, str(tmp_path / 'c'))
+    assert torch.equal(w2, w)
+    for a, b in zip(C.held_in_head(resumed), held):
+        assert all(torch.equal(resumed.state[a][k], opt.state[b][k]) for k in opt.state[b])
