@@ -2,9 +2,10 @@
 one result row per seed (every metric on the test part) to results/results.jsonl.
 
 The paper's protocol by default: encoder + Linear(width, classes), cross-entropy, AdamW,
-weight decay 0, batch 64; the head alone for --head-epochs (BN trainable), then everything
-for --epochs with a one-cycle schedule; the finetune_skin views; test-time augmentation as
-the mean softmax over --tta passes.
+weight decay 0, batch 64; the head alone for --head-epochs (BN trainable; the backbone's
+weights held, and given fresh optimizer state after, as fastai's freeze), then everything for
+--epochs with a one-cycle schedule; the finetune_skin views; test-time augmentation as the
+mean softmax over --tta passes.
 
 One GPU, or the CPU, five seeds of 50 labels per class:
     python finetune.py --data ISIC_2019 --split splits/ISIC_2019-paper.json \\
