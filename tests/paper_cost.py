@@ -49,6 +49,7 @@ WORK = dict(
     skin_epochs=1000,        # skinBT: Barlow Twins on the skin pool alone, from random init
     projector_epochs=1,      # --preset skin: one projector-only epoch before each run
     pool='train',
+    ft_batch=64, bt_batch=128,  # each epoch drops its last partial batch (drop_last)
     bt_size=256, bench_size=224,
 )
 # bench_gpu.py's targets for one H200, taken as its rates (no GPU measured yet). For scale: NVIDIA
@@ -86,11 +87,12 @@ def pieces(ft, tta, bt, fit_s, ddp_efficiency, gpus=1, work=WORK, fits='assumed'
     rounds = lambda inits: sum(math.ceil((w['random_seeds'] if i == 'random' else w['seeds'])
                                          / gpus) for i in inits)  # one command an init
     pool = w['labelled'] + (w['val'] if w['pool'] == 'all' else 0)
+    whole = lambda n, batch: n // batch * batch  # the images of an epoch's full batches
     knn = min(w['labelled'], w['knn_per_class'] * w['classes']) + w['val']
     out = []
     for k, f in enumerate(w['budgets']):
         inits = w['inits'] if k == 0 else [i for i in w['inits'] if i in w['curve_inits']]
-        n = round(f * w['labelled'])
+        n = whole(round(f * w['labelled']), w['ft_batch'])
         train = (w['head_epochs'] + w['epochs']) * n / ft
         test = w['test'] / tta
         seed = train + test
@@ -111,10 +113,11 @@ def pieces(ft, tta, bt, fit_s, ddp_efficiency, gpus=1, work=WORK, fits='assumed'
                 every * per_seed, rounds(w['inits']) * per_seed))
     for name, runs, epochs in (('further Barlow Twins', w['further_runs'], w['further_epochs']),
                                ('Barlow Twins on skin only', 1, w['skin_epochs'])):
-        pairs = runs * (w['projector_epochs'] + epochs) * pool
+        pairs = runs * (w['projector_epochs'] + epochs) * whole(pool, w['bt_batch'])
         passes = runs * monitor_passes(epochs, w['projector_epochs'], pool) * knn
         one = pairs / bt_rate + passes / forward
-        out.append((name, f'{runs} x {w["projector_epochs"] + epochs:,} epochs x {pool:,} = '
+        out.append((name, f'{runs} x {w["projector_epochs"] + epochs:,} epochs x '
+                          f'{whole(pool, w["bt_batch"]):,} = '
                           f'{pairs:,} pairs + {passes:,} kNN passes', one,
                     pairs / (bt_rate * dist) + passes / forward))
     return out
