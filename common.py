@@ -2492,17 +2492,14 @@ def fresh_state(optimizer, params):
     """Zero the optimizer state of `params` in place: what AdamW (step 0, zero moments), SGD's
     momentum and LARS start from (a zero momentum buffer takes the first gradient whole)."""
     for p in params:
-        state = optimizer.state.get(p, {})
-        for k, v in state.items():
+        for v in optimizer.state.get(p, {}).values():
             if torch.is_tensor(v):
                 v.zero_()
-            elif isinstance(v, (int, float)):
-                state[k] = type(v)(0)
 
 
 def fit(rt, model, raw, optimizer, loader, step_fn, out, total_steps, lr_fn, *, config=None,
         seed=0, max_steps=0, log_every=10, ckpt_every=0, ckpt_minutes=10.0, epoch_fn=None,
-        log_fn=None, nan_at_step=-1, unfreeze=None):
+        log_fn=None, nan_at_step=-1, head_steps=0):
     """The one training loop over `loader` (make_loader's; len(loader) steps per epoch).
     step_fn(x_uint8 (B,3,S,S), y, generator) -> scalar loss runs under autocast; lr_fn(step,
     group) -> lr; `model` is what runs, `raw` what is saved (wrap_model's pair). `config`: the
@@ -2520,8 +2517,8 @@ def fit(rt, model, raw, optimizer, loader, step_fn, out, total_steps, lr_fn, *, 
     these decisions at the same step. A step_fn may return (loss, stats): the 0-d tensors of
     stats go to each log record, and log_fn(stats) -> dict adds figures computed from the
     rest (collapse signals from features). epoch_fn(epoch) -> dict runs after each full
-    epoch (validation) and what it returns goes to the log. unfreeze=(step, params): params
-    held at lr 0 by lr_fn until that step (phase_lr's head-only phase) start it with fresh
+    epoch (validation) and what it returns goes to the log. head_steps: phase_lr's head-only
+    steps; the weights it holds at lr 0 in them (held_in_head) start the rest with fresh
     optimizer state, as if they had been frozen (fastai's freeze: no gradient, no state),
     where they would bring the moments of gradients they were never moved by.
     nan_at_step poisons that step's loss (for tests). Returns the final step."""
@@ -2595,8 +2592,8 @@ def fit(rt, model, raw, optimizer, loader, step_fn, out, total_steps, lr_fn, *, 
             epoch, pos = divmod(step, steps_per_epoch)
             sampler.set_epoch(epoch, skip=pos)
             for batch in loader:
-                if unfreeze and step == unfreeze[0]:  # the step, not the run: resume-safe
-                    fresh_state(optimizer, unfreeze[1])
+                if head_steps and step == head_steps:  # the step, not the run: resume-safe
+                    fresh_state(optimizer, held_in_head(optimizer))
                 for g in optimizer.param_groups:
                     g['lr'] = lr_fn(step, g)
                 loss, stats = train_step(rt, step_fn if step != nan_at_step else poisoned,
@@ -2704,17 +2701,17 @@ def git_revision():
         return None
 
 
-def warn_if_never_warm(warmup, steps, warmup_epochs, epochs):
-    """One line when a warmup of `warmup` steps does not end within the `steps` it schedules:
-    the lr would never reach its peak (a 25-epoch warmup in a 2-epoch run peaks at 5%)."""
-    if warmup >= steps > 0:
+def warn_if_never_warm(warmup_epochs, epochs):
+    """One line when the warmup does not end within the epochs it schedules: the lr would
+    never reach its peak (a 25-epoch warmup in a 2-epoch run peaks at 5%)."""
+    if warmup_epochs is not None and warmup_epochs >= epochs:
         print0(f'note: --warmup-epochs {warmup_epochs:g} is not shorter than the run\'s '
                f'{epochs:g} epochs: the lr never reaches its peak; give a shorter warmup')
 
 
 def held_in_head(optimizer):
     """The parameters phase_lr holds at lr 0 in the head-only steps: the 'backbone' role's
-    weights (fit's unfreeze gives them fresh optimizer state when those steps end)."""
+    weights (fit gives them fresh optimizer state when those steps end)."""
     return [p for g in optimizer.param_groups if (g['role'], g['kind']) == ('backbone', 'weights')
             for p in g['params']]
 

@@ -165,8 +165,7 @@ def run_seed(rt, args, row, ds, split, cache, backbone_sd, width):
     step = C.fit(rt, model, raw, optimizer, loader, step_fn, out, total, lr_fn, config=config,
                  seed=seed, max_steps=args.max_steps, log_every=args.log_every,
                  ckpt_every=args.ckpt_every, ckpt_minutes=args.ckpt_minutes,
-                 nan_at_step=args.nan_at_step,
-                 unfreeze=(head, C.held_in_head(optimizer)) if head else None)
+                 nan_at_step=args.nan_at_step, head_steps=head)
 
     raw.eval()
     views = [eval_view] + [view] * (args.tta - 1)

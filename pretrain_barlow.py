@@ -203,7 +203,7 @@ def schedule(epochs, steps_per_epoch, kind, warmup_epochs, head_epochs=0):
     head = int(head_epochs * steps_per_epoch)
     steps = epochs * steps_per_epoch
     warmup = int(0.25 * steps) if warmup_epochs is None else int(warmup_epochs * steps_per_epoch)
-    C.warn_if_never_warm(warmup, steps, warmup_epochs, epochs)
+    C.warn_if_never_warm(warmup_epochs, epochs)
     return head + steps, lambda step, g: C.phase_lr(step, g, head + steps, warmup, kind, head)
 
 
@@ -370,8 +370,7 @@ def main():
                  config=config, seed=args.seed, max_steps=args.max_steps,
                  log_every=args.log_every, ckpt_every=args.ckpt_every,
                  ckpt_minutes=args.ckpt_minutes, nan_at_step=args.nan_at_step,
-                 epoch_fn=monitor, log_fn=collapse_watch(width),
-                 unfreeze=(head, C.held_in_head(optimizer)) if head else None)
+                 epoch_fn=monitor, log_fn=collapse_watch(width), head_steps=head)
 
     # --- hand-off
     C.write_handoff(rt, args.out, raw.backbone, dict(

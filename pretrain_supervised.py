@@ -95,7 +95,7 @@ def main():
                                  args.lr, args.lr, args.weight_decay, args.batch_size)
     total = args.epochs * steps_per_epoch
     warmup = int(args.warmup_epochs * steps_per_epoch)
-    C.warn_if_never_warm(warmup, total, args.warmup_epochs, args.epochs)
+    C.warn_if_never_warm(args.warmup_epochs, args.epochs)
     lr_fn = lambda step, g: g['peak_lr'] * C.lr_factor(step, total, warmup, 'cosine', 0.0)
 
     figures = {}

@@ -427,7 +427,7 @@ def _head_then_all(base, out, max_steps=0, unfreeze=True):
     lr_fn = lambda step, g: C.phase_lr(step, g, 12, 2, 'onecycle', 4)
     step = C.fit(rt, model, raw, opt, loader, step_fn, out, 12, lr_fn, config={'k': 1},
                  max_steps=max_steps, log_every=2,
-                 unfreeze=(4, C.held_in_head(opt)) if unfreeze else None)
+                 head_steps=4 if unfreeze else 0)
     return step, opt, raw['backbone'][1].weight
 
 
