@@ -146,6 +146,7 @@ def read_results(path, metrics):
                 if line.lstrip().startswith('{'):
                     print(f'warning: {where}: an incomplete line (a write cut short), ignored',
                           file=sys.stderr)
+                    n_lines -= 1  # not a run a rerun replaced
                     continue
                 raise UserError(f'{where}: not valid JSON ({e.msg}, column {e.colno}); '
                                 f'fix or delete that line')
@@ -441,7 +442,8 @@ def summarise(rows, args):
                 else:
                     b = {str(r['seed']): value(r, m) for r in base if value(r, m) is not None}
                     s.update(compare(a, b, args.test, args.permutations))
-                    s['note'] = 'n<2' if s['p'] is None else None
+                    s['note'] = ('no base' if not b else  # its runs lack this metric
+                                 'n<2' if s['p'] is None else None)
                 stats[(init, protocol)][m] = s
             shas = {str(r['backbone_sha']) for r in rs if r.get('backbone_sha')}
             if len(shas) > 1:
@@ -644,7 +646,7 @@ def notes_md(args):
             f'in the same protocol; {test}. p is not corrected for multiple comparisons; p Holm '
             f'is (Holm step-down over the tests of one table: the family-wise error over all its '
             f'inits and both protocols stays <= alpha). base = the baseline, n<2 = too few runs '
-            f'to test, no base = baseline not run.', '']
+            f'to test, no base = baseline not run or without this metric.', '']
 
 
 def efficiency_md(curve, args):

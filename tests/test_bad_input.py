@@ -609,6 +609,8 @@ def test_report_names_a_torn_line_and_refuses_garbage(tmp_path, where):
     (tmp_path / 'r.jsonl').write_text(text)
     r = run_report('--results', 'r.jsonl', '--out', 'out', '--runs', 'x', cwd=tmp_path)
     assert r.returncode == 0 and 'warning: r.jsonl:2: an incomplete line' in r.stderr, r.stderr
+    runs = 1 if where == 'last' else 2  # the torn line is no run a rerun replaced
+    assert f'{runs} lines, {runs} runs' in (tmp_path / 'out' / 'summary.md').read_text()
     (tmp_path / 'g.jsonl').write_text(row + '\nnot json at all\n' + row + '\n')
     r = run_report('--results', 'g.jsonl', '--out', 'out2', '--runs', 'x', cwd=tmp_path)
     assert r.returncode == 2 and 'g.jsonl:2: not valid JSON' in r.stderr

@@ -472,6 +472,19 @@ def test_report_paired_default(tmp_path):
     assert float(got[('barlow', 'probe', 'balanced_accuracy')]['p']) == pytest.approx(p_probe)
 
 
+def test_a_baseline_without_the_metric_is_named_not_too_few(tmp_path):
+    """AUROC is null where the test part has fewer than 2 classes: a baseline with 4 runs, all
+    null, has nothing to compare with. Before, the cell said n<2 (too few runs)."""
+    rows = [row('supervised', 'finetune', s, 0.5, auroc=None) for s in range(4)]
+    rows += [row('barlow', 'finetune', s, 0.6, auroc=0.8) for s in range(4)]
+    (tmp_path / 'r.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    r = run_report('--results', 'r.jsonl', '--out', 'out', '--p-metric', 'auroc', cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    _, cells = table_rows((tmp_path / 'out' / 'summary.md').read_text(),
+                          '## skin / split paper / 2554 labels')
+    assert cells['barlow']['ft p'] == 'no base' and cells['barlow']['ft n'] == '4'
+
+
 def test_rows_of_two_splits_of_one_name_are_never_compared(tmp_path):
     """Two split files of protocol paper (another --per-class: other test sets): their rows
     keep to tables of their own, a seed of one never replaces or pairs with a seed of the
