@@ -14,13 +14,15 @@ SOURCE    ?= $(DATA)/source#         labelled source set (ImageNet stand-in), Im
 SKIN      ?=#                        skin dataset root; empty: the synthetic ISIC 2019 look-alike
 SKIN_DIR  := $(patsubst %/,%,$(if $(SKIN),$(SKIN),$(DATA)/skin))
 PROTOCOL  ?= random#                  split rule: random | paper | official
-PER_CLASS ?= 40#                     paper rule: labelled pool kept per class (the rest is test)
+PER_CLASS ?= 40#                     paper rule: labelled pool kept per class (the rest is test):
+#                                      a number, CLASS=N,... or paper (the paper's 2,554 images)
 SPLIT_FLAGS ?=#                       e.g. --drop-downsampled (ISIC 2019, as the paper)
 LABELS    ?= 10#                     label budgets, fine-tuning and probe: images per class (10),
 #                                      a fraction of each class (0.5) or all; a list makes a curve
 PROBE_LABELS ?= 5 $(LABELS) 20 40#    the probe's budgets (seconds per seed): the curve's points
 PROBE_VIEWS  ?= 8#                    augmented passes over the probe's train images (its --aug-views)
-SPLIT     ?= splits/$(notdir $(SKIN_DIR))-$(PROTOCOL)-$(PER_CLASS).json
+comma := ,
+SPLIT     ?= splits/$(notdir $(SKIN_DIR))-$(PROTOCOL)-$(subst =,,$(subst $(comma),-,$(PER_CLASS))).json
 
 # --- model and machine
 ARCH       ?= resnet10#                 ResNet-18 with one block per stage: half its compute
@@ -299,16 +301,17 @@ report: $(PRETRAINED) $(DONE) | report.py  ## the comparison table: results/summ
 	@echo "==> total: $$(( $$(date +%s) - $(START) )) s"
 
 # --------------------------------------------------------------------------- the paper's setting
-# the paper's grid: all 2,554 labelled images for every init (random init 5 seeds, the others
-# 35), and half of each class for supervised and barlow (PAPER_LABELS=all leaves it out;
-# PAPER_CURVE_INITS="random supervised ..." fine-tunes more inits at it, PAPER_RANDOM_SEEDS=0-34
-# runs random init as often as the rest: the README's cost table says what each adds)
+# the paper's grid: all 2,554 labelled images (PER_CLASS=paper: the paper's counts per class)
+# for every init (random init 5 seeds, the others 35), and half of each class for supervised
+# and barlow (PAPER_LABELS=all leaves it out; PAPER_CURVE_INITS="random supervised ..."
+# fine-tunes more inits at it, PAPER_RANDOM_SEEDS=0-34 runs random init as often as the rest:
+# the README's cost table says what each adds)
 PAPER_LABELS       ?= all 0.5
 PAPER_CURVE_INITS  ?= supervised barlow
 PAPER_RANDOM_SEEDS ?= 0-4
 paper:  ## the paper's experiment: ResNet-50, 256 px, published weights, 35 seeds (GPU; SKIN=...)
 	@test -n "$(SKIN)" || { echo "make paper needs SKIN=/path/to/ISIC_2019 (see README)"; exit 2; }
-	$(MAKE) all INITS="$(ALL_INITS)" JOBS=1 ARCH=resnet50 SIZE=256 CACHE_SIZE=256 PROTOCOL=paper PER_CLASS=500 \
+	$(MAKE) all INITS="$(ALL_INITS)" JOBS=1 ARCH=resnet50 SIZE=256 CACHE_SIZE=256 PROTOCOL=paper PER_CLASS=paper \
 	  LABELS="$(PAPER_LABELS)" PROBE_LABELS= PROBE_VIEWS=16 SEEDS=0-34 RANDOM_SEEDS=$(PAPER_RANDOM_SEEDS) \
 	  CURVE_INITS="$(PAPER_CURVE_INITS)" FT_EPOCHS=40 FT_BATCH=64 SUP_INIT=torchvision BT_INIT=barlowtwins \
 	  SKINBT_EPOCHS=100 SKINRND_EPOCHS=1000 BT_BATCH=128 PROJECTOR=8192-8192-8192 \

@@ -610,11 +610,23 @@ def table_md(g, info, args):
                       fmt_p(c['p'], c['note']) + (' (u)' if unpaired else ''),
                       fmt_p(c['p_holm'], None)]
         lines.append('| ' + ' | '.join(cells) + ' |')
-    n_tests = sum(s[args.p_metric]['p'] is not None for s in stats.values())
-    return lines + ['', (f'p Holm: over the {n_tests} tests of this table.' if n_tests else
-                         'No test in this table (baseline only, or too few runs).')
+    tested = [s[args.p_metric] for s in stats.values() if s[args.p_metric]['p'] is not None]
+    return lines + ['', (f'p Holm: over the {len(tested)} tests of this table.{floor(tested)}'
+                         if tested else 'No test in this table (baseline only, or too few runs).')
                     + (' "(n=k)": the metric was null (undefined) in some runs.' if partial
                        else ''), '']
+
+
+def floor(tested):
+    """A sentence when the seeds are too few for any p Holm of the table to fall below 0.05:
+    an exact sign-flip test of n pairs cannot go below 1 / 2^n, so m tests' Holm below m / 2^n
+    (said only when every test is paired and exact)."""
+    pairs = [c['pairs'] for c in tested]
+    if None in pairs or 2 ** max(pairs) > EXACT_MAX:
+        return ''
+    low = len(tested) / 2 ** max(pairs)
+    return (f' With {max(pairs)} pairs no p can fall below {1 / 2 ** max(pairs):.3f}, nor any p '
+            f'Holm below {low:.3f}: more seeds are needed to pass 0.05.' if low > 0.05 else '')
 
 
 def notes_md(args):

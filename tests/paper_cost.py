@@ -33,13 +33,15 @@ from pretrain_barlow import monitor_every  # noqa: E402
 
 # `make paper`'s work: the Makefile's `paper` line and finetune.py / probe.py /
 # pretrain_barlow.py defaults (test_paper_cost.py checks them against `make -n paper`). The
-# split: the paper's ISIC 2019 under its rule, 2,554 labelled images; of the other 19,423,
-# 10% go to val (whole lesions) and the rest to test. The pretraining pool is the train part
-# (SKIN_POOL=train, as the paper's BT_ rows); 'all' would add val
+# split: ISIC 2019 without its downsampled copies (23,257 images) under the paper's rule at the
+# paper's counts (PER_CLASS=paper), 2,554 labelled images; of the other 20,703, about 10% go to
+# val (whole lesions) and the rest to test (the paper tested on 19,423: its split is not
+# published). The pretraining pool is the train part (SKIN_POOL=train, as the paper's BT_
+# rows); 'all' would add val
 WORK = dict(
     inits=('random', 'supervised', 'barlow', 'supervised+skinBT', 'barlow+skinBT', 'skinBT'),
     seeds=35, random_seeds=5,  # the paper ran random init 5 times (PAPER_RANDOM_SEEDS=0-4)
-    labelled=2554, val=1942, test=17481,
+    labelled=2554, val=2070, test=18633,
     budgets=(1.0, 0.5),      # LABELS="all 0.5": every labelled image, then half of each class
     curve_inits=('supervised', 'barlow'),  # fine-tuned at the later budgets (PAPER_CURVE_INITS)
     head_epochs=1, epochs=40, tta=3,

@@ -369,6 +369,20 @@ def test_split_that_leaves_train_empty(tiny, tmp_path):
     assert not (tmp_path / 's.json').exists()
 
 
+def test_paper_split_that_leaves_a_class_untested(tiny, tmp_path):
+    """Before: at --per-class 500, ISIC 2019's DF and VASC went wholly to train and the test
+    metrics quietly left them out."""
+    split = lambda *a: run('common', 'split', '--data', tiny / 'data', '--protocol', 'paper',
+                           *a, '--out', tmp_path / 's.json', cwd=tmp_path)
+    refused(split('--per-class', '10'), 'leaves no test image of c0 (10 images), c1 (10 images)',
+            '--per-class paper')
+    refused(split('--per-class', 'paper'), 'MEL', 'not among the classes', 'c0 c1')
+    assert not (tmp_path / 's.json').exists()
+    out, _ = ok(split('--per-class', 'c0=6,c1=3'))
+    assert 'train: c0 6 c1 3' in out
+    assert json.loads((tmp_path / 's.json').read_text())['how']['per_class'] == {'c0': 6, 'c1': 3}
+
+
 @pytest.mark.parametrize('script', ['finetune', 'probe'])
 def test_evaluation_on_a_split_without_test_images(tiny, tmp_path, script):
     """Before: finetune.py trained the seed, then torch.cat([]) raised a ValueError."""

@@ -485,6 +485,18 @@ def test_a_baseline_without_the_metric_is_named_not_too_few(tmp_path):
     assert cells['barlow']['ft p'] == 'no base' and cells['barlow']['ft n'] == '4'
 
 
+def test_the_holm_floor_is_said_when_the_seeds_are_too_few():
+    paired = lambda n: dict(pairs=n)
+    # 6 tests of 6 pairs (make all's table): 1/64 at best, x 6 for Holm = 0.094
+    assert report.floor([paired(6)] * 6) == (' With 6 pairs no p can fall below 0.016, nor any '
+                                             'p Holm below 0.094: more seeds are needed to pass '
+                                             '0.05.')
+    assert report.floor([paired(6)] * 3) == ''  # 3/64 = 0.047 can pass
+    assert report.floor([paired(6), paired(4)] * 2) != ''  # 4/64 = 0.0625
+    assert report.floor([paired(6), dict(pairs=None)]) == ''  # an unpaired test: not exact
+    assert report.floor([paired(20)] * 6) == ''  # sampled, p = 1/(iters+1) bounds it
+
+
 def test_rows_of_two_splits_of_one_name_are_never_compared(tmp_path):
     """Two split files of protocol paper (another --per-class: other test sets): their rows
     keep to tables of their own, a seed of one never replaces or pairs with a seed of the

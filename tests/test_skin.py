@@ -1,4 +1,5 @@
 """Skin-lesion readers and splits, on tiny fixtures written in each real on-disk layout."""
+import argparse
 import csv
 import json
 import os
@@ -267,20 +268,40 @@ def test_paper_rule_caps_classes_in_seeded_walk_order():
     rng = np.random.default_rng(1)
     labels = rng.permutation([0] * 700 + [1] * 300 + [2] * 40).tolist()
     ds = fake(labels)
-    split = make_split(ds, 'paper', seed=3, per_class=500, val_fraction=0.1)
+    split = make_split(ds, 'paper', seed=3, per_class={'A': 500, 'B': 250, 'C': 30},
+                       val_fraction=0.1)
     walk = [ds['ids'][k] for k in np.random.default_rng(3).permutation(len(labels))]
     lab = dict(zip(ds['ids'], labels))
     expect = set()
-    for c, k in ((0, 500), (1, 300), (2, 40)):
+    for c, k in ((0, 500), (1, 250), (2, 30)):
         expect |= set([i for i in walk if lab[i] == c][:k])
     assert set(split['train']) == expect
-    assert split['how']['counts']['train'] == {'A': 500, 'B': 300, 'C': 40}
-    assert split['how']['counts']['val'] == {'A': 20, 'B': 0, 'C': 0}
-    assert split['how']['counts']['test'] == {'A': 180, 'B': 0, 'C': 0}
+    assert split['how']['counts']['train'] == {'A': 500, 'B': 250, 'C': 30}
+    assert split['how']['counts']['val'] == {'A': 20, 'B': 5, 'C': 1}
+    assert split['how']['counts']['test'] == {'A': 180, 'B': 45, 'C': 9}
     assert split['train'] == sorted(split['train'])  # dataset order inside a part
     check_invariants(split, ds)
     assert split['protocol'] == 'paper' and split['how']['seed'] == 3
-    assert split['how']['per_class'] == 500 and 'fewer than per_class' in split['how']['rule']
+    assert split['how']['per_class'] == {'A': 500, 'B': 250, 'C': 30}
+    assert 'fewer than per_class' in split['how']['rule']
+
+
+def test_paper_rule_refuses_a_class_left_without_test_images():
+    """Before: at 500 a class, ISIC 2019's DF (239) and VASC (253) went wholly to train, and
+    the test metrics quietly left them out."""
+    rng = np.random.default_rng(1)
+    ds = fake(rng.permutation([0] * 700 + [1] * 300 + [2] * 40).tolist())
+    error(lambda: make_split(ds, 'paper', seed=3, per_class=500),
+          'leaves no test image of B (300 images), C (40 images)', '--per-class CLASS=N')
+    error(lambda: make_split(ds, 'paper', per_class={'A': 5, 'B': 5}), 'no count for C')
+    error(lambda: make_split(ds, 'paper', per_class={'A': 5, 'B': 5, 'C': 5, 'D': 1}),
+          'D not among the classes')
+    assert common.per_class_arg('paper') == common.PAPER_PER_CLASS
+    assert sum(common.PAPER_PER_CLASS.values()) == 2554  # the paper's labelled images
+    assert common.per_class_arg('A=3, B=4') == {'A': 3, 'B': 4} and common.per_class_arg('7') == 7
+    for bad in ('A=0', 'A=3,A=4', 'A=x', '=3', '0'):
+        with pytest.raises(argparse.ArgumentTypeError):
+            common.per_class_arg(bad)
 
 
 def test_paper_rule_keeps_whole_groups():
@@ -355,7 +376,7 @@ def test_split_on_real_layout_and_extra(tmp_path):
     ds = read_dataset(root, drop_downsampled=True)
     extra = str(tmp_path / 'more')
     jpeg(os.path.join(extra, 'x.jpg'))
-    s = make_split(ds, 'paper', seed=0, per_class=2, extra=[extra])
+    s = make_split(ds, 'paper', seed=0, per_class=1, extra=[extra])
     check_invariants(s, ds)
     assert s['extra'] == [os.path.abspath(extra)] and s['format'] == 'isic2019'
     assert s['dataset'] == os.path.abspath(root)
