@@ -11,8 +11,8 @@ to bottom: each `# ---` banner is one topic, in this order.
                      append_jsonl, read_jsonl, read_csv, few
   dataset readers    read_dataset (auto-detects ImageFolder, folder, ISIC 2019/2020,
                      HAM10000, DermaMNIST), make_dataset, load_image
-  splits             make_split, save_split, load_split, split_path, labelled_subset,
-                     pool_subset
+  splits             make_split, PAPER_PER_CLASS, per_class_arg, save_split, load_split,
+                     split_path, labelled_subset, pool_subset
   uint8 cache        build_cache, find_cache, fingerprint, cache_fingerprint, fmt_time
   loader             make_loader, CachedImages, EpochBatches, prepare_cache,
                      cache_positions, to_device, dataset_name
@@ -20,7 +20,8 @@ to bottom: each `# ---` banner is one topic, in this order.
                      augment_views
   command line       add_data_args, add_model_args, add_runtime_args, add_train_args,
                      add_eval_args, parse_args, parse_seeds, number, default_workers
-  runtime            dist_info, setup_runtime, seeds_of, local_batch, teardown, print0
+  runtime            dist_info, setup_runtime, seeds_of, share, local_batch, teardown, settle,
+                     print0
   backbone, weights  make_backbone, load_backbone, load_checkpoint, clean_state_dict,
                      hub_file, init_file, state_fingerprint
   Barlow Twins       make_projector, barlow_loss, BarlowTwins, Classifier, classifier_task
@@ -1909,7 +1910,7 @@ def setup_runtime(device='auto', precision='auto', seed=0, parallel_seeds=False)
     torch.manual_seed(seed)
     return types.SimpleNamespace(device=dev, rank=rank, local_rank=local_rank, world=world,
                                  is_main=rank == 0, dtype=dtype, precision=prec,
-                                 seed_rank=seed_rank, seed_ranks=seed_ranks)
+                                 seed_rank=seed_rank, seed_ranks=seed_ranks, settled=False)
 
 
 def seeds_of(rt, seeds):
@@ -1917,6 +1918,15 @@ def seeds_of(rt, seeds):
     seed_ranks-th one from seed_rank on (dealt in turn: the load is even, and every process
     computes the same deal without talking to the others)."""
     return list(seeds)[rt.seed_rank::rt.seed_ranks]
+
+
+def share(rt, rows, seeds):
+    """The rows (pending_rows of every seed) of this process's seeds: seeds_of dealt from the
+    command's `seeds`, whichever of them are done. The scripts keep the whole list to know
+    whether rank 0 must build the cache that the other ranks wait for, though its own
+    share is done."""
+    mine = set(seeds_of(rt, seeds))
+    return [r for r in rows if r['seed'] in mine]
 
 
 def local_batch(batch_size, world, least=2):
@@ -1931,9 +1941,36 @@ def local_batch(batch_size, world, least=2):
 
 
 def teardown(rt):
+    """A command's end on every rank: under DDP the ranks leave the process group together;
+    under parallel_seeds each waits for the others (settle), if run_seeds has not."""
     if rt.world > 1 and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    settle(rt)
+
+
+def settle(rt, poll=0.5):
+    """Under parallel_seeds, once per command: sign in as done on the launcher's key-value
+    store (torchrun's, at MASTER_ADDR:MASTER_PORT; no process group, which would join the
+    seeds' losses) and wait until every seed rank has. torchrun stops every rank as soon as
+    one exits non-zero, so a rank must not fail before the others have run their seeds.
+    Rank 0 leaves last: without torchrun's agent it hosts the store. Polled, so a signal
+    still ends the wait."""
+    if rt.seed_ranks == 1 or rt.settled:
+        return
+    rt.settled = True
+    store, _, _ = next(dist.rendezvous('env://', rt.seed_rank, rt.seed_ranks))
+    store = dist.PrefixStore('parallel-seeds/', store)
+
+    def all_of(what):
+        keys = [f'{what}/{r}' for r in range(rt.seed_ranks)]
+        while not store.check(keys):
+            time.sleep(poll)
+    store.set(f'done/{rt.seed_rank}', '1')
+    all_of('done')
+    store.set(f'left/{rt.seed_rank}', '1')
+    if rt.seed_rank == 0:
+        all_of('left')
 
 
 def print0(*a, **k):
@@ -3010,8 +3047,8 @@ def run_seeds(rt, rows, run, results, describe):
     seed's checkpoint there). Print describe(finished) and append the row to `results` (each
     runtime's main process; one O_APPEND write per row, so processes sharing the file keep
     their lines whole). Under parallel_seeds a failing seed is reported with its rank and
-    seed and the others go on; the command then stops with one line naming them. Returns
-    the finished rows."""
+    seed and the others go on; once every rank is done (settle), the command stops with one
+    line naming them. Returns the finished rows."""
     done, failed = [], []
     for row in rows:
         try:
@@ -3033,6 +3070,7 @@ def run_seeds(rt, rows, run, results, describe):
             if then:
                 then()
         done.append(row)
+    settle(rt)
     if failed:
         raise UserError(f'rank {rt.seed_rank}: seed(s) {few(failed)} failed (reasons above); '
                         f'the other rows are in {results}; rerun to retry them')

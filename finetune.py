@@ -200,9 +200,7 @@ def main():
                              (args.results, '--results', 'append')):
         C.check_writable(path, flag, kind)
     rt = C.setup_runtime(args.device, args.precision, parallel_seeds=args.parallel == 'seeds')
-    if args.batch_size // rt.world < 2:
-        raise C.UserError(f'--batch-size {args.batch_size} leaves fewer than 2 images per rank '
-                          f'on {rt.world} rank(s); BatchNorm needs 2')
+    C.local_batch(args.batch_size, rt.world)  # the global batch, split evenly over the ranks
     ds = C.read_dataset(args.data, args.format)
     split, split_file = C.get_split(ds, args.split, args.protocol)
     backbone, width = C.make_backbone(args.arch)
@@ -213,15 +211,19 @@ def main():
     if not split[args.eval_part]:
         raise C.UserError(f'--eval-part {args.eval_part}: the split {split_file} has no '
                           f'{args.eval_part} images')
-    todo = C.pending_rows(args.results, C.seeds_of(rt, args.seeds), ds, split, split_file,
-                          init=args.init_name, init_source=source, arch=args.arch,
-                          backbone_sha=sha, protocol='finetune', eval_part=args.eval_part,
-                          labels_rule=C.labels_rule(args.labels_per_class, args.label_fraction),
-                          pool_images=C.init_meta(args.init).get('pool_images'))
+    every = C.pending_rows(args.results, args.seeds, ds, split, split_file,
+                           init=args.init_name, init_source=source, arch=args.arch,
+                           backbone_sha=sha, protocol='finetune', eval_part=args.eval_part,
+                           labels_rule=C.labels_rule(args.labels_per_class, args.label_fraction),
+                           pool_images=C.init_meta(args.init).get('pool_images'))
+    todo = C.share(rt, every, args.seeds)
+    if not every:
+        return C.teardown(rt)
+    # on rank 0 even when its own seeds are done: the other ranks wait for its cache
+    cache = C.prepare_cache(ds, args.cache_size, args.cache_dir, args.workers, args.skip_bad)
     if not todo:
         return C.teardown(rt)
     short = C.short_classes(ds, split['train'], args.labels_per_class)
-    cache = C.prepare_cache(ds, args.cache_size, args.cache_dir, args.workers, args.skip_bad)
 
     def run(row):  # the row, and what to do once it is safely appended
         row, out = run_seed(rt, args, row, ds, split, cache, backbone_sd, width)

@@ -268,22 +268,27 @@ def main():
     backbone = backbone.to(rt.device).eval()
     for p in backbone.parameters():
         p.requires_grad_(False)
-    todo, labelled, short = [], {}, {}  # labelled: (labels rule, seed) -> train ids
+    every, todo, labelled, short = 0, [], {}, {}  # labelled: (rule, seed) -> train ids
     for per_class, fraction in budgets(args):
         rule = C.labels_rule(per_class, fraction)
-        rows = C.pending_rows(args.results, C.seeds_of(rt, args.seeds), ds, split, split_file,
+        rows = C.pending_rows(args.results, args.seeds, ds, split, split_file,
                               init=args.init_name, init_source=source, arch=args.arch,
                               backbone_sha=sha, protocol='probe', labels_rule=rule,
                               pool_images=C.init_meta(args.init).get('pool_images'))
+        every += len(rows)
+        rows = C.share(rt, rows, args.seeds)
         for row in rows:
             labelled[rule, row['seed']] = C.labelled_subset(ds, split['train'], row['seed'],
                                                             per_class, fraction)
         if rows:
             short[rule] = C.short_classes(ds, split['train'], per_class)
         todo += rows
+    if not every:
+        return C.teardown(rt)
+    # on rank 0 even when its own seeds are done: the other ranks wait for its cache
+    cache = C.prepare_cache(ds, args.cache_size, args.cache_dir, args.workers, args.skip_bad)
     if not todo:
         return C.teardown(rt)
-    cache = C.prepare_cache(ds, args.cache_size, args.cache_dir, args.workers, args.skip_bad)
     t0 = time.time()
     feats = features(rt, args, backbone, cache, split, sha, set().union(*labelled.values()))
     C.print0(f'features: {sum(len(v["ids"]) for v in feats.values())} images '

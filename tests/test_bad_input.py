@@ -167,6 +167,16 @@ def test_batch_per_rank_is_checked_before_the_cache(tiny, tmp_path, monkeypatch)
     assert 'BatchNorm' in line and not (tmp_path / 'c').exists()
 
 
+def test_a_finetuning_batch_that_does_not_divide_over_the_ranks(tiny, tmp_path, monkeypatch):
+    """Before: --batch-size 64 on 3 ranks trained 21 a rank, 63 a step, its lr scaled for 64."""
+    monkeypatch.setattr(C, 'dist_info', lambda: (0, 0, 3))
+    monkeypatch.setattr(C.dist, 'init_process_group', lambda *a, **k: None)
+    refused(run('finetune', *data_args(tiny), *FT, '--batch-size', '64', '--init', 'random',
+                '--cache-dir', tmp_path / 'c', '--out', tmp_path / 'o', '--results',
+                tmp_path / 'r.jsonl', cwd=tmp_path), '--batch-size 64 does not divide by 3')
+    assert not (tmp_path / 'c').exists()
+
+
 @pytest.mark.parametrize('flag', ['--monitor-data', '--monitor-split'])
 def test_missing_monitor_input_is_refused_before_any_work(tiny, tmp_path, flag):
     given = {'--monitor-data': tiny / 'data', '--monitor-split': tiny / 'split.json',

@@ -22,7 +22,7 @@ def rows_of(path):
 
 
 def evaluate(script, data, split, cache, results, nproc, torch_home, extra=(), wait=True,
-             fastpy=None):
+             fastpy=None, timeout=600):
     """The script over SEEDS in one process (forked, as run_script's runs) or under torchrun
     with nproc ranks: real processes, or with fastpy = (client, env) the launcher and its
     ranks forked from the test's server (conftest.fastpy, tests/torchrun: no import of torch
@@ -47,9 +47,9 @@ def evaluate(script, data, split, cache, results, nproc, torch_home, extra=(), w
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
     if nproc == 1:  # forked as run_script's runs are (torchrun starts its ranks itself)
-        return forkrun.Run(cmd[1], cmd[2:], os.path.dirname(results), env).wait(600)
+        return forkrun.Run(cmd[1], cmd[2:], os.path.dirname(results), env).wait(timeout)
     return subprocess.run(cmd, cwd=os.path.dirname(results), env=env, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=timeout)
 
 
 @pytest.fixture(scope='module')
@@ -102,8 +102,67 @@ def test_interrupted_parallel_run_completes_on_rerun(lesions, torch_home, fastpy
     with open(results) as f:
         lines = [json.loads(line) for line in f]
     assert sorted(row['seed'] for row in lines) == [0, 1, 2, 3]  # each seed exactly once
-    # rank 0 says which of its seeds it skips (rank 1's lines: print0 prints rank 0's only)
-    assert all(f'seed {seed}: already in' in r.stdout for _, seed in first if seed % 2 == 0)
+    # rank 0 says which seeds are skipped (it reads the whole list: print0 prints its lines)
+    assert all(f'seed {seed}: already in' in r.stdout for _, seed in first)
+
+
+@pytest.mark.slow
+def test_a_rank_whose_seeds_are_done_still_builds_the_cache(lesions, torch_home, fastpy):
+    """Before: rank 0, its seed in the results already, returned before building the cache
+    (another --cache-dir here; a deleted or stale cache alike), and rank 1 waited for it
+    forever."""
+    d, data, split = lesions
+    os.makedirs(d / 'done0', exist_ok=True)
+    results = str(d / 'done0' / 'results.jsonl')
+    seeds = lambda s: ['--seeds', s]
+    r = evaluate('probe.py', data, split, d / 'done0' / 'c1', results, 1, torch_home,
+                 extra=seeds('0'), fastpy=fastpy)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    r = evaluate('probe.py', data, split, d / 'done0' / 'c2', results, 2, torch_home,
+                 extra=seeds('0-1'), fastpy=fastpy, timeout=240)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert sorted(seed for _, seed in rows_of(results)) == [0, 1]
+
+
+RANKS = '''import sys, time
+sys.path.insert(0, sys.argv[2])
+import common as C
+
+
+def run(row):
+    if row['seed'] == 1:
+        raise RuntimeError('seed 1 fails')
+    if row['seed'] == 2:  # rank 0's second seed runs on after rank 1 is done
+        time.sleep(4)
+    return dict(row, metrics={})
+
+
+def main():
+    rt = C.setup_runtime('cpu', 'fp32', parallel_seeds=True)
+    rows = [dict(seed=s) for s in C.seeds_of(rt, range(4))]
+    C.run_seeds(rt, rows, run, sys.argv[1], lambda row: f'seed {row["seed"]} done')
+    C.teardown(rt)
+
+
+C.main_guard(main)
+'''
+
+
+@pytest.mark.slow
+def test_a_failed_seed_leaves_the_other_ranks_their_seeds(tmp_path, torch_home, fastpy):
+    """Before: rank 1 exited with status 2 once its seeds were run, and torchrun stopped
+    rank 0 in the middle of seed 2."""
+    (tmp_path / 'ranks.py').write_text(RANKS)
+    results = tmp_path / 'r.jsonl'
+    r = subprocess.run([fastpy[0], os.path.join(ROOT, 'tests', 'torchrun'), '--standalone',
+                        '--nproc_per_node=2', '--no-python', fastpy[0], str(tmp_path / 'ranks.py'),
+                        str(results), ROOT], cwd=tmp_path, capture_output=True, text=True,
+                       env=script_env(torch_home, **fastpy[1]), timeout=240)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0 and 'error: rank 1, seed 1: RuntimeError: seed 1 fails' in out, out
+    assert 'rank 1: seed(s) 1 failed (reasons above)' in out
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    assert sorted(row['seed'] for row in rows) == [0, 2, 3]
 
 
 @pytest.fixture
