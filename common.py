@@ -54,6 +54,7 @@ import sys
 import time
 import types
 import zipfile
+import zlib
 
 import numpy as np
 import torch
@@ -655,8 +656,8 @@ def _read_dermamnist(path, opts):
             shapes = {p: _npy_shape(zf, f'{p}_images') for p in ('train', 'val', 'test')}
         with np.load(file) as z:  # labels only: small
             ys = {p: np.asarray(z[f'{p}_labels']) for p in ('train', 'val', 'test')}
-    except (zipfile.BadZipFile, OSError, ValueError) as e:
-        raise UserError(f'{file}: not a readable .npz ({e})')
+    except _NPZ_ERRORS as e:
+        raise UserError(f'{file}: not a readable .npz ({type(e).__name__}: {e})') from None
     ids, paths, labels, official, bad = [], [], [], [], []
     for p in ('train', 'val', 'test'):
         y, shape = ys[p], shapes[p]
@@ -729,13 +730,19 @@ def load_image(path, draft=None):
 
 
 _NPZ = {}
+_NPZ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError)  # a damaged file
 
 
 def _npz(file, key):
-    """One array of an .npz, loaded once per process (not the whole file)."""
+    """One array of an .npz, loaded once per process (not the whole file). A damaged array
+    is one error for the file, not one for each of its images."""
     if (file, key) not in _NPZ:
-        with np.load(file) as z:
-            _NPZ[file, key] = z[key]
+        try:
+            with np.load(file) as z:
+                _NPZ[file, key] = z[key]
+        except _NPZ_ERRORS as e:
+            raise UserError(f'{file}: its {key} array cannot be read ({type(e).__name__}: '
+                            f'{e}); the file is damaged: download it again') from None
     return _NPZ[file, key]
 
 
@@ -1095,6 +1102,8 @@ def _cache_worker(job):
     for k, p in enumerate(paths):
         try:
             arr[start + k] = _decode_resized(p, size)
+        except UserError:  # the whole file, not this image (a damaged .npz)
+            raise
         except Exception as e:  # noqa: BLE001 -- every decode failure is reported by name
             bad.append((start + k, f'{type(e).__name__}: {e}'))
     arr.flush()
@@ -1360,7 +1369,10 @@ _VIEW = dict(
     size=224,                   # output side S in pixels
     scale=(1.0, 1.0),           # RandomResizedCrop area fraction; (1, 1) with ratio (1, 1) is
     ratio=(1.0, 1.0),           # the whole (centre square of the) image, i.e. no random crop
-    interpolation='bilinear',   # or 'bicubic' (Facebook's ImageNet views)
+    interpolation='bilinear',   # or 'bicubic' (Facebook's ImageNet views): grid_sample's cubic
+                                # kernel, a = -0.75 (torchvision with antialias=False); PIL's
+                                # and torchvision's antialiased one use a = -0.5, a softer kernel
+                                # (up to 0.04 apart here on synthetic skin images)
     antialias=True,             # low-pass first when every crop of the batch is larger than S
     flip_p=0.0,                 # horizontal flip
     rotate_p=0.0, degrees=0.0,  # angle uniform in [-degrees, degrees]; zeros outside the frame

@@ -241,6 +241,35 @@ def test_dermamnist_picks_largest_and_errors(tmp_path, capsys):
     error(lambda: read_dataset(file), 'unknown class', 'val_1 (9)')
 
 
+def damaged(file, member, at, n):
+    """A copy of the .npz with n bytes of one member's compressed data flipped (its zip
+    directory intact, so the file still opens)."""
+    import zipfile
+    data = bytearray(open(file, 'rb').read())
+    info = zipfile.ZipFile(file).getinfo(member)
+    start = info.header_offset + 30 + len(info.filename) + len(info.extra) + at
+    data[start:start + n] = bytes(b ^ 0xFF for b in data[start:start + n])
+    out = os.path.join(os.path.dirname(file), 'damaged', 'dermamnist.npz')
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    open(out, 'wb').write(bytes(data))
+    return out
+
+
+def test_a_damaged_dermamnist_file_is_one_line(tmp_path):
+    """Before: a damaged labels array was a zlib traceback; a damaged images array was one
+    error line per image (about 7,000 for the real train_images), each decompressing it
+    again."""
+    file, _ = dermamnist(tmp_path / 'labels' / 'dermamnist.npz', sizes=(400, 4, 6))
+    error(lambda: read_dataset(damaged(file, 'train_labels.npy', 5, 20)), 'not a readable .npz')
+    file, _ = dermamnist(tmp_path / 'images' / 'dermamnist.npz', sizes=(400, 4, 6))
+    ds = read_dataset(damaged(file, 'train_images.npy', 2000, 50))  # the labels still read
+    for workers in (0, 2):
+        error(lambda: common.build_cache(ds, 8, str(tmp_path / f'c{workers}'), workers=workers,
+                                         verbose=False),
+              'its train_images array cannot be read', 'download it again')
+        assert not [f for f in os.listdir(tmp_path / f'c{workers}') if 'tmp' in f]
+
+
 def test_auto_detection_keeps_generic_formats_last(tmp_path):
     assert list(common.READERS)[-2:] == ['imagefolder', 'folder']
     for c in ('cat', 'dog'):
