@@ -1169,7 +1169,7 @@ def build_cache(ds, size, cache_dir='cache', workers=2, skip_bad=False, verbose=
     np.lib.format.open_memmap(tmp, mode='w+', dtype=np.uint8, shape=(n, size, size, 3)).flush()
     chunk = max(1, min(256, n // (4 * max(1, workers)) or 1))
     jobs = [(tmp, size, s, ds['paths'][s:s + chunk]) for s in range(0, n, chunk)]
-    bad, done, t0, last = [], 0, time.time(), 0.0
+    bad, done, t0, last, pool = [], 0, time.time(), 0.0, None
     try:
         if workers > 0 and n > chunk:
             pool = multiprocessing.get_context('fork' if sys.platform == 'linux' else 'spawn').Pool(workers)
@@ -1206,6 +1206,8 @@ def build_cache(ds, size, cache_dir='cache', workers=2, skip_bad=False, verbose=
             os.replace(tmp2, tmp)
         os.replace(tmp, stem + '.npy')
     finally:
+        if pool:  # stopped by an error: its workers go too (after close + join, a no-op)
+            pool.terminate()
         for t in (tmp, tmp_name(stem, '.tmp2.npy')):
             if os.path.exists(t):
                 os.remove(t)
