@@ -232,7 +232,7 @@ def nvidia_smi():
     """name, clocks (SM, max SM, memory) and driver of each GPU, or why there is none."""
     try:
         r = subprocess.run(NVIDIA_SMI, capture_output=True, text=True, timeout=20)
-    except (FileNotFoundError, subprocess.TimeoutExpired) as e:
+    except (OSError, subprocess.SubprocessError) as e:
         return f'(nvidia-smi unavailable: {type(e).__name__})'
     if r.returncode:
         return f'(nvidia-smi failed: {(r.stderr or r.stdout).strip()[:200]})'
@@ -291,6 +291,7 @@ class Table:
         self.rt, self.judge, self.rows, self.out, self.header = rt, judge, [], out, header
         self.t0 = time.perf_counter() if started is None else started
         self.budget_s = budget_s
+        self.broken = None  # why the device can run no more rows (a sticky CUDA error)
 
     def add(self, what, value, unit, peak=None, target=None):
         self.rows.append(dict(what=what, value=value, unit=unit, peak=peak, target=target))
@@ -302,6 +303,7 @@ class Table:
         """fn() -> values for `names` (a list of (what, unit, target)); each row gets its peak
         memory. skip: a reason to leave them out; so is a budget the estimate would overrun."""
         left = self.budget_s - (time.perf_counter() - self.t0)
+        skip = skip or self.broken
         if skip is None and estimate_s > left:
             skip = f'skipped (time budget: {left:.0f} s left, about {estimate_s:.0f} s needed)'
         if skip:
@@ -315,9 +317,12 @@ class Table:
             traceback.print_exc()
             why = (str(e).strip().splitlines() or [''])[0][:120]
             values = [f'failed ({type(e).__name__}: {why})'] * len(names)
-        finally:
+        try:  # after a sticky CUDA error (illegal address, device assert) these raise too
             release()
-        peak = peak_gib(self.rt)  # the group's peak, shown on its first row
+            peak = peak_gib(self.rt)  # the group's peak, shown on its first row
+        except Exception as e:  # noqa: BLE001 -- the table so far is still written
+            self.broken = f'skipped (the device failed: {type(e).__name__})'
+            values, peak = [v if isinstance(v, str) else self.broken for v in values], None
         for k, ((what, unit, target), v) in enumerate(zip(names, values)):
             self.add(what, v, unit, peak if k == 0 and isinstance(v, float) else None, target)
         if self.out:  # what is measured so far, should the run be stopped from outside

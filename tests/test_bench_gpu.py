@@ -224,6 +224,22 @@ def test_the_table_so_far_is_on_disk_after_every_row(tmp_path):
     assert [(r['measurement'], r['met?']) for r in rows] == [('first', 'yes'), ('second', 'NO')]
 
 
+def test_a_device_left_failing_skips_the_rows_after(monkeypatch):
+    """After a sticky CUDA error, emptying the cache raises too: before, that ended the run in
+    the middle of the table."""
+    rt = C.setup_runtime('cpu', 'fp32')
+    table = bench_gpu.Table(rt, judge=True, budget_s=60)
+    table.run([('before', 'img/s', None)], lambda: [1.0], 1)
+
+    def sticky():
+        raise RuntimeError('CUDA error: an illegal memory access was encountered')
+    monkeypatch.setattr(bench_gpu, 'release', sticky)
+    table.run([('when', 'img/s', None), ('  its ratio', 'x', None)], lambda: [2.0, 0.5], 1)
+    table.run([('after', 'img/s', None)], lambda: [3.0], 1)
+    assert [r['value'] for r in table.rows] == [1.0] + ['skipped (the device failed: '
+                                                        'RuntimeError)'] * 3
+
+
 def test_the_budget_counts_from_the_process_start():
     """since_start includes what ran before bench_gpu was imported (torch's import): the
     budget is the process's, as a device time limit is."""
