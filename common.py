@@ -2112,8 +2112,10 @@ NAMED_WEIGHTS = {
     ('vicreg', 'resnet50'): 'https://dl.fbaipublicfiles.com/vicreg/resnet50.pth',
 }
 # file names in the hub cache where the URL's own would collide: Facebook's Barlow Twins and
-# VICReg files are both called resnet50.pth
-HUB_NAMES = {('vicreg', 'resnet50'): 'vicreg_resnet50.pth'}
+# VICReg files are both called resnet50.pth, and torch.hub.load of either repository saves it
+# as such, so a resnet50.pth found there may be either: it is never taken for one of them
+HUB_NAMES = {('barlowtwins', 'resnet50'): 'barlowtwins_resnet50.pth',
+             ('vicreg', 'resnet50'): 'vicreg_resnet50.pth'}
 
 
 def make_backbone(arch):
@@ -2197,6 +2199,9 @@ def hub_file(url, offline=False, name=None):
     if os.path.isfile(path):
         return path
     hint = f'place {os.path.basename(url)} from {url} at {path}'
+    if name and os.path.isfile(os.path.join(os.path.dirname(path), os.path.basename(url))):
+        hint += (f' (the {os.path.basename(url)} there is not used: other weights are saved '
+                 f'under that name too)')
     if offline:
         raise UserError(f'named weights not found: {hint}')
     try:

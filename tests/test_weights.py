@@ -62,9 +62,8 @@ def test_torchvision_named_weights_from_hub_cache(hub):
 
 def test_barlowtwins_named_weights_facebook_resnet50(hub):
     sd = no_fc(tv_resnet('resnet50', seed=2))  # Facebook's resnet50.pth: no fc
-    name = os.path.basename(NAMED_WEIGHTS['barlowtwins', 'resnet50'])
-    assert name == 'resnet50.pth'
-    torch.save(sd, hub / name)
+    assert os.path.basename(NAMED_WEIGHTS['barlowtwins', 'resnet50']) == 'resnet50.pth'
+    torch.save(sd, hub / 'barlowtwins_resnet50.pth')  # a name of its own in the cache
     model, width = make_backbone('resnet50')
     assert width == 2048
     load_backbone(model, 'resnet50', 'barlowtwins', offline=True)
@@ -283,7 +282,7 @@ def test_vicreg_named_weights_facebook_resnet50_beside_barlowtwins(hub):
     assert url == 'https://dl.fbaipublicfiles.com/vicreg/resnet50.pth'
     vicreg, barlow = no_fc(tv_resnet('resnet50', seed=3)), no_fc(tv_resnet('resnet50', seed=4))
     torch.save(vicreg, hub / 'vicreg_resnet50.pth')
-    torch.save(barlow, hub / 'resnet50.pth')
+    torch.save(barlow, hub / 'barlowtwins_resnet50.pth')
     model, _ = make_backbone('resnet50')
     assert load_backbone(model, 'resnet50', 'vicreg', offline=True) == str(
         hub / 'vicreg_resnet50.pth')
@@ -293,14 +292,18 @@ def test_vicreg_named_weights_facebook_resnet50_beside_barlowtwins(hub):
     assert_loaded(model, barlow)
 
 
-def test_vicreg_named_weights_missing_offline_says_where_to_put_them(hub):
-    torch.save(no_fc(tv_resnet('resnet50', seed=4)), hub / 'resnet50.pth')  # Barlow Twins'
+@pytest.mark.parametrize('init', ['vicreg', 'barlowtwins'])
+def test_a_resnet50_pth_in_the_cache_is_taken_for_neither(hub, init):
+    """torch.hub.load of either Facebook repository saves its weights as resnet50.pth. Before,
+    --init barlowtwins loaded whatever was there: VICReg's weights, after a VICReg download."""
+    torch.save(no_fc(tv_resnet('resnet50', seed=4)), hub / 'resnet50.pth')
     model, _ = make_backbone('resnet50')
     with pytest.raises(UserError) as e:
-        load_backbone(model, 'resnet50', 'vicreg', offline=True)
+        load_backbone(model, 'resnet50', init, offline=True)
     msg = str(e.value)
-    assert 'place resnet50.pth from https://dl.fbaipublicfiles.com/vicreg/resnet50.pth' in msg
-    assert str(hub / 'vicreg_resnet50.pth') in msg and '\n' not in msg
+    assert f'place resnet50.pth from {NAMED_WEIGHTS[init, "resnet50"]}' in msg
+    assert str(hub / f'{init}_resnet50.pth') in msg and '\n' not in msg
+    assert 'the resnet50.pth there is not used' in msg
 
 
 def test_vicreg_named_weights_need_resnet50(hub):
