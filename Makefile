@@ -22,7 +22,7 @@ LABELS    ?= 10#                     label budgets, fine-tuning and probe: image
 PROBE_LABELS ?= 5 $(LABELS) 20 40#    the probe's budgets (seconds per seed): the curve's points
 PROBE_VIEWS  ?= 8#                    augmented passes over the probe's train images (its --aug-views)
 comma := ,
-SPLIT     ?= splits/$(notdir $(SKIN_DIR))-$(PROTOCOL)-$(subst =,,$(subst $(comma),-,$(PER_CLASS))).json
+SPLIT     ?= splits/$(notdir $(SKIN_DIR))-$(PROTOCOL)-$(subst =,,$(subst $(comma),-,$(PER_CLASS)))$(subst $(space),,$(subst --,-,$(SPLIT_FLAGS))).json
 
 # --- model and machine
 ARCH       ?= resnet10#                 ResNet-18 with one block per stage: half its compute
@@ -162,8 +162,22 @@ test-compile: install  ## --compile through the scripts on the CPU (minutes: ind
 # the steps run JOBS at a time, or as many as make's own -jN says (-j alone: one thread each)
 jobs_given = $(if $(filter -j%,$(MAKEFLAGS)),$(or $(patsubst -j%,%,$(filter -j%,$(MAKEFLAGS))),$(CORES)))
 all: install  ## the whole study on the embedded default, ending with the table
-	@+$(if $(shell [ "$(JOBS)" -ge 1 ] 2>/dev/null && echo ok),,$(error JOBS=$(JOBS): give the number of steps to run at once, 1 or more))$(MAKE) --no-print-directory $(if $(jobs_given),,-j$(JOBS)) \
+	@$(if $(shell [ "$(JOBS)" -ge 1 ] 2>/dev/null && echo ok),,$(error JOBS=$(JOBS): give the number of steps to run at once, 1 or more))$(if \
+	  $(settings_changed),$(error $(OUT) holds runs made with other settings (now $(settings_changed)); make clean first, or give these their own OUT=... RESULTS=...))
+	@mkdir -p $(OUT) && printf '%s\n' $(foreach s,$(SETTINGS),'$(s)') > $(OUT)/.settings
+	@+$(MAKE) --no-print-directory $(if $(jobs_given),,-j$(JOBS)) \
 	  THREADS=$(or $(THREADS),$(call share,$(or $(jobs_given),$(JOBS)))) report
+
+# what changes the runs' results; OUT keeps the settings it was made with (.settings), and
+# `make all` with others is refused: the finished runs would be reused, and the seeds' rows
+# skipped as done, or a run resumed with other settings stopped (SEEDS, LABELS and INITS
+# may grow: they add runs)
+SETTING_VARS := SKIN_DIR SOURCE SYN_FLAGS PROTOCOL PER_CLASS SPLIT_FLAGS ARCH SIZE CACHE_SIZE \
+  MAX_STEPS SUP_INIT BT_INIT SUP_EPOCHS BT_EPOCHS SKINBT_EPOCHS SKINRND_EPOCHS FT_EPOCHS BATCH \
+  BT_BATCH FT_BATCH PROJECTOR BT_LR SUP_FLAGS BT_FLAGS SKINBT_FLAGS SKINRND_FLAGS SKINBT_BLOCKS \
+  SKIN_POOL PROBE_VIEWS
+SETTINGS := $(foreach v,$(SETTING_VARS),$(v)=$(subst $(space),_,$(strip $($(v)))))
+settings_changed = $(if $(wildcard $(OUT)/.settings),$(filter-out $(shell cat $(OUT)/.settings),$(SETTINGS)))
 
 data: $(SRC_DEP) $(SKIN_DEP)  ## the synthetic datasets (only when no dataset is given)
 $(DATA)/source/.synthetic.json $(DATA)/skin/.synthetic.json: | make_synthetic.py
@@ -259,6 +273,7 @@ budgets: install $(SUP_DEP) $(BT_DEP) $(SPLIT) | finetune.py  ## FT_EPOCHS_GRID 
 	  echo "==> fine-tune $$i for $$e epochs, scored on the val part"; \
 	  init=$$( [ $$i = supervised ] && echo $(SUP) || echo $(BT) ); \
 	  $(RUN) finetune.py $(EVAL) $(call labels_flag,$(firstword $(LABELS))) --eval-part val \
+	    --max-steps $(MAX_STEPS) \
 	    --seeds 100-102 --results $(RESULTS)/budgets/results.jsonl --init $$init \
 	    --init-name $$i-$${e}ep --epochs $$e --batch-size $(FT_BATCH) --out $(OUT)/finetune \
 	    || exit 1; done; done
@@ -279,10 +294,10 @@ $(OUT)/barlow+skinBT@$(1)/backbone.pt: $(BT_DEP) $(SPLIT) | pretrain_barlow.py
 	  --pool $(SKIN_POOL) --init $(BT) --train-blocks $(SKINBT_BLOCKS) \
 	  --epochs $(call share_epochs,$(1)) --pool-fraction $(1) --out $$(@D) \
 	  $$(call took,pretrain-barlow+skinBT@$(1))
-$(foreach l,$(LABELS),$(call FINETUNE_RULE,barlow+skinBT@$(1),$(l)))
-$(foreach l,$(LABELS),$(call PROBE_RULE,barlow+skinBT@$(1),$(l)))
 endef
-$(foreach f,$(POOL_FRACTIONS),$(eval $(call ABLATION_RULES,$(f))))
+# one eval a rule: rules joined into one text by foreach would run together
+$(foreach f,$(POOL_FRACTIONS),$(eval $(call ABLATION_RULES,$(f)))$(foreach l,$(LABELS),\
+  $(eval $(call FINETUNE_RULE,barlow+skinBT@$(f),$(l)))$(eval $(call PROBE_RULE,barlow+skinBT@$(f),$(l)))))
 ABLATION := $(foreach f,$(POOL_FRACTIONS),$(foreach l,$(LABELS),\
               $(RESULTS)/.done/finetune-barlow+skinBT@$(f)-$(l)-$(call tag,barlow+skinBT@$(f)) \
               $(RESULTS)/.done/probe-barlow+skinBT@$(f)-$(l)-$(call tag,barlow+skinBT@$(f))))

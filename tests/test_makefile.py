@@ -82,7 +82,9 @@ def test_dry_run_runs_jobs_at_once_with_their_share_of_the_cores():
                                 (['CORES=6', '-j'], '', 1),
                                 (['CORES=6', 'THREADS=5'], '-j2', 5)):
         out = dry(*args)
-        sub = ' '.join(out.split('report')[0].replace('\\', ' ').split())  # the sub-make
+        head = out.split('report')[0]  # the settings written, then the sub-make
+        sub = ' '.join(head[head.index('make --no-print'):].replace('\\', ' ').split())
+        assert head.startswith('mkdir -p /tmp/never && printf')
         assert sub == f'make --no-print-directory {jobs} THREADS={threads}'.replace('  ', ' '), \
             (args, sub)
         assert steps(out) and all(f'; OMP_NUM_THREADS={threads} .venv/bin/python ' in l
@@ -198,3 +200,20 @@ def test_jobs_that_is_not_a_positive_number_is_refused_in_one_line():
         assert r.returncode == 2, r.stdout + r.stderr
         assert f'JOBS={jobs}: give the number of steps to run at once' in r.stderr
         assert len(r.stderr.strip().splitlines()) == 1 and 'make_synthetic' not in r.stdout
+
+
+def test_a_rerun_with_other_settings_is_refused_in_one_line(tmp_path):
+    """Before: `make all SIZE=48` after `make all` reused the 32 px runs, skipped every seed as
+    done and printed the old table; ARCH=resnet18 failed in a script's words."""
+    where = [f'OUT={tmp_path}/runs', f'RESULTS={tmp_path}/results', f'SKIN={tmp_path}/none',
+             f'SPLIT={tmp_path}/split.json', 'SUP_INIT=torchvision', 'BT_INIT=barlowtwins']
+    first = make('all', *where)  # writes OUT/.settings, then stops at the missing dataset
+    assert first.returncode != 0 and (tmp_path / 'runs' / '.settings').exists(), first.stderr
+    assert 'SIZE=32' in (tmp_path / 'runs' / '.settings').read_text().splitlines()
+    again = make('all', *where)  # the same settings: on to the same failure, not refused
+    assert 'other settings' not in again.stderr and f'{tmp_path}/none' in again.stderr
+    r = make('all', *where, 'SIZE=48', 'FT_EPOCHS=2')
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert f'{tmp_path}/runs holds runs made with other settings (now SIZE=48 FT_EPOCHS=2); ' \
+           f'make clean first, or give these their own OUT=... RESULTS=...' in r.stderr
+    assert not (tmp_path / 'split.json').exists()
