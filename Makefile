@@ -330,8 +330,8 @@ paper:  ## the paper's experiment: ResNet-50, 256 px, published weights, 35 seed
 	  LABELS="$(PAPER_LABELS)" PROBE_LABELS= PROBE_VIEWS=16 SEEDS=0-34 RANDOM_SEEDS=$(PAPER_RANDOM_SEEDS) \
 	  CURVE_INITS="$(PAPER_CURVE_INITS)" FT_EPOCHS=40 FT_BATCH=64 SUP_INIT=torchvision BT_INIT=barlowtwins \
 	  SKINBT_EPOCHS=100 SKINRND_EPOCHS=1000 BT_BATCH=128 PROJECTOR=8192-8192-8192 \
-	  SKINBT_FLAGS="--preset skin --lambd 0.000122 --batch-size 128" SKINBT_BLOCKS=last \
-	  SKINRND_FLAGS="--preset skin --lambd 0.000122 --batch-size 128" SKIN_POOL=train \
+	  SKINBT_FLAGS="--preset skin --lambd 0.000122 --batch-size 128 --lr auto" SKINBT_BLOCKS=last \
+	  SKINRND_FLAGS="--preset skin --lambd 0.000122 --batch-size 128 --lr auto" SKIN_POOL=train \
 	  SPLIT_FLAGS=--drop-downsampled WORKERS=8 OUT=runs/paper \
 	  RESULTS=results/paper
 

@@ -27,7 +27,7 @@ to bottom: each `# ---` banner is one topic, in this order.
   Barlow Twins       make_projector, barlow_loss, BarlowTwins, Classifier, classifier_task
   optimisers         LARS, make_optimizer, lr_factor
   training loop      wrap_model, step_generator, grad_scaler, train_step, fit,
-                     write_handoff, git_revision, phase_lr, predict
+                     write_handoff, git_revision, lr_range_test, phase_lr, predict
   evaluation runs    get_split, split_sha, lineage_entry, init_lineage, path_overlaps,
                      check_held_out, init_meta, label_counts, short_classes, labels_rule,
                      result_stub, result_key, done_keys, pending_rows, run_seeds
@@ -37,6 +37,7 @@ to bottom: each `# ---` banner is one topic, in this order.
 """
 import argparse
 import collections
+import copy
 import csv
 import errno
 import functools
@@ -2834,6 +2835,48 @@ def held_in_head(optimizer):
     weights (fit gives them fresh optimizer state when those steps end)."""
     return [p for g in optimizer.param_groups if (g['role'], g['kind']) == ('backbone', 'weights')
             for p in g['params']]
+
+
+def lr_range_test(rt, model, raw, loader, step_fn, optimizer, seed, steps=100):
+    """fastai's lr_find: the lr grows exponentially from 1e-7 to 10 over up to `steps`
+    batches, stopping when the smoothed loss passes 4x its minimum; returns the lr at the
+    minimum of the smoothed loss / 10 (one lr for every parameter group). Each step is the
+    loop's own (train_step, the precision's loss scaler included). The weights, the
+    optimizer's state and torch's random state are as before when it returns."""
+    saved = {k: v.clone() for k, v in raw.state_dict().items()}
+    opt_state = copy.deepcopy(optimizer.state_dict())  # its tensors change in place
+    scaler = grad_scaler(rt)
+    lrs, losses, avg, step, epoch = [], [], 0.0, 0, 0
+    with torch.random.fork_rng(devices=[rt.device] if rt.device.type == 'cuda' else []):
+        while step < steps:
+            loader.sampler.set_epoch(10_000 + epoch)
+            for batch in loader:
+                lr = 1e-7 * (10 / 1e-7) ** (step / (steps - 1))
+                for g in optimizer.param_groups:
+                    g['lr'] = lr
+                loss, _ = train_step(rt, step_fn, optimizer, scaler, batch,
+                                     step_generator(seed, step, rt.rank))
+                mean = loss.float()
+                if rt.world > 1:  # every rank must take the same decisions
+                    dist.all_reduce(mean)
+                    mean /= rt.world
+                avg = 0.98 * avg + 0.02 * mean.item()
+                smooth = avg / (1 - 0.98 ** (step + 1))  # bias-corrected moving average
+                if not math.isfinite(smooth) or (losses and smooth > 4 * min(losses)):
+                    step = steps
+                    break
+                lrs.append(lr)
+                losses.append(smooth)
+                step += 1
+                if step >= steps:
+                    break
+            epoch += 1
+    raw.load_state_dict(saved)
+    optimizer.load_state_dict(opt_state)
+    if not losses:
+        raise UserError('lr range test: the loss was not finite from the first step; '
+                        'pass a number to --lr')
+    return lrs[losses.index(min(losses))] / 10
 
 
 def phase_lr(step, group, total, warmup, kind, head_steps=0):

@@ -22,7 +22,6 @@ Keep the classifiers (--save-model models) and classify new images, or score a s
 """
 import argparse
 import hashlib
-import math
 import os
 import re
 import shutil
@@ -64,46 +63,6 @@ def get_args(argv=None):
                         'for `python common.py predict` (one DIR per labels setting: the '
                         'name does not carry it)')
     return C.parse_args(p, None, argv)
-
-
-def lr_range_test(rt, model, raw, loader, step_fn, optimizer, seed, steps=100):
-    """fastai's lr_find: the lr grows exponentially from 1e-7 to 10 over up to `steps`
-    batches, stopping when the smoothed loss passes 4x its minimum; returns the lr at the
-    minimum of the smoothed loss / 10. Each step is the loop's own (C.train_step, the
-    precision's loss scaler included). Weights and optimizer state are restored after."""
-    saved = {k: v.clone() for k, v in raw.state_dict().items()}
-    opt_state = optimizer.state_dict()
-    scaler = C.grad_scaler(rt)
-    lrs, losses, avg, step, epoch = [], [], 0.0, 0, 0
-    while step < steps:
-        loader.sampler.set_epoch(10_000 + epoch)
-        for batch in loader:
-            lr = 1e-7 * (10 / 1e-7) ** (step / (steps - 1))
-            for g in optimizer.param_groups:
-                g['lr'] = lr
-            loss, _ = C.train_step(rt, step_fn, optimizer, scaler, batch,
-                                   C.step_generator(seed, step, rt.rank))
-            mean = loss.float()
-            if rt.world > 1:  # every rank must take the same decisions
-                torch.distributed.all_reduce(mean)
-                mean /= rt.world
-            avg = 0.98 * avg + 0.02 * mean.item()
-            smooth = avg / (1 - 0.98 ** (step + 1))  # bias-corrected moving average
-            if not math.isfinite(smooth) or (losses and smooth > 4 * min(losses)):
-                step = steps
-                break
-            lrs.append(lr)
-            losses.append(smooth)
-            step += 1
-            if step >= steps:
-                break
-        epoch += 1
-    raw.load_state_dict(saved)
-    optimizer.load_state_dict(opt_state)
-    if not losses:
-        raise C.UserError('lr range test: the loss was not finite from the first step; '
-                          'pass a number to --lr')
-    return lrs[losses.index(min(losses))] / 10
 
 
 def run_seed(rt, args, row, ds, split, cache, backbone_sd, width):
@@ -149,7 +108,7 @@ def run_seed(rt, args, row, ds, split, cache, backbone_sd, width):
     if lr == 'auto' and os.path.exists(chosen):  # a resumed seed keeps its choice
         lr = C.read_json(chosen)['lr']
     elif lr == 'auto':
-        lr = lr_range_test(rt, model, raw, loader, step_fn, optimizer_at(1.0), seed)
+        lr = C.lr_range_test(rt, model, raw, loader, step_fn, optimizer_at(1.0), seed)
         lr = lr * 256 / batch  # as every lr flag: per 256 images
         C.print0(f'seed {seed}: lr range test chose {lr:.3g} per 256 images')
         if rt.is_main:

@@ -10,9 +10,10 @@ One node, 8 GPUs (the batch is global, split over ranks):
 Two nodes: the same on each node with
     torchrun --nnodes=2 --node_rank=R --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 ...
 Further pretraining on the train part of a split, the paper's BT_ variant (without --pool
-train: every non-test image of the split):
-    python pretrain_barlow.py --preset skin --data ISIC_2019 --split splits/x-paper.json \\
-        --pool train --init barlowtwins --train-blocks last --out runs/barlow+skinBT
+train: every non-test image of the split), its lr picked by a range test as the paper's:
+    python pretrain_barlow.py --preset skin --lr auto --data ISIC_2019 \\
+        --split splits/x-paper.json --pool train --init barlowtwins --train-blocks last \\
+        --out runs/barlow+skinBT
 Tiny CPU smoke run:
     python pretrain_barlow.py --data data/source --arch resnet18 --size 32 --cache-size 40 \\
         --batch-size 32 --projector 64-64 --max-steps 5 --out /tmp/bt
@@ -53,7 +54,7 @@ def get_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     C.add_data_args(p, size=224, cache_size=256)
     C.add_model_args(p)
-    C.add_train_args(p, epochs=1000, batch_size=2048, lr=0.2, out='runs/barlow')
+    C.add_train_args(p, epochs=1000, batch_size=2048, lr=0.2, lr_auto=True, out='runs/barlow')
     C.add_runtime_args(p)
     g = p.add_argument_group('Barlow Twins')
     g.add_argument('--objective', default='barlow', choices=list(C.OBJECTIVES),
@@ -326,16 +327,30 @@ def main():
     views = C.preset_params(args.aug, size=args.size,
                             scale=(args.min_scale, 1.0) if args.min_scale else None)
 
-    # --- optimiser and schedule
-    optimizer = C.make_optimizer({'backbone': raw.backbone, 'projector': raw.projector},
-                                 args.optimizer, args.lr, args.lr_biases, args.weight_decay,
-                                 args.batch_size)
+    def step_fn(x, y, gen):  # (B, 3, S, S) uint8 -> two augmented views -> loss, stats
+        return model(*C.augment_views(x, views, gen), stats=True)
+
+    # --- optimiser and schedule; --lr auto: the range test the paper chose its lr by, one lr
+    # for every parameter (fastai's), kept in lr.json for a resumed run
+    def optimizer_at(lr, lr_biases):
+        return C.make_optimizer({'backbone': raw.backbone, 'projector': raw.projector},
+                                args.optimizer, lr, lr_biases, args.weight_decay,
+                                args.batch_size)
+    if rt.is_main:
+        C.claim(args.out)  # one process per run folder
+    lr, lr_biases, chosen = args.lr, args.lr_biases, os.path.join(args.out, 'lr.json')
+    if lr == 'auto' and os.path.exists(chosen):
+        lr = lr_biases = C.read_json(chosen)['lr']
+    elif lr == 'auto':
+        lr = lr_biases = C.lr_range_test(rt, model, raw, loader, step_fn, optimizer_at(1.0, 1.0),
+                                         args.seed) * 256 / args.batch_size
+        C.print0(f'lr range test chose {lr:.3g} per 256 images')
+        if rt.is_main:
+            C.write_json(chosen, {'lr': lr})
+    optimizer = optimizer_at(lr, lr_biases)
     total, lr_fn = schedule(args.epochs, steps_per_epoch, args.schedule, args.warmup_epochs,
                             args.head_warmup_epochs)
     head = total - args.epochs * steps_per_epoch  # the projector-only steps
-
-    def step_fn(x, y, gen):  # (B, 3, S, S) uint8 -> two augmented views -> loss, stats
-        return model(*C.augment_views(x, views, gen), stats=True)
 
     # --- monitors: the target task's kNN (with --split), on epochs that `every` divides
     every = monitor_every(args.epochs, len(positions)) if args.monitor_every is None else \
@@ -364,8 +379,6 @@ def main():
                   split_file_sha1=split_file_sha, extra_data=folders, pool=args.pool,
                   pool_fingerprint=cache['fingerprint'], pool_images=len(positions),
                   pool_fraction=args.pool_fraction)
-    if rt.is_main:
-        C.claim(args.out)  # one process per run folder
     step = C.fit(rt, model, raw, optimizer, loader, step_fn, args.out, total, lr_fn,
                  config=config, seed=args.seed, max_steps=args.max_steps,
                  log_every=args.log_every, ckpt_every=args.ckpt_every,
@@ -375,6 +388,7 @@ def main():
     # --- hand-off
     C.write_handoff(rt, args.out, raw.backbone, dict(
         script='pretrain_barlow', objective=args.objective, args=vars(args), init=source,
+        lr=lr, lr_biases=lr_biases,  # per 256 images: --lr auto's choice
         steps=step, data_root=root, held_out=held_out, lineage=lineage,
         pool=args.pool, pool_images=len(positions), pool_fraction=args.pool_fraction,
         data_fingerprint=cache['fingerprint'], wall_s=round(time.time() - t0, 1)))

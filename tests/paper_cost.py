@@ -50,6 +50,7 @@ WORK = dict(
     further_runs=2, further_epochs=100,  # supervised+skinBT and barlow+skinBT
     skin_epochs=1000,        # skinBT: Barlow Twins on the skin pool alone, from random init
     projector_epochs=1,      # --preset skin: one projector-only epoch before each run
+    range_test_steps=100,    # --lr auto: at most 100 steps of the lr range test before it
     pool='train',
     ft_batch=64, bt_batch=128,  # each epoch drops its last partial batch (drop_last)
     bt_size=256, bench_size=224,
@@ -115,11 +116,12 @@ def pieces(ft, tta, bt, fit_s, ddp_efficiency, gpus=1, work=WORK, fits='assumed'
                 every * per_seed, rounds(w['inits']) * per_seed))
     for name, runs, epochs in (('further Barlow Twins', w['further_runs'], w['further_epochs']),
                                ('Barlow Twins on skin only', 1, w['skin_epochs'])):
-        pairs = runs * (w['projector_epochs'] + epochs) * whole(pool, w['bt_batch'])
+        tested = w['range_test_steps'] * w['bt_batch']  # the lr range test's pairs
+        pairs = runs * ((w['projector_epochs'] + epochs) * whole(pool, w['bt_batch']) + tested)
         passes = runs * monitor_passes(epochs, w['projector_epochs'], pool) * knn
         one = pairs / bt_rate + passes / forward
-        out.append((name, f'{runs} x {w["projector_epochs"] + epochs:,} epochs x '
-                          f'{whole(pool, w["bt_batch"]):,} = '
+        out.append((name, f'{runs} x ({w["projector_epochs"] + epochs:,} epochs x '
+                          f'{whole(pool, w["bt_batch"]):,} + {tested:,} in the lr range test) = '
                           f'{pairs:,} pairs + {passes:,} kNN passes', one,
                     pairs / (bt_rate * dist) + passes / forward))
     return out

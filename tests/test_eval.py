@@ -19,6 +19,25 @@ def test_lr_auto_and_class_weights(run_script, imagefolder, tmp_path):
     assert 1e-7 < chosen < 10 * 256 / 8  # inside the swept range, per 256 images
 
 
+def test_pretraining_lr_auto_is_chosen_once_and_kept(run_script, imagefolder, tmp_path):
+    """pretrain_barlow.py --lr auto (make paper's, as the paper chose its lr): the range test
+    before the first step, its choice in lr.json and meta.json, and a resumed run keeps it."""
+    import json
+    out = tmp_path / 'bt'
+    common = ['--data', imagefolder, *TINY, '--batch-size', '8', '--projector', '32-32',
+              '--optimizer', 'adamw', '--lr', 'auto', '--cache-dir', tmp_path / 'c', '--out', out]
+    r = run_script('pretrain_barlow.py', *common, '--max-steps', '2', cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    chosen = float(r.stdout.split('lr range test chose ')[1].split()[0])
+    assert 1e-7 * 256 / 8 / 10 <= chosen < 10 * 256 / 8  # inside the swept range, per 256
+    assert json.loads((out / 'lr.json').read_text())['lr'] == pytest.approx(chosen, rel=1e-2)
+    r = run_script('pretrain_barlow.py', *common, '--max-steps', '3', cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert 'lr range test' not in r.stdout and 'resumed' in r.stdout
+    meta = json.loads((out / 'meta.json').read_text())
+    assert meta['lr'] == meta['lr_biases'] == json.loads((out / 'lr.json').read_text())['lr']
+
+
 def test_resume_into_another_model_is_refused(run_script, imagefolder, tmp_path):
     out = tmp_path / 'bt'
     common = ['--data', imagefolder, *TINY, '--batch-size', '8', '--max-steps', '2',
@@ -177,3 +196,42 @@ def test_probe_fits_in_full_fp32_and_restore_the_tf32_flag(monkeypatch):
         assert seen == [False] * 4  # two fits a call, never with TF32
     finally:
         flags.allow_tf32 = saved
+
+
+class Batches:
+    """A loader of `n` one-image batches a pass, with the sampler's set_epoch."""
+    def __init__(self, n):
+        self.n, self.sampler = n, type('S', (), {'set_epoch': lambda self, e: None})()
+
+    def __iter__(self):
+        return iter([(torch.zeros(1, 3, 2, 2, dtype=torch.uint8), torch.zeros(1))] * self.n)
+
+
+@pytest.mark.parametrize('k', [30, 61])
+def test_lr_range_test_against_a_loss_written_out(k):
+    """A loss that falls as 1/(step+1), then jumps to 100 at step k: the smoothed loss is
+    least at step k-1 and passes 4x that at step k, so the answer is the lr of step k-1 over
+    10, 1e-7 x 1e8^((k-1)/99) / 10; weights, optimizer state and torch's RNG are as before."""
+    import common as C
+    rt = C.setup_runtime('cpu', 'fp32')
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 1)
+    opt = torch.optim.AdamW(net.parameters(), lr=0.5)
+    net(torch.ones(2, 3)).sum().backward()
+    opt.step()  # some state to keep
+    before = ({k2: v.clone() for k2, v in net.state_dict().items()},
+              {k2: v.clone() for k2, v in opt.state[net.weight].items()}, torch.get_rng_state())
+    seen = []
+
+    def step_fn(x, y, gen):
+        step = len(seen)
+        seen.append(opt.param_groups[0]['lr'])
+        torch.rand(5)  # draws from torch's generator, as a loader's workers do
+        value = 1.0 / (step + 1) if step < k else 100.0
+        return net(torch.ones(1, 3)).sum() * 0 + value
+    lr = C.lr_range_test(rt, net, net, Batches(7), step_fn, opt, seed=0)
+    assert lr == pytest.approx(1e-7 * 1e8 ** ((k - 1) / 99) / 10, rel=1e-12)
+    assert len(seen) == k + 1 and seen[0] == pytest.approx(1e-7, rel=1e-12)
+    assert all(torch.equal(v, before[0][k2]) for k2, v in net.state_dict().items())
+    assert all(torch.equal(v, before[1][k2]) for k2, v in opt.state[net.weight].items())
+    assert torch.equal(torch.get_rng_state(), before[2]) and opt.param_groups[0]['lr'] == 0.5

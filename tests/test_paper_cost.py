@@ -10,6 +10,7 @@ import subprocess
 import pytest
 
 import bench_gpu
+import common as C
 import finetune
 import paper_cost
 import pretrain_barlow
@@ -63,6 +64,9 @@ def test_the_work_is_what_make_paper_runs():
     assert all(flag(l, '--preset') == 'skin' and '--head-warmup-epochs' not in l
                and '--monitor-every' not in l and flag(l, '--pool') == W['pool'] for l in bt)
     assert {flag(l, '--batch-size') for l in bt} == {str(W['bt_batch'])}
+    assert {flag(l, '--lr') for l in bt} == {'auto'}  # the range test, as the paper
+    assert inspect.signature(C.lr_range_test).parameters['steps'].default == \
+        W['range_test_steps']
     assert pretrain_barlow.PRESETS['skin']['head_warmup_epochs'] == W['projector_epochs']
     assert probe.get_args(['--data', 'x', '--init', 'random']).aug_views == 16
     # the kNN monitor's references, and the benchmark's shapes the rates are taken at
@@ -107,11 +111,12 @@ def test_the_sums_at_rates_chosen_to_give_round_numbers():
     assert full['probe: seeds (fits, kNN)'] == (6 * 35 * 1.5 * 0.5, 6 * 5 * 1.5 * 0.5)
     knn = 8 * 25 + 2070  # the monitor's references and the val part
     one, eight = rows['further Barlow Twins']  # 1 + 100 epochs, every 2nd monitored: 51 passes
-    assert close(one, 2 * 101 + 2 * 51 * knn / forward)
-    assert close(eight, 2 * 101 / (8 * 0.25) + 2 * 51 * knn / forward)
+    test = 100 * 128 / 2432  # the lr range test: 100 steps of 128 pairs, in epochs' seconds
+    assert close(one, 2 * (101 + test) + 2 * 51 * knn / forward)
+    assert close(eight, 2 * (101 + test) / (8 * 0.25) + 2 * 51 * knn / forward)
     one, eight = rows['Barlow Twins on skin only']  # 1 + 1,000 epochs, every 20th: 51 passes
-    assert close(one, 1001 + 51 * knn / forward)
-    assert close(eight, 1001 / 2 + 51 * knn / forward)
+    assert close(one, 1001 + test + 51 * knn / forward)
+    assert close(eight, (1001 + test) / 2 + 51 * knn / forward)
     assert pretrain_barlow.monitor_every(1000, 2554) == 20
     assert pretrain_barlow.monitor_every(100, 2554) == 2
     assert pretrain_barlow.monitor_every(6, 2554) == 1
