@@ -100,7 +100,7 @@ SUP     := $(if $(SUP_INIT),$(SUP_INIT),$(OUT)/supervised/backbone.pt)
 BT      := $(if $(BT_INIT),$(BT_INIT),$(OUT)/barlow/backbone.pt)
 SUP_DEP := $(if $(SUP_INIT),,$(OUT)/supervised/backbone.pt)
 BT_DEP  := $(if $(BT_INIT),,$(OUT)/barlow/backbone.pt)
-SRC_DEP := $(if $(and $(SUP_INIT),$(BT_INIT)),,$(if $(filter $(DATA)/source,$(SOURCE)),$(DATA)/source/.synthetic.json))
+SRC_DEP  = $(if $(and $(SUP_INIT),$(BT_INIT),$(if $(MORE_SSL),,no)),,$(if $(filter $(DATA)/source,$(SOURCE)),$(DATA)/source/.synthetic.json))
 SKIN_DEP := $(if $(SKIN),,$(DATA)/skin/.synthetic.json)
 
 # OBJECTIVES="barlow vicreg simclr": each further objective adds its source-pretrained init
