@@ -156,8 +156,10 @@ def main():
     args = get_args()
     args.init_name = args.init_name or args.init
     for path, flag, kind in ((args.out, '--out', 'dir'), (args.cache_dir, '--cache-dir', 'dir'),
-                             (args.results, '--results', 'append')):
-        C.check_writable(path, flag, kind)
+                             (args.results, '--results', 'append'),
+                             (args.save_model, '--save-model', 'dir')):
+        if path is not None:  # --save-model is optional
+            C.check_writable(path, flag, kind)
     rt = C.setup_runtime(args.device, args.precision, parallel_seeds=args.parallel == 'seeds')
     C.local_batch(args.batch_size, rt.world)  # the global batch, split evenly over the ranks
     ds = C.read_dataset(args.data, args.format)

@@ -768,7 +768,9 @@ def write_text(path, text):
 # --------------------------------------------------------------------------- pretraining logs
 def read_logs(root):
     """{run: [records]} from root/*/log.jsonl. Folders without one (runs/finetune) are not
-    pretraining runs; a torn line (a run killed mid-write) is skipped with a warning."""
+    pretraining runs; a torn line (a run killed mid-write) is skipped with a warning. A run
+    killed past its last checkpoint logs those steps again when resumed: the later records
+    of a step replace the earlier ones."""
     runs = {}
     if not os.path.isdir(root):
         return runs
@@ -786,6 +788,9 @@ def read_logs(root):
                           file=sys.stderr)
                     continue
                 if isinstance(rec, dict) and is_number(rec.get('step')):
+                    if recs and rec['step'] < recs[-1]['step']:  # a rerun from an earlier
+                        # step (its checkpoint's, or 0): its records replace those from there
+                        recs = [r for r in recs if r['step'] < rec['step']]
                     recs.append(rec)
         if recs:
             runs[name] = recs
@@ -847,7 +852,9 @@ def plot_summary(plt, summary, metric, path):
                 ax.bar(x, s['mean'], width, capsize=3, color=f'C{j}',
                        yerr=[[s['mean'] - lo], [hi - s['mean']]] if s['ci'] else None,
                        label=None if label in ax.get_legend_handles_labels()[1] else label)
-                ax.text(x, hi + 0.01, f'n={s["n"]}', ha='center', va='bottom', fontsize=7)
+                # inside the axis (0-1.1) when the interval runs past it (2 seeds: t = 12.7)
+                ax.text(x, min(hi, 1.04) + 0.01, f'n={s["n"]}', ha='center', va='bottom',
+                        fontsize=7)
         ax.set_xticks(range(len(inits)))
         ax.set_xticklabels(inits, rotation=20, ha='right')
         ax.set_ylim(0, 1.1)
@@ -1022,6 +1029,7 @@ def main(argv=None):
     made = ['summary.md', 'summary.csv']
     plt = pyplot()
     if plt is None:
+        stale(args.out, made)
         print(f'wrote {args.out}/{", ".join(made)}; {NO_PLOTS}')
         return
     colors = palette(plt, [i for info in summary.values() for i, _ in info['cells']] + list(runs))
@@ -1036,7 +1044,19 @@ def main(argv=None):
         made.append('ablation.png')
     if runs and plot_pretrain(plt, runs, os.path.join(args.out, 'pretrain.png'), colors):
         made.append('pretrain.png')
+    stale(args.out, made)
     print(f'wrote {args.out}/{", ".join(made)}')
+
+
+PICTURES = ('summary.png', 'curve.png', 'ablation.png', 'pretrain.png')
+
+
+def stale(out, made):
+    """Remove the pictures an earlier report left in `out` that this one did not draw: they
+    would sit beside tables that no longer describe them."""
+    for name in PICTURES:
+        if name not in made and os.path.isfile(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
 
 
 if __name__ == '__main__':

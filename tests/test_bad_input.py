@@ -215,6 +215,7 @@ OUTPUTS = [  # (script, flag, layout): before, a traceback at the first write, a
     ('probe', '--cache-dir', 'file'), ('common-cache', '--cache-dir', 'file'),
     ('common-split', '--out', 'dir'), ('pretrain_barlow', '--out', 'empty'),
     ('finetune', '--cache-dir', 'empty'), ('probe', '--results', 'empty'),
+    ('finetune', '--save-model', 'file'),  # before: found in the way after training the seed
 ]
 
 
@@ -236,6 +237,8 @@ def test_unwritable_output_is_refused_at_start_up(tiny, tmp_path, script, flag, 
                                          paths['--out']],
                  'finetune': [*FT, '--out', paths['--out'], '--results', paths['--results']],
                  'probe': [*PROBE, '--results', paths['--results']]}[script]
+        if flag not in ('--out', '--cache-dir', '--results'):  # an optional output
+            args += [flag, bad]
         result = run(script, *args, cwd=tmp_path)
     refused(result, flag, bad)
     assert sorted(os.listdir(tmp_path)) == before  # nothing trained, cached or written

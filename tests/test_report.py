@@ -749,6 +749,23 @@ def test_report_unlabelled_data_section(tmp_path):
     assert got[('supervised', 'finetune', 'accuracy')]['pool_images'] == ''
 
 
+def test_a_resumed_runs_log_replaces_the_steps_it_ran_again(tmp_path):
+    """A run killed at step 20 with its checkpoint at 10 logs 12.. again when resumed; a run
+    started over logs from 0. Before, pretrain.png drew both passes joined by a zig-zag."""
+    run = tmp_path / 'bt'
+    run.mkdir()
+    steps = [0, 5, 10, 15, 20] + [15, 20, 25] + [0, 5]  # killed twice: resumed, started over
+    (run / 'log.jsonl').write_text(''.join(json.dumps({'step': s, 'loss': k}) + '\n'
+                                           for k, s in enumerate(steps)))
+    recs = report.read_logs(str(tmp_path))['bt']
+    assert [(r['step'], r['loss']) for r in recs] == [(0, 8), (5, 9)]
+    (run / 'log.jsonl').write_text(''.join(json.dumps({'step': s, 'loss': k}) + '\n'
+                                           for k, s in enumerate(steps[:8])))
+    recs = report.read_logs(str(tmp_path))['bt']
+    assert [(r['step'], r['loss']) for r in recs] == [(0, 0), (5, 1), (10, 2), (15, 5), (20, 6),
+                                                       (25, 7)]
+
+
 def test_pools_one_size_per_init(capsys):
     cells = {('a', 'finetune'): [{'pool_images': 10}, {'pool_images': 10}],
              ('a', 'probe'): [{'pool_images': 20}, {'pool_images': None}], ('b', 'probe'): [{}]}
@@ -777,7 +794,11 @@ def test_report_files_depend_on_budgets_and_logs(tmp_path):
             for s in range(3)]
     (tmp_path / 'results.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
     (tmp_path / 'runs' / 'finetune').mkdir(parents=True)  # a folder without log.jsonl
-    for runs in ('runs', 'no-such-dir'):
+    write_budgets(tmp_path / 'curve.jsonl')  # first a report with a curve and logs...
+    write_logs(tmp_path / 'logs')
+    r = run_report('--results', 'curve.jsonl', '--out', 'out', '--runs', 'logs', cwd=tmp_path)
+    assert r.returncode == 0 and {'curve.png', 'pretrain.png'} <= set(pngs(tmp_path / 'out'))
+    for runs in ('runs', 'no-such-dir'):  # ...whose pictures do not outlive it
         r = run_report('--results', 'results.jsonl', '--out', 'out', '--runs', runs,
                        cwd=tmp_path)
         assert r.returncode == 0 and r.stderr == '', r.stderr
@@ -791,6 +812,8 @@ def test_report_without_matplotlib(tmp_path):
     block = ('import runpy, sys; sys.modules["matplotlib"] = None; '  # import -> ImportError
              f'sys.argv = ["report.py", "--out", "out", "--results", "results.jsonl"]; '
              f'runpy.run_path({str(ROOT / "report.py")!r}, run_name="__main__")')
+    (tmp_path / 'out').mkdir()
+    (tmp_path / 'out' / 'curve.png').write_bytes(b'an earlier report\'s')
     r = subprocess.run([sys.executable, '-c', block], cwd=tmp_path, capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 0, r.stderr
