@@ -65,6 +65,13 @@ def get_args(argv=None):
     return C.parse_args(p, None, argv)
 
 
+def class_weights(labels, classes):
+    """Inverse class frequency of the labelled set, n / (classes x n_c), so that every class
+    weighs as much in the loss (sklearn's 'balanced'); a class without labels gets n / classes."""
+    counts = torch.bincount(torch.tensor(labels), minlength=classes)
+    return counts.sum() / (classes * counts.clamp(min=1))
+
+
 def run_seed(rt, args, row, ds, split, cache, backbone_sd, width):
     """Train one seed (row['seed']) from the given init; return its result row and its run
     folder (deleted by the caller once the row is safely appended)."""
@@ -89,11 +96,8 @@ def run_seed(rt, args, row, ds, split, cache, backbone_sd, width):
     tag = hashlib.sha1(repr(C.result_key(row)).encode()).hexdigest()[:10]
     out = os.path.join(args.out, re.sub(r'[^\w.+-]', '_', f'{args.init_name}-seed{seed}-{tag}'))
     view = C.preset_params(args.aug, size=args.size)[0]
-    weight = None
-    if args.class_weights:  # inverse class frequency of the labelled set
-        counts = torch.bincount(torch.tensor([cache['labels'][k] for k in train]),
-                                minlength=classes)
-        weight = counts.sum() / (classes * counts.clamp(min=1))
+    weight = class_weights([cache['labels'][k] for k in train], classes) \
+        if args.class_weights else None
     model, raw, step_fn = C.classifier_task(rt, backbone, width, classes, view,
                                             class_weight=weight, compile=args.compile)
     eval_view = C.preset_params('eval', size=args.size)[0]

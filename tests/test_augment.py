@@ -213,6 +213,12 @@ def test_probabilities_and_ranges(preset):
                         ('gray', 'gray_p'), ('blur', 'blur_p'), ('solarize', 'solarize_p')]:
             rate_ok(d[op], v[key])
         assert d['angle'].abs().max() <= v['degrees']
+        spans = [('angle', -v['degrees'], v['degrees']), ('hue', -v['hue'], v['hue']),
+                 ('sigma', *v['sigma'])]
+        for k, lo, hi in spans:  # both ends reached: a draw from half the range fails here
+            if hi > lo:
+                assert d[k].min() <= lo + 0.01 * (hi - lo), (k, d[k].min(), lo)
+                assert d[k].max() >= hi - 0.01 * (hi - lo), (k, d[k].max(), hi)
         for k in ('brightness', 'contrast', 'saturation'):
             lo, hi = max(0, 1 - v[k]), 1 + v[k]
             assert lo - 1e-6 <= d[k].min() and d[k].max() <= hi + 1e-6
@@ -254,6 +260,11 @@ def test_crop_distribution_matches_torchvision():
         a, b = stat(ours), stat(ref)
         se = math.sqrt(a.var().item() / N + b.var().item() / N)
         assert abs(a.mean().item() - b.mean().item()) <= 4 * se  # two-sample z, 4 sigma
+    # every position a crop can take, as torchvision's randint(0, H - h + 1): both edges
+    top, left, h, w = ours.unbind(1)
+    small = (h < 64) & (w < 80)
+    assert (top[small] == 0).any() and (left[small] == 0).any()
+    assert (top[small] == 64 - h[small]).any() and (left[small] == 80 - w[small]).any()
 
 
 def test_crop_fallback_is_centred_whole_image():

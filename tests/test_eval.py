@@ -2,6 +2,7 @@
 --class-weights and a run folder whose checkpoint belongs to another model; probe.py's
 logistic regression (its written-out gradient) against autograd and hand-computed optima."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -88,7 +89,9 @@ def test_backbone_pretrained_without_the_test_part_held_out_is_refused(tmp_path)
     cases = [([entry(sha, here)], True), ([entry(None, here)], False),
              ([entry('other', here)], False), ([entry(None, elsewhere)], True),
              ([entry(None, here), entry(sha, here)], False),  # continued from a leaky init
-             ([entry(None, [ds['root'] + '/extra'])], False)]  # a folder inside the dataset
+             ([entry(None, [ds['root'] + '/extra'])], False),  # a folder inside the dataset
+             # held out on another test part of the same size: split_sha names the ids
+             ([entry(C.split_sha({'test': ['a', 'c']}), here)], False)]
     metas = [(dict(lineage=lineage), ok) for lineage, ok in cases]
     metas += [({'data_root': ds['root'], 'held_out': sha}, False),
               ({'data_root': elsewhere[0], 'held_out': None}, True)]
@@ -235,3 +238,54 @@ def test_lr_range_test_against_a_loss_written_out(k):
     assert all(torch.equal(v, before[0][k2]) for k2, v in net.state_dict().items())
     assert all(torch.equal(v, before[1][k2]) for k2, v in opt.state[net.weight].items())
     assert torch.equal(torch.get_rng_state(), before[2]) and opt.param_groups[0]['lr'] == 0.5
+
+
+def test_class_weights_and_label_smoothing_against_the_loss_written_out():
+    """finetune.py --class-weights: n / (classes x n_c) (15, 10, 5 labels: 2/3, 1, 2; a class
+    without labels n / classes), and the step's loss is the weighted or smoothed cross-entropy
+    written out in float64: sum_i w_yi sum_k q_ik (-log p_ik) / sum_i w_yi, with q = (1 - e)
+    onehot + e / K. Before, no test could tell the weights from none."""
+    import common as C
+    import finetune
+    w = finetune.class_weights([0] * 15 + [1] * 10 + [2] * 5, 3)
+    assert w.tolist() == pytest.approx([30 / 45, 1.0, 2.0], rel=1e-6)
+    assert finetune.class_weights([0, 0, 1], 3).tolist() == pytest.approx([0.5, 1.0, 1.0])
+    rt = C.setup_runtime('cpu', 'fp32')
+    backbone, width = C.make_backbone('resnet10')
+    view = C.preset_params('eval', size=16)[0]
+    x = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)
+    y = torch.tensor([0, 0, 0, 1, 1, 2])
+    # the scripts' uses: fine-tuning's weights, supervised pretraining's smoothing (together,
+    # torch weighs the smoothing term by each class k's weight: never used here)
+    for weight, eps in ((None, 0.0), (w, 0.0), (None, 0.1)):
+        model, raw, step_fn = C.classifier_task(rt, backbone, width, 3, view, eps, weight)
+        raw.eval()  # BN in eval mode: the same logits twice
+        loss = step_fn(x, y, torch.Generator())
+        logp = torch.log_softmax(raw(C.augment(x, view, torch.Generator())).double(), 1)
+        q = (1 - eps) * torch.nn.functional.one_hot(y, 3).double() + eps / 3
+        wy = torch.ones(6, dtype=torch.float64) if weight is None else weight.double()[y]
+        want = (wy * (q * -logp).sum(1)).sum() / wy.sum()
+        assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_test_time_augmentation_is_the_mean_softmax_over_every_view(imagefolder, tmp_path):
+    """predict(softmax=True) in batches of 4 equals the mean over the views of the softmax,
+    computed at once over all the images with the same drawn parameters."""
+    import common as C
+    ds = C.read_dataset(imagefolder)
+    cache = C.build_cache(ds, 16, str(tmp_path / 'c'), workers=0, verbose=False)
+    rt = C.setup_runtime('cpu', 'fp32')
+    torch.manual_seed(0)
+    fn = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 3))
+    views = [C.preset_params('eval', size=16)[0]] + [C.preset_params('finetune_skin',
+                                                                      size=16)[0]] * 2
+    positions = list(range(10))
+    x = C._as_float(torch.from_numpy(np.load(cache['file'])[positions]).permute(0, 3, 1, 2))
+    drawn = [C.draw_params(v, 10, 16, 16, torch.Generator().manual_seed(k))
+             for k, v in enumerate(views)]
+    with torch.no_grad():
+        got, labels = C.predict(rt, fn, cache, positions, 4, views, softmax=True, drawn=drawn)
+        each = [torch.softmax(fn(C.apply_params(x, v, d)), 1) for v, d in zip(views, drawn)]
+    assert torch.allclose(got, torch.stack(each).mean(0), atol=1e-6)
+    assert not torch.allclose(got, each[-1], atol=1e-3)  # the views differ: all of them count
+    assert labels.tolist() == [cache['labels'][k] for k in positions]

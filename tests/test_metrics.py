@@ -140,3 +140,12 @@ def test_bad_input_is_refused():
         classification_metrics(np.ones((2, 2)) / 2, [0, 2], 2)       # label out of range
     with pytest.raises(ValueError):
         classification_metrics(np.full((2, 2), np.nan), [0, 1], 2)   # NaN scores
+
+
+def test_a_tie_goes_to_the_first_class():
+    """The docstring's rule, pred = argmax with the first index on a tie: rows tied between
+    classes 1 and 2, and among all three, are predicted 1 and 0."""
+    probs = np.array([[0.2, 0.4, 0.4], [1 / 3] * 3, [0.1, 0.3, 0.6]])
+    m = classification_metrics(probs, np.array([1, 0, 2]), 3)
+    assert m['accuracy'] == 1.0
+    assert m['confusion_matrix'] == [[1, 0, 0], [0, 1, 0], [0, 0, 1]]
