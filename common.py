@@ -3263,10 +3263,14 @@ def load_classifier(path):
     """(Classifier in eval mode on the CPU, the file's other fields) of a classifier file;
     anything else (a backbone.pt, a ckpt.pt, weights of another architecture) is refused in
     one line."""
+    if os.path.isdir(path):
+        raise UserError(f'--model {path}: a folder; pass one of its <init-name>-seed<N>.pt '
+                        f'files')
     if not os.path.isfile(path):
         raise UserError(f'--model {path}: no such file')
     if not zipfile.is_zipfile(path):  # what torch.save writes, so every classifier file
-        raise UserError(f'{path}: not a fine-tuned classifier, not even a PyTorch file')
+        raise UserError(f'{path}: not a fine-tuned classifier file (those are zip archives, '
+                        f'as torch.save writes)')
     obj = load_checkpoint(path)
     if not isinstance(obj, dict) or obj.get('format') != CLASSIFIER_FORMAT:
         what = 'not a dict'
@@ -3392,7 +3396,8 @@ def _cli(argv=None):
     r.add_argument('--out', required=True, help='CSV: id, predicted, a probability per class')
     r.add_argument('--split', default=None, help='score one part of this split file only')
     r.add_argument('--part', default=None, choices=['train', 'val', 'test', 'pretrain'],
-                   help='with --split (default test): its fine-tuning test figures come back')
+                   help='with --split (default: the part its fine-tuning scored, test unless '
+                        '--eval-part val): its fine-tuning figures come back')
     r.add_argument('--tta', type=number(int, 1), default=None,
                    help='test-time passes (default: the fine-tuning run\'s)')
     r.add_argument('--batch-size', type=number(int, 1), default=None,
@@ -3410,7 +3415,8 @@ def _cli(argv=None):
     ds = read_dataset(args.data, args.format, drop_downsampled=args.drop_downsampled)
     if args.cmd == 'predict':
         model, info = load_classifier(args.model)
-        ids = load_split(args.split, ds)[args.part or 'test'] if args.split else None
+        part = args.part or info['result'].get('eval_part', 'test')  # the part it was scored on
+        ids = load_split(args.split, ds)[part] if args.split else None
         predict_images(setup_runtime(args.device, args.precision), model, info, ds, args.out,
                        ids=ids, tta=args.tta, batch_size=args.batch_size,
                        cache_dir=args.cache_dir, workers=args.workers, skip_bad=args.skip_bad)

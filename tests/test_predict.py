@@ -143,8 +143,8 @@ def bad_model(kind, saved, path):
 
 BAD = {'backbone.pt': 'bare state dict', 'ckpt.pt': 'resumable training checkpoint',
        'other-arch': f"a {ARCH}'s", 'other-head': 'size mismatch for head.weight',
-       'not-torch': 'not even a PyTorch file', 'missing': 'no such file',
-       'empty-folder': 'no images found'}
+       'not-torch': 'not a fine-tuned classifier file', 'missing': 'no such file',
+       'empty-folder': 'no images found', 'model-folder': 'a folder; pass one of its'}
 
 
 @pytest.mark.parametrize('kind', list(BAD))
@@ -154,6 +154,8 @@ def test_predict_refuses_bad_input(saved, imagefolder, kind, tmp_path, capsys):
         data = tmp_path / 'empty'
         data.mkdir()
         model = model_file(saved)
+    elif kind == 'model-folder':  # the --save-model folder instead of a file in it
+        model = os.path.dirname(model_file(saved))
     elif kind != 'missing':
         bad_model(kind, saved, model)
     code, out, err = predict(['--model', model, '--data', data, '--out', tmp_path / 'p.csv',
@@ -188,3 +190,19 @@ def test_predict_bad_flags(saved, flags, tmp_path, capsys):
     assert code == 2 and 'Traceback' not in err
     assert flags[0] in err.strip().splitlines()[-1], err
     assert not (tmp_path / 'p.csv').exists()
+
+
+def test_predict_scores_the_part_its_fine_tuning_scored(saved, imagefolder, tmp_path, capsys):
+    """A classifier fine-tuned with --eval-part val: --split without --part scores val, as
+    its result row; before, test."""
+    obj = torch.load(model_file(saved), weights_only=True)
+    obj['result']['eval_part'] = 'val'
+    torch.save(obj, tmp_path / 'val.pt')
+    args = ['--model', tmp_path / 'val.pt', '--data', imagefolder, '--split',
+            saved / 'split.json', '--out', tmp_path / 'p.csv', *fast(tmp_path)]
+    code, out, err = predict(args, capsys)
+    assert code == 0, err
+    split = common.load_split(saved / 'split.json')
+    assert [b[0] for b in read_preds(tmp_path / 'p.csv')[1:]] == split['val']
+    code, out, err = predict(args + ['--part', 'test'], capsys)  # still yours to choose
+    assert code == 0 and [b[0] for b in read_preds(tmp_path / 'p.csv')[1:]] == split['test']
