@@ -2980,6 +2980,8 @@ def init_lineage(init, backbone_sha):
         return []
     if not os.path.isfile(meta):
         state = load_checkpoint(path)
+        if isinstance(state, dict) and state.get('format') == CLASSIFIER_FORMAT:
+            return state.get('lineage', [])  # a kept classifier: what its weights have seen
         if isinstance(state, dict) and isinstance(state.get('config'), dict):
             raise UserError(f'{path} is the checkpoint of an unfinished run: what it was '
                             f'trained on is recorded when the run hands off; finish the run '
@@ -3021,8 +3023,8 @@ def check_held_out(init, ds, split, backbone_sha=None):
             why = ('without holding out this split\'s test images' if proven
                    else 'by a version that did not record whether all of it held out this '
                         'split\'s test images')
-            raise UserError(f'{init} comes from {run["out"]}, pretrained on {ds["root"]} {why};'
-                            f' pretrain it with the same --split')
+            raise UserError(f'{init} comes from {run["out"]} ({run["script"]}), trained on '
+                            f'{ds["root"]} {why}; train it with the same --split')
 
 
 def label_counts(ds, ids):
@@ -3249,14 +3251,15 @@ CLASSIFIER_FORMAT = 'finetuned-classifier'
 
 
 def save_classifier(path, model, *, arch, classes, size, cache_size, aug, tta, batch_size,
-                    seed, mean=IMAGENET_MEAN, std=IMAGENET_STD, result=None):
+                    seed, mean=IMAGENET_MEAN, std=IMAGENET_STD, result=None, lineage=()):
     """Write a fine-tuned Classifier (the raw module, not DDP or compiled) as a classifier
-    file, atomically."""
+    file, atomically. lineage: the runs behind its weights (init_lineage's, and the
+    fine-tuning's own entry), for check_held_out when it is passed as an --init."""
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     torch_save(dict(format=CLASSIFIER_FORMAT, version=1, arch=arch, classes=list(classes),
                     model=sd, size=int(size), cache_size=int(cache_size), mean=list(mean),
                     std=list(std), tta=int(tta), aug=aug, batch_size=int(batch_size),
-                    seed=int(seed), result=dict(result or {})), path)
+                    seed=int(seed), result=dict(result or {}), lineage=list(lineage)), path)
 
 
 def load_classifier(path):

@@ -72,7 +72,7 @@ def class_weights(labels, classes):
     return counts.sum() / (classes * counts.clamp(min=1))
 
 
-def run_seed(rt, args, row, ds, split, cache, backbone_sd, width):
+def run_seed(rt, args, row, ds, split, cache, backbone_sd, width, lineage=()):
     """Train one seed (row['seed']) from the given init; return its result row and its run
     folder (deleted by the caller once the row is safely appended)."""
     t0, seed = time.time(), row['seed']
@@ -141,7 +141,9 @@ def run_seed(rt, args, row, ds, split, cache, backbone_sd, width):
         C.save_classifier(os.path.join(args.save_model, name), raw, arch=args.arch,
                           classes=cache['classes'], size=args.size, cache_size=args.cache_size,
                           aug=args.aug, tta=args.tta, batch_size=args.eval_batch_size,
-                          seed=seed, mean=eval_view['mean'], std=eval_view['std'], result=row)
+                          seed=seed, mean=eval_view['mean'], std=eval_view['std'], result=row,
+                          lineage=[*lineage, C.lineage_entry('finetune', args.save_model,
+                                                             ds['root'], [], C.split_sha(split))])
     return dict(row, labels=len(labelled), labels_by_class=C.label_counts(ds, labelled),
                 metrics=C.classification_metrics(probs, labels, classes), epochs=args.epochs,
                 steps=step, lr=lr, tta=args.tta, eval_batch_size=args.eval_batch_size,
@@ -173,6 +175,7 @@ def main():
     backbone_sd = {k: v.clone() for k, v in backbone.state_dict().items()}
     sha = C.state_fingerprint(backbone_sd)
     C.check_held_out(args.init, ds, split, sha)
+    lineage = C.init_lineage(args.init, sha)  # what a kept classifier's weights have seen
     if not split[args.eval_part]:
         raise C.UserError(f'--eval-part {args.eval_part}: the split {split_file} has no '
                           f'{args.eval_part} images')
@@ -191,7 +194,7 @@ def main():
     short = C.short_classes(ds, split['train'], args.labels_per_class)
 
     def run(row):  # the row, and what to do once it is safely appended
-        row, out = run_seed(rt, args, row, ds, split, cache, backbone_sd, width)
+        row, out = run_seed(rt, args, row, ds, split, cache, backbone_sd, width, lineage)
         # the row is the artifact; until it is written, ckpt.pt lets a rerun evaluate the
         # trained seed again instead of losing it
         return dict(row, labels_short=short), lambda: shutil.rmtree(out, ignore_errors=True)

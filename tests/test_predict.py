@@ -15,7 +15,7 @@ from conftest import ARCH, TINY
 from test_scripts import rows
 
 MODEL_KEYS = {'format', 'version', 'arch', 'classes', 'model', 'size', 'cache_size', 'mean',
-              'std', 'tta', 'aug', 'batch_size', 'seed', 'result'}
+              'std', 'tta', 'aug', 'batch_size', 'seed', 'result', 'lineage'}
 
 
 @pytest.fixture(scope='module')
@@ -206,3 +206,18 @@ def test_predict_scores_the_part_its_fine_tuning_scored(saved, imagefolder, tmp_
     assert [b[0] for b in read_preds(tmp_path / 'p.csv')[1:]] == split['val']
     code, out, err = predict(args + ['--part', 'test'], capsys)  # still yours to choose
     assert code == 0 and [b[0] for b in read_preds(tmp_path / 'p.csv')[1:]] == split['test']
+
+
+def test_a_kept_classifier_as_an_init_carries_what_its_weights_have_seen(saved, imagefolder):
+    """Its lineage ends with the fine-tuning, held out on its split's test part: as --init on
+    another split of the same images (whose test part holds images it trained on) it is
+    refused. Before, a classifier file counted as foreign weights and passed."""
+    ds = common.read_dataset(imagefolder)
+    split = common.load_split(saved / 'split.json', ds)
+    (entry,) = torch.load(model_file(saved), weights_only=True)['lineage']  # random init: 1
+    assert entry['script'] == 'finetune' and entry['held_out'] == common.split_sha(split)
+    assert entry['roots'] == [os.path.realpath(imagefolder)]
+    common.check_held_out(str(model_file(saved)), ds, split)  # the same test part: fine
+    other = common.make_split(ds, 'random', seed=1)
+    with pytest.raises(common.UserError, match='same --split'):
+        common.check_held_out(str(model_file(saved)), ds, other)
