@@ -131,7 +131,7 @@ ft_labels = $(if $(filter $(1),$(CURVE_INITS)),$(LABELS),$(firstword $(LABELS)))
 DONE  := $(foreach i,$(INITS),$(foreach l,$(call ft_labels,$(i)),$(RESULTS)/.done/finetune-$(i)-$(l)-$(call tag,$(i))) \
            $(foreach g,$(PROBE_GROUPS),$(RESULTS)/.done/probe-$(i)-$(g)-$(call tag,$(i))))
 
-.PHONY: all help install test test-fast test-compile data split pretrain eval report paper bench bench-gpu \
+.PHONY: all help install settings test test-fast test-compile data split pretrain eval report paper bench bench-gpu \
         ablation budgets clean distclean
 .DEFAULT_GOAL := help
 
@@ -162,9 +162,8 @@ test-compile: install  ## --compile through the scripts on the CPU (minutes: ind
 # the steps run JOBS at a time, or as many as make's own -jN says (-j alone: one thread each)
 jobs_given = $(if $(filter -j%,$(MAKEFLAGS)),$(or $(patsubst -j%,%,$(filter -j%,$(MAKEFLAGS))),$(CORES)))
 all: install  ## the whole study on the embedded default, ending with the table
-	@$(if $(shell [ "$(JOBS)" -ge 1 ] 2>/dev/null && echo ok),,$(error JOBS=$(JOBS): give the number of steps to run at once, 1 or more))$(if \
-	  $(settings_changed),$(error $(OUT) holds runs made with other settings (now $(settings_changed)); make clean first, or give these their own OUT=... RESULTS=...))
-	@mkdir -p $(OUT) && printf '%s\n' $(foreach s,$(SETTINGS),'$(s)') > $(OUT)/.settings
+	@$(if $(shell [ "$(JOBS)" -ge 1 ] 2>/dev/null && echo ok),,$(error JOBS=$(JOBS): give the number of steps to run at once, 1 or more))$(check_settings)
+	@$(keep_settings)
 	@+$(MAKE) --no-print-directory $(if $(jobs_given),,-j$(JOBS)) \
 	  THREADS=$(or $(THREADS),$(call share,$(or $(jobs_given),$(JOBS)))) report
 
@@ -178,6 +177,10 @@ SETTING_VARS := SKIN_DIR SOURCE SYN_FLAGS PROTOCOL PER_CLASS SPLIT_FLAGS ARCH SI
   SKIN_POOL PROBE_VIEWS
 SETTINGS := $(foreach v,$(SETTING_VARS),$(v)=$(subst $(space),_,$(strip $($(v)))))
 settings_changed = $(if $(wildcard $(OUT)/.settings),$(filter-out $(shell cat $(OUT)/.settings),$(SETTINGS)))
+check_settings = $(if $(settings_changed),$(error $(OUT) holds runs made with other settings (now $(settings_changed)); make clean first, or give these their own OUT=... RESULTS=...))
+keep_settings = mkdir -p $(OUT) && printf '%s\n' $(foreach s,$(SETTINGS),'$(s)') > $(OUT)/.settings
+settings:  # the same check for the targets that build on make all's runs (ablation, budgets)
+	@$(check_settings)$(keep_settings)
 
 data: $(SRC_DEP) $(SKIN_DEP)  ## the synthetic datasets (only when no dataset is given)
 $(DATA)/source/.synthetic.json $(DATA)/skin/.synthetic.json: | make_synthetic.py
@@ -268,7 +271,7 @@ eval: $(DONE)  ## fine-tune and probe every init over the seeds
 # fine-tuning epochs scored on the val part, with seeds the results never use: the rule in the
 # README reads these (and the pretraining runs' kNN monitor on the val part), never the test
 FT_EPOCHS_GRID ?= 4 8 16
-budgets: install $(SUP_DEP) $(BT_DEP) $(SPLIT) | finetune.py  ## FT_EPOCHS_GRID on the val part: results/budgets/
+budgets: install settings $(SUP_DEP) $(BT_DEP) $(SPLIT) | finetune.py  ## FT_EPOCHS_GRID on the val part: results/budgets/
 	@for e in $(FT_EPOCHS_GRID); do for i in supervised barlow; do \
 	  echo "==> fine-tune $$i for $$e epochs, scored on the val part"; \
 	  init=$$( [ $$i = supervised ] && echo $(SUP) || echo $(BT) ); \
@@ -302,7 +305,7 @@ ABLATION := $(foreach f,$(POOL_FRACTIONS),$(foreach l,$(LABELS),\
               $(RESULTS)/.done/finetune-barlow+skinBT@$(f)-$(l)-$(call tag,barlow+skinBT@$(f)) \
               $(RESULTS)/.done/probe-barlow+skinBT@$(f)-$(l)-$(call tag,barlow+skinBT@$(f))))
 
-ablation: install $(ABLATION) | report.py  ## further pretraining on shares of the pool (POOL_FRACTIONS)
+ablation: install settings $(ABLATION) | report.py  ## further pretraining on shares of the pool (POOL_FRACTIONS)
 	@echo "==> report"
 	$(PY) report.py --results $(RESULTS)/results.jsonl --out $(RESULTS) --runs $(OUT)
 

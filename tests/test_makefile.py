@@ -217,3 +217,7 @@ def test_a_rerun_with_other_settings_is_refused_in_one_line(tmp_path):
     assert f'{tmp_path}/runs holds runs made with other settings (now SIZE=48 FT_EPOCHS=2); ' \
            f'make clean first, or give these their own OUT=... RESULTS=...' in r.stderr
     assert not (tmp_path / 'split.json').exists()
+    for target in ('ablation', 'budgets'):  # they build on make all's runs: the same check
+        r = make(target, *where, 'SIZE=48')
+        assert r.returncode == 2 and 'holds runs made with other settings (now SIZE=48)' in \
+            r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
