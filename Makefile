@@ -22,7 +22,7 @@ LABELS    ?= 10#                     label budgets, fine-tuning and probe: image
 PROBE_LABELS ?= 5 $(LABELS) 20 40#    the probe's budgets (seconds per seed): the curve's points
 PROBE_VIEWS  ?= 8#                    augmented passes over the probe's train images (its --aug-views)
 comma := ,
-SPLIT     ?= splits/$(notdir $(SKIN_DIR))-$(PROTOCOL)-$(subst =,,$(subst $(comma),-,$(PER_CLASS)))$(subst $(space),,$(subst --,-,$(SPLIT_FLAGS))).json
+SPLIT     ?= splits/$(notdir $(SKIN_DIR))-$(PROTOCOL)-$(subst =,,$(subst $(comma),-,$(PER_CLASS)))$(subst /,_,$(subst $(space),,$(subst --,-,$(SPLIT_FLAGS)))).json
 
 # --- model and machine
 ARCH       ?= resnet10#                 ResNet-18 with one block per stage: half its compute

@@ -39,6 +39,7 @@ import argparse
 import collections
 import copy
 import csv
+import datetime
 import errno
 import functools
 import hashlib
@@ -1955,26 +1956,30 @@ def local_batch(batch_size, world, least=2):
     return batch_size // world
 
 
-def teardown(rt):
+def teardown(rt, wait=True):
     """A command's end on every rank: under DDP the ranks leave the process group together;
-    under parallel_seeds each waits for the others (settle), if run_seeds has not."""
+    under parallel_seeds each waits for the others (settle), if run_seeds has not, unless
+    wait=False (stopped by a signal: the others are stopped too, or carry on alone)."""
     if rt.world > 1 and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-    settle(rt)
+    if wait:
+        settle(rt)
 
 
-def settle(rt, poll=0.5):
+def settle(rt, poll=0.5, timeout_s=60):
     """Under parallel_seeds, once per command: sign in as done on the launcher's key-value
     store (torchrun's, at MASTER_ADDR:MASTER_PORT; no process group, which would join the
     seeds' losses) and wait until every seed rank has. torchrun stops every rank as soon as
     one exits non-zero, so a rank must not fail before the others have run their seeds.
     Rank 0 leaves last: without torchrun's agent it hosts the store. Polled, so a signal
-    still ends the wait."""
+    still ends the wait; a launcher gone (killed: its ranks live on in sessions of their own)
+    ends it in timeout_s with an error, where the store cannot be reached."""
     if rt.seed_ranks == 1 or rt.settled:
         return
     rt.settled = True
-    store, _, _ = next(dist.rendezvous('env://', rt.seed_rank, rt.seed_ranks))
+    store, _, _ = next(dist.rendezvous('env://', rt.seed_rank, rt.seed_ranks,
+                                       timeout=datetime.timedelta(seconds=timeout_s)))
     store = dist.PrefixStore('parallel-seeds/', store)
 
     def all_of(what):
@@ -2769,7 +2774,7 @@ def fit(rt, model, raw, optimizer, loader, step_fn, out, total_steps, lr_fn, *, 
                 if signum:
                     print0(f'stopped by signal {int(signum)} at step {step}; {ckpt_path} saved, '
                            f'run the same command to resume')
-                    teardown(rt)
+                    teardown(rt, wait=False)
                     sys.exit(128 + int(signum))
                 if step >= total_steps:
                     break
@@ -2934,7 +2939,14 @@ def get_split(ds, split_file=None, protocol='random'):
         path = split_path(ds, protocol)
         split = load_split(path, ds)
     else:
-        split, path = make_split(ds, protocol, seed=0), split_path(ds, protocol)
+        counts = PAPER_PER_CLASS if set(ds['classes']) == set(PAPER_PER_CLASS) else 500
+        try:  # the paper protocol on ISIC 2019's classes: the paper's counts
+            split = make_split(ds, protocol, seed=0, per_class=counts)
+        except UserError as e:
+            raise UserError(f'{e} (to --protocol {protocol} without --split: make the split '
+                            f'with `python common.py split --protocol {protocol} --per-class '
+                            f'... --out FILE`, then pass --split FILE)') from None
+        path = split_path(ds, protocol)
         if dist_info()[0] == 0:
             save_split(path, split)
             print0(f'split: wrote {path}')

@@ -339,9 +339,12 @@ def main():
     if rt.is_main:
         C.claim(args.out)  # one process per run folder
     lr, lr_biases, chosen = args.lr, args.lr_biases, os.path.join(args.out, 'lr.json')
-    if lr == 'auto' and os.path.exists(chosen):
+    resuming = os.path.exists(os.path.join(args.out, 'ckpt.pt'))  # fit checks its settings
+    if lr == 'auto' and resuming and os.path.exists(chosen):
         lr = lr_biases = C.read_json(chosen)['lr']
-    elif lr == 'auto':
+        C.print0(f'lr: {lr:.3g} per 256 images, as the range test chose for this run ({chosen})')
+    elif lr == 'auto':  # a fresh run tests again: an lr.json left without a checkpoint may
+        # be another setting's
         lr = lr_biases = C.lr_range_test(rt, model, raw, loader, step_fn, optimizer_at(1.0, 1.0),
                                          args.seed) * 256 / args.batch_size
         C.print0(f'lr range test chose {lr:.3g} per 256 images')

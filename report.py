@@ -778,7 +778,7 @@ def read_logs(root):
         path = os.path.join(root, name, 'log.jsonl')
         if not os.path.isfile(path):
             continue
-        recs = []
+        recs, kinds = [], set()
         with open(path, encoding='utf-8', errors='replace') as f:
             for lineno, line in enumerate(f, 1):
                 try:
@@ -788,9 +788,13 @@ def read_logs(root):
                           file=sys.stderr)
                     continue
                 if isinstance(rec, dict) and is_number(rec.get('step')):
-                    if recs and rec['step'] < recs[-1]['step']:  # a rerun from an earlier
-                        # step (its checkpoint's, or 0): its records replace those from there
+                    kind = (rec['step'], frozenset(rec))  # a kNN record shares its step
+                    if recs and (rec['step'] < recs[-1]['step'] or kind in kinds):
+                        # a rerun from an earlier step (its checkpoint's, or 0), or the same
+                        # step logged again: its records replace those from there
                         recs = [r for r in recs if r['step'] < rec['step']]
+                        kinds = {(r['step'], frozenset(r)) for r in recs}
+                    kinds.add(kind)
                     recs.append(rec)
         if recs:
             runs[name] = recs

@@ -585,6 +585,9 @@ def bench_probe_seed(rt, cfg):
 # --------------------------------------------------------------------------- main
 def main():
     args = get_args()
+    if args.device == 'cuda' and not torch.cuda.is_available():  # make bench-gpu's
+        raise C.UserError('bench-gpu needs a CUDA GPU and none is visible; on the CPU, '
+                          'tests/bench_gpu.py --tiny --device cpu checks the script itself')
     rt = C.setup_runtime(args.device, args.precision)
     cuda = rt.device.type == 'cuda'
     name = 'tiny' if args.tiny or not cuda else 'full'

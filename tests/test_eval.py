@@ -35,8 +35,12 @@ def test_pretraining_lr_auto_is_chosen_once_and_kept(run_script, imagefolder, tm
     r = run_script('pretrain_barlow.py', *common, '--max-steps', '3', cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert 'lr range test' not in r.stdout and 'resumed' in r.stdout
+    assert 'as the range test chose for this run' in r.stdout
     meta = json.loads((out / 'meta.json').read_text())
     assert meta['lr'] == meta['lr_biases'] == json.loads((out / 'lr.json').read_text())['lr']
+    (out / 'ckpt.pt').unlink()  # a fresh run in the folder: its lr.json may be another's
+    r = run_script('pretrain_barlow.py', *common, '--max-steps', '1', cwd=tmp_path)
+    assert r.returncode == 0 and 'lr range test chose' in r.stdout, r.stderr
 
 
 def test_resume_into_another_model_is_refused(run_script, imagefolder, tmp_path):

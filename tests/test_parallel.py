@@ -81,6 +81,18 @@ def test_parallel_seeds_give_the_rows_of_one_process(lesions, script, torch_home
     assert '[rank 0]' in text and '[rank 1]' in text  # each rank reports its own seeds
 
 
+def kill_ranks(marker):
+    """SIGKILL every process whose command line holds `marker` (torchrun starts its ranks in
+    sessions of their own: killing the launcher's group leaves them running)."""
+    for pid in filter(str.isdigit, os.listdir('/proc')):
+        try:
+            with open(f'/proc/{pid}/cmdline', 'rb') as f:
+                if marker.encode() in f.read() and int(pid) != os.getpid():
+                    os.kill(int(pid), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            pass  # gone meanwhile, or not ours to read
+
+
 @pytest.mark.slow
 def test_interrupted_parallel_run_completes_on_rerun(lesions, torch_home, fastpy):
     d, data, split = lesions
@@ -92,8 +104,9 @@ def test_interrupted_parallel_run_completes_on_rerun(lesions, torch_home, fastpy
         assert p.poll() is None, p.stdout.read()[-2000:]
         assert time.time() - t0 < 300, 'no row after 300 s'
         time.sleep(0.05)
-    os.killpg(p.pid, signal.SIGKILL)  # torchrun and both ranks, mid-run
+    os.killpg(p.pid, signal.SIGKILL)  # torchrun, mid-run
     p.wait(timeout=60)
+    kill_ranks(results)  # in sessions of their own, they outlive the launcher
     first = rows_of(results)
     assert 1 <= len(first) < 4, 'killed after the end: nothing was tested'
     # the rerun's ranks need not be real processes

@@ -764,6 +764,12 @@ def test_a_resumed_runs_log_replaces_the_steps_it_ran_again(tmp_path):
     recs = report.read_logs(str(tmp_path))['bt']
     assert [(r['step'], r['loss']) for r in recs] == [(0, 0), (5, 1), (10, 2), (15, 5), (20, 6),
                                                        (25, 7)]
+    # killed after logging step 20 and its kNN, before the checkpoint there: the rerun logs
+    # both again; a kNN record beside the loss record of its step is no restart
+    recs = [{'step': 10, 'loss': 1}, {'step': 20, 'loss': 2}, {'step': 20, 'knn': 0.5},
+            {'step': 20, 'loss': 3}, {'step': 20, 'knn': 0.6}, {'step': 30, 'loss': 4}]
+    (run / 'log.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in recs))
+    assert report.read_logs(str(tmp_path))['bt'] == [recs[0]] + recs[3:]
 
 
 def test_pools_one_size_per_init(capsys):
