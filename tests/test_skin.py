@@ -478,3 +478,21 @@ def test_labelled_subset_group_aware():
         assert len(s) == 4 * len(gs)  # whole lesions only
     s = labelled_subset(ds, ds['ids'], 0, per_class=2)  # every lesion is over budget
     assert _counts_by_class(ds, s) == {'A': 4, 'B': 4}
+
+
+def test_get_split_with_the_paper_protocol(tmp_path, monkeypatch):
+    """finetune.py / probe.py --protocol paper without --split: ISIC 2019's classes get the
+    paper's counts; other classes, when 500 a class leaves one untested, the line says how
+    to make a split (those scripts have no --per-class)."""
+    monkeypatch.chdir(tmp_path)
+    names = list(common.PAPER_PER_CLASS)
+    big = {c: n + 20 for c, n in common.PAPER_PER_CLASS.items()}  # 20 left to test a class
+    labels = [k for k, c in enumerate(names) for _ in range(big[c])]
+    split, path = common.get_split(fake(labels, classes=names), protocol='paper')
+    assert split['how']['per_class'] == common.PAPER_PER_CLASS
+    assert sum(split['how']['counts']['train'].values()) == 2554 and os.path.exists(path)
+    (tmp_path / 'other').mkdir()
+    monkeypatch.chdir(tmp_path / 'other')  # no split file of that name there yet
+    error(lambda: common.get_split(fake([0] * 30 + [1] * 600), protocol='paper'),
+          'leaves no test image of A (30 images)', 'python common.py split --protocol paper',
+          'then pass --split FILE')
