@@ -1974,7 +1974,8 @@ def settle(rt, poll=0.5, timeout_s=60):
     one exits non-zero, so a rank must not fail before the others have run their seeds.
     Rank 0 leaves last: without torchrun's agent it hosts the store. Polled, so a signal
     still ends the wait; a launcher gone (killed: its ranks live on in sessions of their own)
-    ends it in timeout_s with an error, where the store cannot be reached."""
+    ends it with an error, each call to its store giving up after timeout_s (2 ranks of a
+    killed launcher exited 155 s later; without the timeout, 30 minutes a call)."""
     if rt.seed_ranks == 1 or rt.settled:
         return
     rt.settled = True
