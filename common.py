@@ -3023,14 +3023,15 @@ def check_held_out(init, ds, split, backbone_sha=None):
     """Refuse a backbone (--init PATH with a meta.json beside it) any of whose pretraining
     runs drew on this dataset (its root or a folder inside it) without this split's test part
     held out, in every segment: its features have seen the test set. backbone_sha: the
-    state_fingerprint of the loaded weights (read from the file when None)."""
+    state_fingerprint of the loaded weights (read from the file when None). Returns the
+    lineage it checked (init_lineage's), for what is made from these weights."""
     if backbone_sha is None:
         path = init_file(init)
         if not os.path.isfile(path):
-            return
+            return []
         backbone_sha = state_fingerprint(clean_state_dict(load_checkpoint(path), path))
-    sha = split_sha(split)
-    for run in init_lineage(init, backbone_sha):
+    sha, lineage = split_sha(split), init_lineage(init, backbone_sha)
+    for run in lineage:
         proven = run.get('proven', True)
         if path_overlaps(run['roots'], ds['root']) and (run['held_out'] != sha or not proven):
             why = ('without holding out this split\'s test images' if proven
@@ -3038,6 +3039,7 @@ def check_held_out(init, ds, split, backbone_sha=None):
                         'split\'s test images')
             raise UserError(f'{init} comes from {run["out"]} ({run["script"]}), trained on '
                             f'{ds["root"]} {why}; train it with the same --split')
+    return lineage
 
 
 def label_counts(ds, ids):

@@ -174,8 +174,7 @@ def main():
     source = C.load_backbone(backbone, args.arch, args.init, args.offline)
     backbone_sd = {k: v.clone() for k, v in backbone.state_dict().items()}
     sha = C.state_fingerprint(backbone_sd)
-    C.check_held_out(args.init, ds, split, sha)
-    lineage = C.init_lineage(args.init, sha)  # what a kept classifier's weights have seen
+    lineage = C.check_held_out(args.init, ds, split, sha)  # what a kept classifier has seen
     if not split[args.eval_part]:
         raise C.UserError(f'--eval-part {args.eval_part}: the split {split_file} has no '
                           f'{args.eval_part} images')

@@ -43,12 +43,10 @@ def main(argv=None):
     ds = C.read_dataset(args.data)
     split = C.load_split(args.split, ds)
     cache = C.build_cache(ds, args.cache_size, args.cache_dir, workers=0, verbose=False)
-    images = np.load(cache['file'], mmap_mode='r')
-    where = {i: k for k, i in enumerate(cache['ids'])}
     labels = torch.tensor(cache['labels'])
-    feats = colour_features(images, args.size)
+    feats = colour_features(np.load(cache['file'], mmap_mode='r'), args.size)
     classes = len(cache['classes'])
-    part = lambda ids: torch.tensor([where[i] for i in ids if i in where])
+    part = lambda ids: torch.tensor(C.cache_positions(cache, ids))
     val, test = part(split['val']), part(split['test'])
     scores = []
     for seed in args.seeds:
